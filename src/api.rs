@@ -1,0 +1,138 @@
+//! SQL functions: status and waiting. Privileges and comments are set in `sql/finalize.sql`.
+
+use std::time::{Duration, Instant};
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+use crate::gucs;
+use crate::shmem::{self, WorkerState};
+
+const NOT_LOADED_HINT: &str = "redis_pg_sync is not in shared_preload_libraries, so no worker runs: add it there (ALTER SYSTEM SET shared_preload_libraries = 'redis_pg_sync') and restart PostgreSQL";
+
+fn ts(v: i64) -> Option<TimestampWithTimeZone> {
+    if v == 0 {
+        None
+    } else {
+        TimestampWithTimeZone::try_from(v).ok()
+    }
+}
+
+fn count(v: &std::sync::atomic::AtomicU64) -> i64 {
+    v.load(std::sync::atomic::Ordering::Relaxed)
+        .min(i64::MAX as u64) as i64
+}
+
+/// One row describing the worker: state, connection and counters.
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_status() -> TableIterator<
+    'static,
+    (
+        name!(worker_pid, Option<i32>),
+        name!(state, String),
+        name!(mode, String),
+        name!(redis_connected, bool),
+        name!(redis_server, Option<String>),
+        name!(streams_tracked, i64),
+        name!(messages_processed, i64),
+        name!(key_values_processed, i64),
+        name!(redis_ops, i64),
+        name!(pg_ops, i64),
+        name!(streams_discovered, i64),
+        name!(errors, i64),
+        name!(retries, i64),
+        name!(dead_letters, i64),
+        name!(last_sync_time, Option<TimestampWithTimeZone>),
+        name!(last_error, Option<String>),
+        name!(last_error_time, Option<TimestampWithTimeZone>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let mode = gucs::MODE.get().as_str().to_owned();
+    let Some(s) = shmem::snapshot() else {
+        return TableIterator::once((
+            None,
+            "not_loaded".to_owned(),
+            mode,
+            false,
+            None,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            None,
+            Some(NOT_LOADED_HINT.to_owned()),
+            None,
+            None,
+        ));
+    };
+    let c = shmem::COUNTERS.get();
+    let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+    TableIterator::once((
+        (s.pid != 0).then_some(s.pid),
+        s.state.as_str().to_owned(),
+        s.mode.as_str().to_owned(),
+        s.redis_connected,
+        opt(s.redis_server.as_str()),
+        s.streams_tracked,
+        count(&c.messages_processed),
+        count(&c.key_values_processed),
+        count(&c.redis_ops),
+        count(&c.pg_ops),
+        count(&c.streams_discovered),
+        count(&c.errors),
+        count(&c.retries),
+        count(&c.dead_letters),
+        ts(s.last_sync_time),
+        opt(s.last_error.as_str()),
+        ts(s.last_error_time),
+        ts(s.started_at),
+    ))
+}
+
+/// Waits until the worker is running and connected to Redis, at most `timeout`.
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
+    if !shmem::preloaded() {
+        ereport!(
+            PgLogLevel::NOTICE,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the redis_pg_sync worker is not loaded",
+            NOT_LOADED_HINT
+        );
+        return false;
+    }
+    let micros = timeout.as_micros().clamp(0, i64::MAX as i128) as u64;
+    let deadline = Instant::now() + Duration::from_micros(micros);
+    loop {
+        if let Some(s) = shmem::snapshot() {
+            let ready = matches!(s.state, WorkerState::Running | WorkerState::Monitoring);
+            if ready && s.redis_connected {
+                return true;
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let ms = (deadline - now)
+            .min(Duration::from_millis(50))
+            .as_millis()
+            .max(1);
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                ms as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}

@@ -1,0 +1,716 @@
+//! Every `redis_sync.*` setting: definition, validation (check hooks) and typed getters.
+//!
+//! Restart-only settings use `PGC_POSTMASTER`; everything else is `PGC_SIGHUP`, picked up by
+//! `pg_reload_conf()`. Text settings that have a form (ranges, identifiers) are validated by
+//! a check hook, so a bad value is refused by `ALTER SYSTEM` and ignored (with a log line) on
+//! reload, and the worker keeps its last good value.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::time::Duration;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_guard, pg_sys, PostgresGucEnum};
+
+use crate::parse;
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    #[name = c"sync"]
+    Sync,
+    #[name = c"monitor"]
+    Monitor,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Monitor => "monitor",
+        }
+    }
+}
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord)]
+pub enum LogLevel {
+    #[name = c"debug"]
+    Debug,
+    #[name = c"info"]
+    Info,
+    #[name = c"notice"]
+    Notice,
+    #[name = c"warning"]
+    Warning,
+    #[name = c"error"]
+    Error,
+}
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum KeyValueDeletes {
+    #[name = c"mark"]
+    Mark,
+    #[name = c"delete"]
+    Delete,
+    #[name = c"ignore"]
+    Ignore,
+}
+
+type Text = GucSetting<Option<CString>>;
+
+macro_rules! text {
+    ($name:ident, $default:expr) => {
+        pub static $name: Text = Text::new($default);
+    };
+}
+
+text!(DATABASE, Some(c"postgres"));
+text!(ROLE, Some(c""));
+text!(REDIS_HOST, Some(c"localhost"));
+text!(REDIS_USERNAME, Some(c""));
+text!(REDIS_PASSWORD, Some(c""));
+text!(REDIS_TLS_CA_FILE, Some(c""));
+text!(DB_SEARCH_RANGE, Some(c"0-15"));
+text!(STREAMS, Some(c""));
+text!(CONSUMER_GROUP, Some(c"redis-pg-sync"));
+text!(CONSUMER_NAME, Some(c"redis-pg-sync-1"));
+text!(STREAM_DISCOVERY_PATTERNS, Some(c"*"));
+text!(KEY_VALUE_PATTERNS, Some(c"*"));
+text!(SCHEMA, Some(c"public"));
+text!(STREAM_TABLE, Some(c"redis_streams"));
+text!(KEY_VALUE_TABLE, Some(c"redis_key_values"));
+
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static REDIS_TLS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static STREAM_AUTO_DISCOVERY: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static AUTO_CREATE_CONSUMER_GROUPS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static STREAM_CONFLICT_OVERWRITE: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static KEY_VALUE_AUTO_DISCOVERY: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+pub static MODE: GucSetting<Mode> = GucSetting::<Mode>::new(Mode::Sync);
+pub static LOG_LEVEL: GucSetting<LogLevel> = GucSetting::<LogLevel>::new(LogLevel::Info);
+pub static KEY_VALUE_DELETES: GucSetting<KeyValueDeletes> =
+    GucSetting::<KeyValueDeletes>::new(KeyValueDeletes::Mark);
+
+pub static REDIS_PORT: GucSetting<i32> = GucSetting::<i32>::new(6379);
+pub static REDIS_DB: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static HEALTH_CHECK_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static MAX_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static RATE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static STREAM_DISCOVERY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static CLAIM_MIN_IDLE_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static SYNC_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static MONITOR_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static QUERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
+const HOUR_S: i32 = 3600;
+const DAY_S: i32 = 86_400;
+const DAY_MS: i32 = 86_400_000;
+
+/// Defines every setting. Called from `_PG_init` in every process that loads the library.
+pub fn init() {
+    let none = GucFlags::default();
+    let ms = GucFlags::UNIT_MS;
+    let s = GucFlags::UNIT_S;
+
+    string(
+        c"redis_sync.database",
+        c"Database the worker connects to and writes into.",
+        &DATABASE,
+        GucContext::Postmaster,
+        none,
+        Some(check_not_empty),
+    );
+    string(
+        c"redis_sync.role",
+        c"Role the worker writes as (empty: the bootstrap superuser).",
+        &ROLE,
+        GucContext::Postmaster,
+        none,
+        None,
+    );
+    bool_(
+        c"redis_sync.enabled",
+        c"Sync when on; pause (state paused) when off.",
+        &ENABLED,
+        GucContext::Sighup,
+    );
+    GucRegistry::define_enum_guc(
+        c"redis_sync.mode",
+        c"sync: copy streams and keys into tables; monitor: only report stream health.",
+        c"",
+        &MODE,
+        GucContext::Sighup,
+        none,
+    );
+    GucRegistry::define_enum_guc(
+        c"redis_sync.log_level",
+        c"Verbosity of the worker's own log lines.",
+        c"",
+        &LOG_LEVEL,
+        GucContext::Sighup,
+        none,
+    );
+    string(
+        c"redis_sync.redis_host",
+        c"Redis host name or address.",
+        &REDIS_HOST,
+        GucContext::Sighup,
+        none,
+        Some(check_host),
+    );
+    int(
+        c"redis_sync.redis_port",
+        c"Redis TCP port.",
+        &REDIS_PORT,
+        1,
+        65535,
+        GucContext::Sighup,
+        none,
+    );
+    string(
+        c"redis_sync.redis_username",
+        c"Redis ACL user name (empty: the default user).",
+        &REDIS_USERNAME,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    // The password: superuser-only, hidden from SHOW ALL and from pg_settings for others,
+    // and shown masked even to superusers.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"redis_sync.redis_password",
+            c"Redis password (superuser-only, never logged).",
+            c"",
+            &REDIS_PASSWORD,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            None,
+            None,
+            Some(show_password),
+        );
+    }
+    int(
+        c"redis_sync.redis_db",
+        c"Default Redis database; streams in other databases are stored as db{N}:{name}.",
+        &REDIS_DB,
+        0,
+        parse::MAX_REDIS_DB as i32,
+        GucContext::Sighup,
+        none,
+    );
+    bool_(
+        c"redis_sync.redis_tls",
+        c"Connect to Redis over TLS.",
+        &REDIS_TLS,
+        GucContext::Sighup,
+    );
+    string(
+        c"redis_sync.redis_tls_ca_file",
+        c"CA certificate file used to verify the Redis server with TLS.",
+        &REDIS_TLS_CA_FILE,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    string(
+        c"redis_sync.db_search_range",
+        c"Redis databases searched by discovery, e.g. 0-15 or 0,2,5-7.",
+        &DB_SEARCH_RANGE,
+        GucContext::Sighup,
+        none,
+        Some(check_db_range),
+    );
+    int(
+        c"redis_sync.health_check_interval",
+        c"How often the Redis connection is checked with PING.",
+        &HEALTH_CHECK_INTERVAL_S,
+        1,
+        DAY_S,
+        GucContext::Sighup,
+        s,
+    );
+    int(
+        c"redis_sync.max_retries",
+        c"Consecutive failures of one operation before the worker reports backing_off.",
+        &MAX_RETRIES,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    int(
+        c"redis_sync.backoff_base",
+        c"First retry delay; doubles per failure up to backoff_max.",
+        &BACKOFF_BASE_MS,
+        1,
+        HOUR_S * 1000,
+        GucContext::Sighup,
+        ms,
+    );
+    int(
+        c"redis_sync.backoff_max",
+        c"Longest retry delay.",
+        &BACKOFF_MAX_MS,
+        1,
+        DAY_MS,
+        GucContext::Sighup,
+        ms,
+    );
+    int(
+        c"redis_sync.rate_limit",
+        c"Redis round trips per second (token bucket, burst of one second); 0 = unlimited.",
+        &RATE_LIMIT,
+        0,
+        10_000_000,
+        GucContext::Sighup,
+        none,
+    );
+    string(
+        c"redis_sync.streams",
+        c"Comma-separated stream keys always synced.",
+        &STREAMS,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    string(
+        c"redis_sync.consumer_group",
+        c"Consumer group the worker reads streams through.",
+        &CONSUMER_GROUP,
+        GucContext::Sighup,
+        none,
+        Some(check_not_empty),
+    );
+    string(
+        c"redis_sync.consumer_name",
+        c"Consumer name of the worker within its group.",
+        &CONSUMER_NAME,
+        GucContext::Sighup,
+        none,
+        Some(check_not_empty),
+    );
+    int(
+        c"redis_sync.batch_size",
+        c"Entries read per stream per XREADGROUP and written per transaction.",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        GucContext::Sighup,
+        none,
+    );
+    int(
+        c"redis_sync.poll_interval",
+        c"Longest time one XREADGROUP blocks waiting for new entries.",
+        &POLL_INTERVAL_MS,
+        1,
+        60_000,
+        GucContext::Sighup,
+        ms,
+    );
+    bool_(
+        c"redis_sync.stream_auto_discovery",
+        c"Discover streams matching stream_discovery_patterns.",
+        &STREAM_AUTO_DISCOVERY,
+        GucContext::Sighup,
+    );
+    string(
+        c"redis_sync.stream_discovery_patterns",
+        c"Comma-separated fnmatch patterns of stream keys to discover.",
+        &STREAM_DISCOVERY_PATTERNS,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    int(
+        c"redis_sync.stream_discovery_interval",
+        c"How often discovery scans for new streams.",
+        &STREAM_DISCOVERY_INTERVAL_S,
+        1,
+        DAY_S,
+        GucContext::Sighup,
+        s,
+    );
+    bool_(
+        c"redis_sync.auto_create_consumer_groups",
+        c"Create the consumer group of a stream when missing.",
+        &AUTO_CREATE_CONSUMER_GROUPS,
+        GucContext::Sighup,
+    );
+    bool_(
+        c"redis_sync.stream_conflict_overwrite",
+        c"On a duplicate stream entry: off = keep the stored row, on = overwrite it.",
+        &STREAM_CONFLICT_OVERWRITE,
+        GucContext::Sighup,
+    );
+    int(
+        c"redis_sync.claim_min_idle",
+        c"Pending entries of other consumers idle this long are claimed.",
+        &CLAIM_MIN_IDLE_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        ms,
+    );
+    bool_(
+        c"redis_sync.key_value_auto_discovery",
+        c"Mirror keys matching key_value_patterns into the key-value table.",
+        &KEY_VALUE_AUTO_DISCOVERY,
+        GucContext::Sighup,
+    );
+    string(
+        c"redis_sync.key_value_patterns",
+        c"Comma-separated fnmatch patterns of keys to mirror.",
+        &KEY_VALUE_PATTERNS,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    int(
+        c"redis_sync.sync_interval",
+        c"How often a key-value pass runs.",
+        &SYNC_INTERVAL_MS,
+        10,
+        DAY_MS,
+        GucContext::Sighup,
+        ms,
+    );
+    GucRegistry::define_enum_guc(
+        c"redis_sync.key_value_deletes",
+        c"A key gone from Redis: mark (set deleted_at), delete (remove the row) or ignore.",
+        c"",
+        &KEY_VALUE_DELETES,
+        GucContext::Sighup,
+        none,
+    );
+    int(
+        c"redis_sync.monitor_interval",
+        c"How often monitor mode reports stream health.",
+        &MONITOR_INTERVAL_S,
+        1,
+        DAY_S,
+        GucContext::Sighup,
+        s,
+    );
+    for (name, setting, desc) in [
+        (
+            c"redis_sync.schema",
+            &SCHEMA,
+            c"Schema of the worker's tables.",
+        ),
+        (
+            c"redis_sync.stream_table",
+            &STREAM_TABLE,
+            c"Table stream entries land in.",
+        ),
+        (
+            c"redis_sync.key_value_table",
+            &KEY_VALUE_TABLE,
+            c"Table keys are mirrored into.",
+        ),
+    ] {
+        string(
+            name,
+            desc,
+            setting,
+            GucContext::Sighup,
+            none,
+            Some(check_identifier),
+        );
+    }
+    int(
+        c"redis_sync.query_timeout",
+        c"statement_timeout of the worker's writes; 0 = none.",
+        &QUERY_TIMEOUT_MS,
+        0,
+        DAY_MS,
+        GucContext::Sighup,
+        ms,
+    );
+
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"redis_sync".as_ptr());
+    }
+}
+
+fn string(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static Text,
+    context: GucContext,
+    flags: GucFlags,
+    check: Option<StringCheck>,
+) {
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            name,
+            desc,
+            c"",
+            setting,
+            context,
+            flags,
+            check.map(|c| c as _),
+            None,
+            None,
+        );
+    }
+}
+
+fn int(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    context: GucContext,
+    flags: GucFlags,
+) {
+    GucRegistry::define_int_guc(name, desc, c"", setting, min, max, context, flags);
+}
+
+fn bool_(
+    name: &'static CStr,
+    desc: &'static CStr,
+    setting: &'static GucSetting<bool>,
+    context: GucContext,
+) {
+    GucRegistry::define_bool_guc(name, desc, c"", setting, context, GucFlags::default());
+}
+
+type StringCheck = unsafe extern "C-unwind" fn(
+    *mut *mut c_char,
+    *mut *mut c_void,
+    pg_sys::GucSource::Type,
+) -> bool;
+
+/// Runs a validator over the proposed value; on refusal the DETAIL of the error says what
+/// is wrong and which form is accepted (the primary message names the setting and value).
+unsafe fn validate(newval: *mut *mut c_char, f: impl Fn(&str) -> Result<(), String>) -> bool {
+    let value = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(*newval).to_string_lossy().into_owned()
+        }
+    };
+    match f(&value) {
+        Ok(()) => true,
+        Err(detail) => {
+            let detail = CString::new(detail.replace('\0', " ")).unwrap_or_default();
+            unsafe {
+                pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_db_range(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { validate(newval, |v| parse::parse_db_range(v).map(|_| ())) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_identifier(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { validate(newval, parse::check_identifier) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_not_empty(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        validate(newval, |v| {
+            if v.trim().is_empty() {
+                Err("Accepted form: a non-empty name.".into())
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_host(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        validate(newval, |v| {
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Err("Accepted form: a host name or IP address without blanks.".into())
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_password() -> *const c_char {
+    let set = unsafe {
+        let p = *REDIS_PASSWORD.as_ptr();
+        !p.is_null() && *p != 0
+    };
+    if set {
+        c"********".as_ptr()
+    } else {
+        c"".as_ptr()
+    }
+}
+
+fn text(setting: &Text) -> String {
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn ms(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(setting.get().max(0) as u64)
+}
+
+fn secs(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_secs(setting.get().max(0) as u64)
+}
+
+/// A snapshot of every setting, read on the worker's main thread at the top of each loop
+/// pass (after a reload), so the rest of the worker works with plain Rust values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub database: String,
+    pub role: String,
+    pub enabled: bool,
+    pub mode: Mode,
+    pub log_level: LogLevel,
+    pub redis: RedisSettings,
+    pub db_search_range: Vec<u8>,
+    pub health_check_interval: Duration,
+    pub max_retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub rate_limit: u32,
+    pub streams: Vec<String>,
+    pub consumer_group: String,
+    pub consumer_name: String,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    pub stream_auto_discovery: bool,
+    pub stream_discovery_patterns: Vec<String>,
+    pub stream_discovery_interval: Duration,
+    pub auto_create_consumer_groups: bool,
+    pub stream_conflict_overwrite: bool,
+    pub claim_min_idle: Duration,
+    pub key_value_auto_discovery: bool,
+    pub key_value_patterns: Vec<String>,
+    pub sync_interval: Duration,
+    pub key_value_deletes: KeyValueDeletes,
+    pub monitor_interval: Duration,
+    pub schema: String,
+    pub stream_table: String,
+    pub key_value_table: String,
+    pub query_timeout: Duration,
+}
+
+/// What identifies "the Redis we talk to": a change to any of it means a new connection.
+#[derive(Clone, PartialEq)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub db: u8,
+    pub username: String,
+    pub password: String,
+    pub tls: bool,
+    pub tls_ca_file: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password, not even in a debug dump.
+        f.debug_struct("RedisSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("db", &self.db)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "********"
+                },
+            )
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl RedisSettings {
+    /// `host:port/db`, as shown in `redis_sync_status().redis_server`.
+    pub fn server(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.db)
+    }
+}
+
+impl Settings {
+    pub fn load() -> Settings {
+        Settings {
+            database: text(&DATABASE),
+            role: text(&ROLE),
+            enabled: ENABLED.get(),
+            mode: MODE.get(),
+            log_level: LOG_LEVEL.get(),
+            redis: RedisSettings {
+                host: text(&REDIS_HOST),
+                port: REDIS_PORT.get().clamp(1, 65535) as u16,
+                db: REDIS_DB.get().clamp(0, parse::MAX_REDIS_DB as i32) as u8,
+                username: text(&REDIS_USERNAME),
+                password: text(&REDIS_PASSWORD),
+                tls: REDIS_TLS.get(),
+                tls_ca_file: text(&REDIS_TLS_CA_FILE),
+            },
+            // The check hook guarantees the stored value parses; fall back to the default.
+            db_search_range: parse::parse_db_range(&text(&DB_SEARCH_RANGE))
+                .unwrap_or_else(|_| (0..=parse::MAX_REDIS_DB).collect()),
+            health_check_interval: secs(&HEALTH_CHECK_INTERVAL_S),
+            max_retries: MAX_RETRIES.get().max(1) as u32,
+            backoff_base: ms(&BACKOFF_BASE_MS),
+            backoff_max: ms(&BACKOFF_MAX_MS),
+            rate_limit: RATE_LIMIT.get().max(0) as u32,
+            streams: parse::parse_list(&text(&STREAMS)),
+            consumer_group: text(&CONSUMER_GROUP),
+            consumer_name: text(&CONSUMER_NAME),
+            batch_size: BATCH_SIZE.get().max(1) as u32,
+            poll_interval: ms(&POLL_INTERVAL_MS),
+            stream_auto_discovery: STREAM_AUTO_DISCOVERY.get(),
+            stream_discovery_patterns: parse::parse_list(&text(&STREAM_DISCOVERY_PATTERNS)),
+            stream_discovery_interval: secs(&STREAM_DISCOVERY_INTERVAL_S),
+            auto_create_consumer_groups: AUTO_CREATE_CONSUMER_GROUPS.get(),
+            stream_conflict_overwrite: STREAM_CONFLICT_OVERWRITE.get(),
+            claim_min_idle: ms(&CLAIM_MIN_IDLE_MS),
+            key_value_auto_discovery: KEY_VALUE_AUTO_DISCOVERY.get(),
+            key_value_patterns: parse::parse_list(&text(&KEY_VALUE_PATTERNS)),
+            sync_interval: ms(&SYNC_INTERVAL_MS),
+            key_value_deletes: KEY_VALUE_DELETES.get(),
+            monitor_interval: secs(&MONITOR_INTERVAL_S),
+            schema: text(&SCHEMA),
+            stream_table: text(&STREAM_TABLE),
+            key_value_table: text(&KEY_VALUE_TABLE),
+            query_timeout: ms(&QUERY_TIMEOUT_MS),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Worker state and counters in shared memory: written by the worker, read by the SQL
+//! functions in any backend.
+//!
+//! Counters are atomics (a Redis I/O thread may bump them); the rest sits behind one LWLock
+//! and is only touched from a process's main thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::{pg_shmem_init, PgAtomic};
+
+/// Set in `_PG_init` when loaded through `shared_preload_libraries`; inherited by every
+/// backend the postmaster forks. False means the shared state below does not exist.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum WorkerState {
+    Starting,
+    Connecting,
+    Running,
+    BackingOff,
+    Paused,
+    Monitoring,
+    Standby,
+    Stopped,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Connecting => "connecting",
+            WorkerState::Running => "running",
+            WorkerState::BackingOff => "backing_off",
+            WorkerState::Paused => "paused",
+            WorkerState::Monitoring => "monitoring",
+            WorkerState::Standby => "standby",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A fixed-size string that can live in shared memory. Longer text is cut at a character
+/// boundary.
+#[derive(Clone, Copy)]
+pub struct FixedStr<const N: usize> {
+    len: u16,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> FixedStr<N> {
+    pub const fn empty() -> Self {
+        FixedStr {
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+
+    pub fn set(&mut self, s: &str) {
+        let mut end = s.len().min(N);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        self.len = end as u16;
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub state: WorkerState,
+    pub mode: crate::gucs::Mode,
+    pub redis_connected: bool,
+    pub redis_server: FixedStr<256>,
+    pub streams_tracked: i64,
+    /// TimestampTz values; 0 = never.
+    pub last_sync_time: i64,
+    pub last_error: FixedStr<1024>,
+    pub last_error_time: i64,
+    pub started_at: i64,
+}
+
+impl Default for WorkerStatus {
+    fn default() -> Self {
+        WorkerStatus {
+            pid: 0,
+            state: WorkerState::Stopped,
+            mode: crate::gucs::Mode::Sync,
+            redis_connected: false,
+            redis_server: FixedStr::empty(),
+            streams_tracked: 0,
+            last_sync_time: 0,
+            last_error: FixedStr::empty(),
+            last_error_time: 0,
+            started_at: 0,
+        }
+    }
+}
+
+unsafe impl PGRXSharedMemory for WorkerStatus {}
+
+/// The metrics of the Python service, under the same names.
+#[derive(Default)]
+pub struct Counters {
+    pub messages_processed: AtomicU64,
+    pub key_values_processed: AtomicU64,
+    pub redis_ops: AtomicU64,
+    pub pg_ops: AtomicU64,
+    pub streams_discovered: AtomicU64,
+    pub errors: AtomicU64,
+    pub retries: AtomicU64,
+    pub dead_letters: AtomicU64,
+}
+
+unsafe impl PGRXSharedMemory for Counters {}
+
+pub static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"redis_pg_sync_status") };
+pub static COUNTERS: PgAtomic<Counters> = unsafe { PgAtomic::new(c"redis_pg_sync_counters") };
+
+/// Requests the shared memory; only valid while the library is being preloaded.
+pub fn init() {
+    pg_shmem_init!(STATUS);
+    pg_shmem_init!(COUNTERS);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+/// Bumps a counter. Safe from any thread.
+pub fn bump(counter: fn(&Counters) -> &AtomicU64, by: u64) {
+    if preloaded() {
+        counter(COUNTERS.get()).fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+pub fn now() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Runs `f` on the status under the exclusive lock (main thread only).
+pub fn update(f: impl FnOnce(&mut WorkerStatus)) {
+    if preloaded() {
+        f(&mut STATUS.exclusive());
+    }
+}
+
+pub fn set_state(state: WorkerState) {
+    update(|s| s.state = state);
+}
+
+/// Records an error for `last_error`, counts it.
+pub fn record_error(message: &str) {
+    bump(|c| &c.errors, 1);
+    let t = now();
+    update(|s| {
+        s.last_error.set(message);
+        s.last_error_time = t;
+    });
+}
+
+pub fn snapshot() -> Option<WorkerStatus> {
+    preloaded().then(|| *STATUS.share())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_str_cuts_at_char_boundary() {
+        let mut f = FixedStr::<5>::empty();
+        f.set("abcdé");
+        assert_eq!(f.as_str(), "abcd");
+        f.set("xy");
+        assert_eq!(f.as_str(), "xy");
+    }
+}

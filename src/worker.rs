@@ -1,0 +1,396 @@
+//! The background worker: registration and main loop.
+//!
+//! Loop shape after pg_cron and autoprewarm: signal handlers only set flags and the latch;
+//! the configuration is reloaded at the top of the loop; every wait is on the latch and ends
+//! the process if the postmaster dies. SIGTERM uses Postgres' own `die`, so a terminate
+//! interrupts even a long statement and the worker exits with code 1, which makes the
+//! postmaster start it again after the restart time (exit 0 would unregister it for good).
+//! SIGINT (`pg_cancel_backend`) only sets a flag: nothing the worker does is worth cancelling.
+
+use std::ffi::{c_int, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::prelude::*;
+use pgrx::PgLogLevel;
+
+use crate::backoff::{Backoff, Jitter};
+use crate::error::SyncError;
+use crate::gucs::{LogLevel, Mode, Settings};
+use crate::redis::RedisConn;
+use crate::shmem::{self, WorkerState};
+
+/// How long the postmaster waits before starting the worker again after it exited.
+pub const RESTART_TIME: Duration = Duration::from_secs(5);
+/// Longest single latch wait: the loop comes round at least this often.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+pub const WORKER_NAME: &str = "redis_pg_sync worker";
+
+static CANCEL_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new(WORKER_NAME)
+        .set_type("redis_pg_sync")
+        .set_library("redis_pg_sync")
+        .set_function("redis_sync_worker_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(RESTART_TIME))
+        .load();
+}
+
+/// SIGHUP: note the reload for the top of the loop (pgrx's own handler would reload inside
+/// the signal handler).
+unsafe extern "C-unwind" fn handle_sighup(_signo: c_int) {
+    let saved = unsafe { *libc::__errno_location() };
+    unsafe {
+        pg_sys::ConfigReloadPending = 1;
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
+}
+
+/// SIGTERM: what Postgres' `die` does. The next CHECK_FOR_INTERRUPTS ends the process with
+/// FATAL (exit code 1), also in the middle of a statement.
+unsafe extern "C-unwind" fn handle_sigterm(_signo: c_int) {
+    let saved = unsafe { *libc::__errno_location() };
+    unsafe {
+        if !pg_sys::proc_exit_inprogress {
+            pg_sys::InterruptPending = 1;
+            pg_sys::ProcDiePending = 1;
+        }
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
+}
+
+unsafe extern "C-unwind" fn handle_sigint(_signo: c_int) {
+    let saved = unsafe { *libc::__errno_location() };
+    CANCEL_REQUESTED.store(true, Ordering::SeqCst);
+    unsafe {
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved;
+    }
+}
+
+fn set_signal(signo: u32, handler: unsafe extern "C-unwind" fn(c_int)) {
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(signo as c_int, Some(handler));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(signo as c_int, Some(handler));
+    }
+}
+
+unsafe extern "C-unwind" fn on_exit(_code: c_int, _arg: pg_sys::Datum) {
+    shmem::update(|s| {
+        s.pid = 0;
+        s.state = WorkerState::Stopped;
+        s.redis_connected = false;
+    });
+}
+
+/// The worker's own log lines, filtered by `redis_sync.log_level`. Nothing here raises an
+/// ERROR: the worker reports and carries on.
+pub struct Log {
+    level: LogLevel,
+}
+
+impl Log {
+    pub fn at(&self, level: LogLevel, msg: &str) {
+        if level < self.level {
+            return;
+        }
+        let pg_level = match level {
+            LogLevel::Debug | LogLevel::Info | LogLevel::Notice => PgLogLevel::LOG,
+            LogLevel::Warning | LogLevel::Error => PgLogLevel::WARNING,
+        };
+        ereport!(pg_level, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, msg);
+    }
+
+    pub fn error(&self, err: &SyncError) {
+        if LogLevel::Warning >= self.level {
+            err.report(PgLogLevel::WARNING);
+        }
+    }
+}
+
+fn report_activity(text: &str) {
+    let c = CString::new(text.replace('\0', " ")).unwrap_or_default();
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr()) };
+}
+
+/// Sleeps on the latch for at most `timeout`; returns early on any signal.
+fn wait(timeout: Duration) {
+    let ms = timeout.min(MAX_WAIT).as_millis().max(1) as std::ffi::c_long;
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as c_int,
+            ms as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
+/// Where the Redis connection stands.
+enum Link {
+    Down { next_attempt: Instant },
+    Up(RedisConn),
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
+    set_signal(pg_sys::SIGHUP, handle_sighup);
+    set_signal(pg_sys::SIGTERM, handle_sigterm);
+    set_signal(pg_sys::SIGINT, handle_sigint);
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+
+    let settings = Settings::load();
+    let role = (!settings.role.is_empty()).then_some(settings.role.as_str());
+    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), role);
+
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    let started = shmem::now();
+    shmem::update(|s| {
+        *s = shmem::WorkerStatus::default();
+        s.pid = unsafe { pg_sys::MyProcPid };
+        s.state = WorkerState::Starting;
+        s.mode = settings.mode;
+        s.started_at = started;
+        s.redis_server.set(&settings.redis.server());
+    });
+
+    let mut worker = Worker::new(settings);
+    worker.log.at(
+        LogLevel::Info,
+        &format!(
+            "redis_pg_sync worker started: database \"{}\", Redis {}",
+            worker.settings.database,
+            worker.settings.redis.server()
+        ),
+    );
+    worker.run();
+}
+
+struct Worker {
+    settings: Settings,
+    log: Log,
+    link: Link,
+    backoff: Backoff,
+    jitter: Jitter,
+}
+
+impl Worker {
+    fn new(settings: Settings) -> Worker {
+        let backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+        let seed = (unsafe { pg_sys::MyProcPid } as u64) << 32 ^ shmem::now() as u64;
+        Worker {
+            log: Log {
+                level: settings.log_level,
+            },
+            settings,
+            link: Link::Down {
+                next_attempt: Instant::now(),
+            },
+            backoff,
+            jitter: Jitter::new(seed),
+        }
+    }
+
+    fn run(&mut self) -> ! {
+        loop {
+            pgrx::check_for_interrupts!();
+            if unsafe { pg_sys::ConfigReloadPending } != 0 {
+                unsafe {
+                    pg_sys::ConfigReloadPending = 0;
+                    pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+                }
+                self.reload();
+            }
+            if CANCEL_REQUESTED.swap(false, Ordering::SeqCst) {
+                self.log.at(
+                    LogLevel::Info,
+                    "cancel request ignored: the redis_pg_sync worker has no statement worth cancelling (use pg_terminate_backend to restart it)",
+                );
+            }
+            let timeout = self.step();
+            wait(timeout);
+        }
+    }
+
+    /// Picks up new settings after a reload. A changed Redis address or credentials moves
+    /// the worker to the new Redis at once.
+    fn reload(&mut self) {
+        let new = Settings::load();
+        if new == self.settings {
+            return;
+        }
+        self.log = Log {
+            level: new.log_level,
+        };
+        self.backoff.reconfigure(new.backoff_base, new.backoff_max);
+        if new.redis != self.settings.redis {
+            self.log.at(
+                LogLevel::Info,
+                &format!(
+                    "Redis settings changed: moving from {} to {}",
+                    self.settings.redis.server(),
+                    new.redis.server()
+                ),
+            );
+            self.link = Link::Down {
+                next_attempt: Instant::now(),
+            };
+            self.backoff.reset();
+            let server = new.redis.server();
+            shmem::update(|s| {
+                s.redis_connected = false;
+                s.redis_server.set(&server);
+            });
+        }
+        let mode = new.mode;
+        shmem::update(|s| s.mode = mode);
+        self.settings = new;
+        self.log.at(LogLevel::Debug, "configuration reloaded");
+    }
+
+    /// One pass of the loop; returns how long to wait before the next.
+    fn step(&mut self) -> Duration {
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            if !matches!(self.link, Link::Down { .. }) {
+                self.link = Link::Down {
+                    next_attempt: Instant::now(),
+                };
+            }
+            self.enter(
+                WorkerState::Standby,
+                "standby: waiting for promotion",
+                false,
+            );
+            return MAX_WAIT;
+        }
+        if !self.settings.enabled {
+            self.enter(
+                WorkerState::Paused,
+                "paused (redis_sync.enabled = off)",
+                self.is_up(),
+            );
+            return MAX_WAIT;
+        }
+        let now = Instant::now();
+        match &mut self.link {
+            Link::Down { next_attempt } => {
+                if now < *next_attempt {
+                    return *next_attempt - now;
+                }
+                self.connect()
+            }
+            Link::Up(conn) => {
+                let interval = self.settings.health_check_interval;
+                match conn.check_health(interval) {
+                    Ok(()) => {
+                        let next = conn.next_check(interval);
+                        self.publish_running();
+                        next.saturating_duration_since(Instant::now())
+                    }
+                    Err(err) => {
+                        let err = SyncError::RedisUnavailable {
+                            server: self.settings.redis.server(),
+                            detail: err.to_string(),
+                        };
+                        self.fail(err)
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        matches!(self.link, Link::Up(_))
+    }
+
+    fn connect(&mut self) -> Duration {
+        let server = self.settings.redis.server();
+        self.enter(
+            WorkerState::Connecting,
+            &format!("connecting to Redis {server}"),
+            false,
+        );
+        if self.backoff.failures() > 0 {
+            shmem::bump(|c| &c.retries, 1);
+        }
+        match RedisConn::connect(&self.settings.redis) {
+            Ok(conn) => {
+                let was_failing = self.backoff.failures() > 0;
+                self.backoff.reset();
+                self.link = Link::Up(conn);
+                let msg = if was_failing {
+                    format!("connected to Redis {server} again")
+                } else {
+                    format!("connected to Redis {server}")
+                };
+                self.log.at(LogLevel::Info, &msg);
+                self.publish_running();
+                Duration::ZERO
+            }
+            Err(err) => self.fail(err),
+        }
+    }
+
+    /// Records a failure, drops the connection and schedules the next try with backoff.
+    fn fail(&mut self, err: SyncError) -> Duration {
+        let delay = self.backoff.next_delay(self.jitter.unit());
+        let failures = self.backoff.failures();
+        // One log line when trouble starts, then one every max_retries tries, not one per try.
+        if failures == 1 || failures % self.settings.max_retries == 0 {
+            self.log.error(&err);
+            self.log.at(
+                LogLevel::Info,
+                &format!(
+                    "retrying in {} ms (failure {failures} in a row)",
+                    delay.as_millis()
+                ),
+            );
+        }
+        shmem::record_error(&err.to_string());
+        if err.connection_lost() {
+            self.link = Link::Down {
+                next_attempt: Instant::now() + delay,
+            };
+        }
+        self.enter(
+            WorkerState::BackingOff,
+            &format!("backing off {} ms: {err}", delay.as_millis()),
+            false,
+        );
+        delay
+    }
+
+    fn publish_running(&mut self) {
+        let (state, what) = match self.settings.mode {
+            Mode::Sync => (WorkerState::Running, "running"),
+            Mode::Monitor => (WorkerState::Monitoring, "monitoring"),
+        };
+        let text = format!(
+            "{what}: connected to Redis {}",
+            self.settings.redis.server()
+        );
+        self.enter(state, &text, true);
+    }
+
+    fn enter(&self, state: WorkerState, activity: &str, connected: bool) {
+        let changed = shmem::snapshot().map(|s| s.state != state || s.redis_connected != connected);
+        if changed.unwrap_or(true) {
+            shmem::update(|s| {
+                s.state = state;
+                s.redis_connected = connected;
+            });
+            report_activity(activity);
+        }
+    }
+}
