@@ -19,8 +19,7 @@ fn ts(v: i64) -> Option<TimestampWithTimeZone> {
 }
 
 fn count(v: &std::sync::atomic::AtomicU64) -> i64 {
-    v.load(std::sync::atomic::Ordering::Relaxed)
-        .min(i64::MAX as u64) as i64
+    v.load(std::sync::atomic::Ordering::Relaxed).min(i64::MAX as u64) as i64
 }
 
 /// One row describing the worker: state, connection and counters.
@@ -120,10 +119,7 @@ fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
         if now >= deadline {
             return false;
         }
-        let ms = (deadline - now)
-            .min(Duration::from_millis(50))
-            .as_millis()
-            .max(1);
+        let ms = (deadline - now).min(Duration::from_millis(50)).as_millis().max(1);
         unsafe {
             pg_sys::WaitLatch(
                 pg_sys::MyLatch,

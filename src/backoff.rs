@@ -13,11 +13,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max: max.max(base),
-            failures: 0,
-        }
+        Backoff { base, max: max.max(base), failures: 0 }
     }
 
     /// Applies new settings (after a reload) without forgetting the failure count.
@@ -38,10 +34,7 @@ impl Backoff {
     /// `min(base * 2^attempt, max)`.
     pub fn delay_for(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base
-            .checked_mul(factor)
-            .unwrap_or(self.max)
-            .min(self.max)
+        self.base.checked_mul(factor).unwrap_or(self.max).min(self.max)
     }
 
     /// Records a failure and returns how long to wait before the next try. `unit` is a
@@ -51,11 +44,7 @@ impl Backoff {
     pub fn next_delay(&mut self, unit: f64) -> Duration {
         let d = self.delay_for(self.failures);
         self.failures = self.failures.saturating_add(1);
-        let unit = if unit.is_finite() {
-            unit.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
         d / 2 + d.mul_f64(0.5 * unit)
     }
 }
@@ -92,15 +81,8 @@ mod tests {
     fn schedule_doubles_and_caps() {
         let b = Backoff::new(ms(1000), ms(30_000));
         let got: Vec<u64> = (0..8).map(|a| b.delay_for(a).as_millis() as u64).collect();
-        assert_eq!(
-            got,
-            vec![1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
-        );
-        assert_eq!(
-            b.delay_for(1000),
-            ms(30_000),
-            "huge attempt counts do not overflow"
-        );
+        assert_eq!(got, vec![1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
+        assert_eq!(b.delay_for(1000), ms(30_000), "huge attempt counts do not overflow");
     }
 
     #[test]

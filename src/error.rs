@@ -11,18 +11,11 @@ pub enum SyncError {
 
     /// Redis refused our credentials. The password is never part of the message.
     #[error("authentication failed for Redis user \"{user}\" at {server}: {detail}")]
-    RedisAuth {
-        server: String,
-        user: String,
-        detail: String,
-    },
+    RedisAuth { server: String, user: String, detail: String },
 
     /// A Redis command failed on an established connection.
     #[error("Redis command {command} failed: {detail}")]
-    RedisCommand {
-        command: &'static str,
-        detail: String,
-    },
+    RedisCommand { command: &'static str, detail: String },
 
     /// The configuration cannot be used as it stands.
     #[error("{0}")]
@@ -63,16 +56,9 @@ pub fn classify_connect(err: &redis::RedisError, server: &str, user: &str) -> Sy
         || detail.contains("invalid username-password");
     if auth {
         let user = if user.is_empty() { "default" } else { user };
-        SyncError::RedisAuth {
-            server: server.to_owned(),
-            user: user.to_owned(),
-            detail,
-        }
+        SyncError::RedisAuth { server: server.to_owned(), user: user.to_owned(), detail }
     } else {
-        SyncError::RedisUnavailable {
-            server: server.to_owned(),
-            detail,
-        }
+        SyncError::RedisUnavailable { server: server.to_owned(), detail }
     }
 }
 
@@ -88,10 +74,7 @@ mod tests {
             detail: "WRONGPASS invalid username-password pair".into(),
         };
         let m = e.to_string();
-        assert!(
-            m.starts_with("authentication failed for Redis user \"app\""),
-            "{m}"
-        );
+        assert!(m.starts_with("authentication failed for Redis user \"app\""), "{m}");
         assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_INVALID_PASSWORD);
     }
 }

@@ -115,22 +115,26 @@ pub fn init() {
     let ms = GucFlags::UNIT_MS;
     let s = GucFlags::UNIT_S;
 
-    string(
-        c"redis_sync.database",
-        c"Database the worker connects to and writes into.",
-        &DATABASE,
-        GucContext::Postmaster,
-        none,
-        Some(check_not_empty),
-    );
-    string(
-        c"redis_sync.role",
-        c"Role the worker writes as (empty: the bootstrap superuser).",
-        &ROLE,
-        GucContext::Postmaster,
-        none,
-        None,
-    );
+    // Restart-only settings can only be defined while preloading (Postgres refuses
+    // PGC_POSTMASTER variables after startup); without preload there is no worker to use them.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        string(
+            c"redis_sync.database",
+            c"Database the worker connects to and writes into.",
+            &DATABASE,
+            GucContext::Postmaster,
+            none,
+            Some(check_not_empty),
+        );
+        string(
+            c"redis_sync.role",
+            c"Role the worker writes as (empty: the bootstrap superuser).",
+            &ROLE,
+            GucContext::Postmaster,
+            none,
+            None,
+        );
+    }
     bool_(
         c"redis_sync.enabled",
         c"Sync when on; pause (state paused) when off.",
@@ -202,12 +206,7 @@ pub fn init() {
         GucContext::Sighup,
         none,
     );
-    bool_(
-        c"redis_sync.redis_tls",
-        c"Connect to Redis over TLS.",
-        &REDIS_TLS,
-        GucContext::Sighup,
-    );
+    bool_(c"redis_sync.redis_tls", c"Connect to Redis over TLS.", &REDIS_TLS, GucContext::Sighup);
     string(
         c"redis_sync.redis_tls_ca_file",
         c"CA certificate file used to verify the Redis server with TLS.",
@@ -396,30 +395,11 @@ pub fn init() {
         s,
     );
     for (name, setting, desc) in [
-        (
-            c"redis_sync.schema",
-            &SCHEMA,
-            c"Schema of the worker's tables.",
-        ),
-        (
-            c"redis_sync.stream_table",
-            &STREAM_TABLE,
-            c"Table stream entries land in.",
-        ),
-        (
-            c"redis_sync.key_value_table",
-            &KEY_VALUE_TABLE,
-            c"Table keys are mirrored into.",
-        ),
+        (c"redis_sync.schema", &SCHEMA, c"Schema of the worker's tables."),
+        (c"redis_sync.stream_table", &STREAM_TABLE, c"Table stream entries land in."),
+        (c"redis_sync.key_value_table", &KEY_VALUE_TABLE, c"Table keys are mirrored into."),
     ] {
-        string(
-            name,
-            desc,
-            setting,
-            GucContext::Sighup,
-            none,
-            Some(check_identifier),
-        );
+        string(name, desc, setting, GucContext::Sighup, none, Some(check_identifier));
     }
     int(
         c"redis_sync.query_timeout",
@@ -574,10 +554,7 @@ unsafe extern "C-unwind" fn show_password() -> *const c_char {
 }
 
 fn text(setting: &Text) -> String {
-    setting
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn ms(setting: &GucSetting<i32>) -> Duration {
@@ -646,14 +623,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("port", &self.port)
             .field("db", &self.db)
             .field("username", &self.username)
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "********"
-                },
-            )
+            .field("password", &if self.password.is_empty() { "" } else { "********" })
             .field("tls", &self.tls)
             .finish()
     }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod gucs;
 pub mod parse;
 pub mod ratelimit;
+pub mod redact;
 pub mod redis;
 pub mod shmem;
 pub mod worker;
@@ -24,6 +25,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     gucs::init();
+    redact::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         worker::register();

@@ -40,9 +40,7 @@ fn parse_db(s: &str) -> Result<u8, String> {
     }
     match s.parse::<u32>() {
         Ok(n) if n <= MAX_REDIS_DB as u32 => Ok(n as u8),
-        _ => Err(range_form(&format!(
-            "database {s} is outside 0-{MAX_REDIS_DB}"
-        ))),
+        _ => Err(range_form(&format!("database {s} is outside 0-{MAX_REDIS_DB}"))),
     }
 }
 
@@ -54,12 +52,7 @@ fn range_form(what: &str) -> String {
 
 /// Splits a comma-separated list, trimming blanks and dropping empty items.
 pub fn parse_list(input: &str) -> Vec<String> {
-    input
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    input.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
 /// Checks a schema or table name: a letter or underscore, then letters, digits or
@@ -74,9 +67,7 @@ pub fn check_identifier(input: &str) -> Result<(), String> {
         return Err(format!("The name is {} bytes long. {form}", bytes.len()));
     }
     let first_ok = bytes[0].is_ascii_alphabetic() || bytes[0] == b'_';
-    let rest_ok = bytes
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || *b == b'_');
+    let rest_ok = bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_');
     if !first_ok || !rest_ok {
         return Err(form.to_owned());
     }
@@ -137,10 +128,7 @@ impl Pattern {
                 }
             }
         }
-        Pattern {
-            source: source.to_owned(),
-            tokens,
-        }
+        Pattern { source: source.to_owned(), tokens }
     }
 
     pub fn as_str(&self) -> &str {
@@ -171,9 +159,7 @@ impl Pattern {
                         continue;
                     }
                     Token::Class { negated, items } => {
-                        let inside = items
-                            .iter()
-                            .any(|(lo, hi)| *lo <= name[n] && name[n] <= *hi);
+                        let inside = items.iter().any(|(lo, hi)| *lo <= name[n] && name[n] <= *hi);
                         if inside != *negated {
                             t += 1;
                             n += 1;
@@ -286,18 +272,12 @@ mod tests {
 
     #[test]
     fn db_range_refuses_bad_input_with_the_accepted_form() {
-        for bad in [
-            "3-1", "0-99", "16", "", "  ", "a", "1,,2", "-1", "1-", "1-2-3", "0x1",
-        ] {
+        for bad in ["3-1", "0-99", "16", "", "  ", "a", "1,,2", "-1", "1-", "1-2-3", "0x1"] {
             let err = parse_db_range(bad).expect_err(bad);
             assert!(err.contains("Accepted form"), "{bad}: {err}");
         }
-        assert!(parse_db_range("3-1")
-            .expect_err("3-1")
-            .contains("backwards"));
-        assert!(parse_db_range("0-99")
-            .expect_err("0-99")
-            .contains("outside 0-15"));
+        assert!(parse_db_range("3-1").expect_err("3-1").contains("backwards"));
+        assert!(parse_db_range("0-99").expect_err("0-99").contains("outside 0-15"));
     }
 
     #[test]
@@ -311,16 +291,7 @@ mod tests {
         for ok in ["public", "_x", "redis_streams", "T1", &"a".repeat(63)] {
             assert!(check_identifier(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "1abc",
-            "a-b",
-            "a b",
-            "x;drop table y",
-            "\"q\"",
-            "é",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", "1abc", "a-b", "a b", "x;drop table y", "\"q\"", "é", &"a".repeat(64)] {
             assert!(check_identifier(bad).is_err(), "{bad}");
         }
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");

@@ -28,12 +28,7 @@ mod tests {
         ("redis_sync.key_value_auto_discovery", "on", "sighup", ""),
         ("redis_sync.key_value_deletes", "mark", "sighup", ""),
         ("redis_sync.key_value_patterns", "*", "sighup", ""),
-        (
-            "redis_sync.key_value_table",
-            "redis_key_values",
-            "sighup",
-            "",
-        ),
+        ("redis_sync.key_value_table", "redis_key_values", "sighup", ""),
         ("redis_sync.log_level", "info", "sighup", ""),
         ("redis_sync.max_retries", "5", "sighup", ""),
         ("redis_sync.mode", "sync", "sighup", ""),
@@ -64,11 +59,7 @@ mod tests {
             let row = one::<String>(&format!(
                 "SELECT concat_ws('|', boot_val, context, coalesce(unit, '')) FROM pg_settings WHERE name = '{name}'"
             ));
-            assert_eq!(
-                row.as_deref(),
-                Some(format!("{boot}|{context}|{unit}").as_str()),
-                "{name}"
-            );
+            assert_eq!(row.as_deref(), Some(format!("{boot}|{context}|{unit}").as_str()), "{name}");
         }
         // The password is hidden from pg_settings (NO_SHOW_ALL), so it is counted apart.
         let n = one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'redis_sync.%'");
@@ -91,10 +82,7 @@ mod tests {
 
     #[pg_test]
     fn password_is_masked_for_superusers_and_hidden_from_others() {
-        assert_eq!(
-            one::<String>("SHOW redis_sync.redis_password").as_deref(),
-            Some("")
-        );
+        assert_eq!(one::<String>("SHOW redis_sync.redis_password").as_deref(), Some(""));
         Spi::run("CREATE ROLE rps_plain; SET ROLE rps_plain").expect("role");
         let seen =
             one::<i64>("SELECT count(*) FROM pg_settings WHERE name = 'redis_sync.redis_password'");
@@ -123,10 +111,8 @@ mod tests {
     fn status_is_for_superuser_and_pg_monitor_only() {
         Spi::run("CREATE ROLE rps_public; CREATE ROLE rps_monitor IN ROLE pg_monitor")
             .expect("roles");
-        for (f, args) in [
-            ("redis_sync_status", ""),
-            ("redis_sync_wait_until_running", "interval"),
-        ] {
+        for (f, args) in [("redis_sync_status", ""), ("redis_sync_wait_until_running", "interval")]
+        {
             let check = |role: &str| {
                 one::<bool>(&format!(
                     "SELECT has_function_privilege('{role}', '{f}({args})', 'EXECUTE')"
@@ -195,10 +181,7 @@ mod tests {
     #[pg_test]
     fn wait_until_running_gives_up_at_its_timeout() {
         let t = std::time::Instant::now();
-        assert_eq!(
-            one::<bool>("SELECT redis_sync_wait_until_running('300ms')"),
-            Some(false)
-        );
+        assert_eq!(one::<bool>("SELECT redis_sync_wait_until_running('300ms')"), Some(false));
         let took = t.elapsed();
         assert!(took >= std::time::Duration::from_millis(300), "{took:?}");
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");

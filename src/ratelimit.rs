@@ -16,12 +16,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: u32, now: Instant) -> TokenBucket {
-        TokenBucket {
-            rate,
-            capacity: rate as f64,
-            tokens: rate as f64,
-            last: now,
-        }
+        TokenBucket { rate, capacity: rate as f64, tokens: rate as f64, last: now }
     }
 
     pub fn rate(&self) -> u32 {

@@ -52,16 +52,9 @@ impl RedisConn {
         conn.set_read_timeout(Some(IO_TIMEOUT))
             .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
             .map_err(|e| classify_connect(&e, &server, &settings.username))?;
-        let mut c = RedisConn {
-            conn,
-            settings: settings.clone(),
-            last_check: Instant::now(),
-        };
+        let mut c = RedisConn { conn, settings: settings.clone(), last_check: Instant::now() };
         // Prove the connection before calling it up.
-        c.ping().map_err(|e| SyncError::RedisUnavailable {
-            server,
-            detail: e.to_string(),
-        })?;
+        c.ping().map_err(|e| SyncError::RedisUnavailable { server, detail: e.to_string() })?;
         Ok(c)
     }
 
@@ -75,10 +68,7 @@ impl RedisConn {
         self.last_check = Instant::now();
         match reply {
             Ok(_) => Ok(()),
-            Err(e) => Err(SyncError::RedisCommand {
-                command: "PING",
-                detail: e.to_string(),
-            }),
+            Err(e) => Err(SyncError::RedisCommand { command: "PING", detail: e.to_string() }),
         }
     }
 

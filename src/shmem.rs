@@ -57,10 +57,7 @@ pub struct FixedStr<const N: usize> {
 
 impl<const N: usize> FixedStr<N> {
     pub const fn empty() -> Self {
-        FixedStr {
-            len: 0,
-            bytes: [0; N],
-        }
+        FixedStr { len: 0, bytes: [0; N] }
     }
 
     pub fn set(&mut self, s: &str) {

@@ -190,13 +190,9 @@ impl Worker {
         let backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
         let seed = (unsafe { pg_sys::MyProcPid } as u64) << 32 ^ shmem::now() as u64;
         Worker {
-            log: Log {
-                level: settings.log_level,
-            },
+            log: Log { level: settings.log_level },
             settings,
-            link: Link::Down {
-                next_attempt: Instant::now(),
-            },
+            link: Link::Down { next_attempt: Instant::now() },
             backoff,
             jitter: Jitter::new(seed),
         }
@@ -230,9 +226,7 @@ impl Worker {
         if new == self.settings {
             return;
         }
-        self.log = Log {
-            level: new.log_level,
-        };
+        self.log = Log { level: new.log_level };
         self.backoff.reconfigure(new.backoff_base, new.backoff_max);
         if new.redis != self.settings.redis {
             self.log.at(
@@ -243,9 +237,7 @@ impl Worker {
                     new.redis.server()
                 ),
             );
-            self.link = Link::Down {
-                next_attempt: Instant::now(),
-            };
+            self.link = Link::Down { next_attempt: Instant::now() };
             self.backoff.reset();
             let server = new.redis.server();
             shmem::update(|s| {
@@ -263,23 +255,13 @@ impl Worker {
     fn step(&mut self) -> Duration {
         if unsafe { pg_sys::RecoveryInProgress() } {
             if !matches!(self.link, Link::Down { .. }) {
-                self.link = Link::Down {
-                    next_attempt: Instant::now(),
-                };
+                self.link = Link::Down { next_attempt: Instant::now() };
             }
-            self.enter(
-                WorkerState::Standby,
-                "standby: waiting for promotion",
-                false,
-            );
+            self.enter(WorkerState::Standby, "standby: waiting for promotion", false);
             return MAX_WAIT;
         }
         if !self.settings.enabled {
-            self.enter(
-                WorkerState::Paused,
-                "paused (redis_sync.enabled = off)",
-                self.is_up(),
-            );
+            self.enter(WorkerState::Paused, "paused (redis_sync.enabled = off)", self.is_up());
             return MAX_WAIT;
         }
         let now = Instant::now();
@@ -316,11 +298,7 @@ impl Worker {
 
     fn connect(&mut self) -> Duration {
         let server = self.settings.redis.server();
-        self.enter(
-            WorkerState::Connecting,
-            &format!("connecting to Redis {server}"),
-            false,
-        );
+        self.enter(WorkerState::Connecting, &format!("connecting to Redis {server}"), false);
         if self.backoff.failures() > 0 {
             shmem::bump(|c| &c.retries, 1);
         }
@@ -351,17 +329,12 @@ impl Worker {
             self.log.error(&err);
             self.log.at(
                 LogLevel::Info,
-                &format!(
-                    "retrying in {} ms (failure {failures} in a row)",
-                    delay.as_millis()
-                ),
+                &format!("retrying in {} ms (failure {failures} in a row)", delay.as_millis()),
             );
         }
         shmem::record_error(&err.to_string());
         if err.connection_lost() {
-            self.link = Link::Down {
-                next_attempt: Instant::now() + delay,
-            };
+            self.link = Link::Down { next_attempt: Instant::now() + delay };
         }
         self.enter(
             WorkerState::BackingOff,
@@ -376,10 +349,7 @@ impl Worker {
             Mode::Sync => (WorkerState::Running, "running"),
             Mode::Monitor => (WorkerState::Monitoring, "monitoring"),
         };
-        let text = format!(
-            "{what}: connected to Redis {}",
-            self.settings.redis.server()
-        );
+        let text = format!("{what}: connected to Redis {}", self.settings.redis.server());
         self.enter(state, &text, true);
     }
 

@@ -1,1 +1,429 @@
-fn main() {}
+//! End-to-end harness: a real Postgres cluster with redis_pg_sync preloaded and real
+//! `redis-server` processes, each on a free loopback port in its own temporary directory.
+//!
+//! ```no_run
+//! use redis_pg_sync_e2e::*;
+//! let redis = Redis::start();
+//! let pg = Cluster::start(&redis, &[("redis_sync.backoff_base", "100ms")]);
+//! assert!(pg.wait_until_running());
+//! ```
+//!
+//! Every process is started by this harness as a direct child and stopped by its PID when
+//! its handle is dropped, also when a test panics. Nothing is ever killed by name.
+//!
+//! Postgres binaries come from `PG_CONFIG` (default: `pg_config` on the PATH); the extension
+//! must be installed there (`make test` does it). As root, `initdb` and `postgres` run as the
+//! `postgres` OS user.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use postgres;
+pub use redis;
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn send_signal(pid: u32, sig: i32) -> bool {
+    unsafe { libc::kill(pid as i32, sig) == 0 }
+}
+
+/// Signals a child by PID and reaps it, escalating to SIGKILL after `grace`.
+fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    send_signal(child.id(), sig);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis
+
+/// A `redis-server` child process.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Redis {
+    /// Starts a Redis on a free port.
+    pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// Starts a Redis with extra `redis-server` arguments, e.g. `["--requirepass", "x"]`.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let dir = tempfile::Builder::new().prefix("rps-redis-").tempdir().expect("tempdir");
+        let mut r = Redis {
+            child: None,
+            port: free_port(),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("redis log");
+        let child = Command::new(redis_server_bin())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--dir", &self.dir.path().to_string_lossy(), "--daemonize", "no"])
+            .args(["--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("redis-server to accept connections", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Stops the server (SIGTERM, by PID) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts it again on the same port with the same arguments.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A client connection; `auth` is `(user, password)` for a server with ACLs.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("connect to test redis")
+    }
+
+    pub fn client_auth(&self, password: &str) -> redis::Connection {
+        let url = format!("redis://:{}@127.0.0.1:{}/", password, self.port);
+        redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("connect to test redis with a password")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGKILL, Duration::from_secs(5));
+        }
+    }
+}
+
+fn redis_server_bin() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Postgres
+
+struct PgInstall {
+    bindir: PathBuf,
+}
+
+fn pg_install() -> &'static PgInstall {
+    static INSTALL: OnceLock<PgInstall> = OnceLock::new();
+    INSTALL.get_or_init(|| {
+        let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+        let out = Command::new(&pg_config)
+            .arg("--bindir")
+            .output()
+            .unwrap_or_else(|e| panic!("run {pg_config}: {e}"));
+        let bindir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        PgInstall { bindir }
+    })
+}
+
+/// The OS user Postgres runs as: `postgres` when we are root (initdb refuses root).
+fn pg_user() -> Option<(u32, u32)> {
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").ok()?;
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        panic!("running as root needs a `postgres` OS user to run the cluster");
+    }
+    unsafe { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+}
+
+fn as_pg_user(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = pg_user() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn chown_to_pg(path: &Path) {
+    if let Some((uid, gid)) = pg_user() {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
+    }
+}
+
+/// How to build a cluster; `Cluster::start` covers the usual case.
+pub struct ClusterOptions {
+    pub preload: bool,
+    pub settings: Vec<(String, String)>,
+}
+
+/// A Postgres cluster (initdb + postmaster) in a temporary directory.
+pub struct Cluster {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A cluster with redis_pg_sync preloaded, pointed at `redis`, with fast retry settings
+    /// for tests, then `settings` on top; `CREATE EXTENSION` done.
+    pub fn start(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
+        let port = redis.port.to_string();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("redis_sync.redis_host", "127.0.0.1"),
+            ("redis_sync.redis_port", &port),
+            ("redis_sync.backoff_base", "100ms"),
+            ("redis_sync.backoff_max", "1s"),
+            ("redis_sync.health_check_interval", "1s"),
+        ];
+        all.extend_from_slice(settings);
+        Cluster::start_with(ClusterOptions {
+            preload: true,
+            settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
+    pub fn start_with(opts: ClusterOptions) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("rps-pg-").tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+        chown_to_pg(dir.path());
+        let data = dir.path().join("data");
+        let out = as_pg_user(Command::new(pg_install().bindir.join("initdb")).args([
+            "-D",
+            &data.to_string_lossy(),
+            "--auth=trust",
+            "--username=postgres",
+            "--no-sync",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]))
+        .output()
+        .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut conf = String::from("\n# written by the redis_pg_sync test harness\n");
+        conf += "listen_addresses = '127.0.0.1'\nfsync = off\nlog_min_messages = warning\n";
+        conf += "log_line_prefix = '%m [%p] %b '\n";
+        if opts.preload {
+            conf += "shared_preload_libraries = 'redis_pg_sync'\n";
+        }
+        for (k, v) in &opts.settings {
+            conf += &format!("{k} = '{}'\n", v.replace('\'', "''"));
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .and_then(|mut f| f.write_all(conf.as_bytes()))
+            .expect("write postgresql.conf");
+        let mut c = Cluster { child: None, port: free_port(), dir };
+        c.launch();
+        c.execute("CREATE EXTENSION redis_pg_sync");
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+
+    fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("postgres log");
+        chown_to_pg(&self.log_path());
+        let child = as_pg_user(
+            Command::new(pg_install().bindir.join("postgres"))
+                .args(["-D", &self.data_dir().to_string_lossy()])
+                .args(["-p", &self.port.to_string()])
+                .args(["-k", &self.dir.path().to_string_lossy()]),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start postgres");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("postgres to accept connections", Duration::from_secs(30), || {
+            postgres::Client::connect(
+                &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+                postgres::NoTls,
+            )
+            .ok()
+        });
+    }
+
+    /// Fast shutdown (SIGINT to the postmaster, by PID).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGINT, Duration::from_secs(30));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// A new client session as the superuser `postgres`.
+    pub fn client(&self) -> postgres::Client {
+        self.client_as("postgres")
+    }
+
+    pub fn client_as(&self, user: &str) -> postgres::Client {
+        postgres::Client::connect(
+            &format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port),
+            postgres::NoTls,
+        )
+        .expect("connect to the test cluster")
+    }
+
+    pub fn execute(&self, sql: &str) {
+        self.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// First column of the first row, as text (NULL gives None).
+    pub fn query_text(&self, sql: &str) -> Option<String> {
+        let wrapped = format!("SELECT ({sql})::text");
+        let row = self.client().query_one(&wrapped, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        row.get(0)
+    }
+
+    /// One column of `redis_sync_status()`, as text.
+    pub fn status(&self, column: &str) -> Option<String> {
+        self.query_text(&format!("SELECT {column} FROM redis_sync_status()"))
+    }
+
+    /// `ALTER SYSTEM SET name = value` and `pg_reload_conf()`.
+    pub fn set(&self, name: &str, value: &str) {
+        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"));
+        self.execute(&sql);
+        self.reload();
+    }
+
+    pub fn reload(&self) {
+        self.execute("SELECT pg_reload_conf()");
+    }
+
+    /// The error an `ALTER SYSTEM SET` gives, if any.
+    pub fn alter_system_error(&self, name: &str, value: &str) -> Option<postgres::error::DbError> {
+        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.replace('\'', "''"));
+        match self.client().batch_execute(&sql) {
+            Ok(()) => None,
+            Err(e) => Some(e.as_db_error().cloned().unwrap_or_else(|| panic!("{sql}: {e}"))),
+        }
+    }
+
+    pub fn wait_until_running(&self) -> bool {
+        self.query_text("SELECT redis_sync_wait_until_running('30s')").as_deref() == Some("true")
+    }
+
+    /// Waits until `redis_sync_status()` column `column` reads `value`.
+    pub fn wait_status(&self, column: &str, value: &str, timeout: Duration) {
+        wait_for(&format!("status {column} = {value}"), timeout, || {
+            (self.status(column).as_deref() == Some(value)).then_some(())
+        })
+    }
+
+    /// The worker's PID as seen in pg_stat_activity.
+    pub fn worker_pid(&self) -> Option<i32> {
+        self.query_text("SELECT pid FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'")
+            .and_then(|s| s.parse().ok())
+    }
+
+    /// Appends raw lines to postgresql.conf (to test what a reload does with them).
+    pub fn append_conf(&self, lines: &str) {
+        fs::OpenOptions::new()
+            .append(true)
+            .open(self.data_dir().join("postgresql.conf"))
+            .and_then(|mut f| f.write_all(format!("\n{lines}\n").as_bytes()))
+            .expect("append to postgresql.conf");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Immediate shutdown: the postmaster takes its children down with it.
+            stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The foundation: the worker runs, connects, survives Redis outages, follows reloads,
+//! validates its settings, keeps its secret, and says `not_loaded` without preload.
+
+use std::time::Duration;
+
+use redis_pg_sync_e2e::*;
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn worker_appears_in_pg_stat_activity_and_reaches_running() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    let pid = wait_for("the worker in pg_stat_activity", T, || pg.worker_pid());
+    assert!(pg.wait_until_running(), "log:\n{}", pg.log());
+    assert_eq!(pg.status("state").as_deref(), Some("running"));
+    assert_eq!(pg.status("redis_connected").as_deref(), Some("true"));
+    assert_eq!(pg.status("worker_pid"), Some(pid.to_string()));
+    assert_eq!(pg.status("redis_server"), Some(format!("127.0.0.1:{}/0", redis.port)));
+    assert_eq!(pg.status("mode").as_deref(), Some("sync"));
+    assert!(pg.status("started_at").is_some());
+    // pg_stat_activity tells what it does.
+    wait_for("activity text", T, || {
+        let q = pg.query_text(
+            "SELECT query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
+        )?;
+        q.starts_with("running: connected to Redis 127.0.0.1").then_some(())
+    });
+    // Redis sees the worker as a client.
+    let mut r = redis.client();
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).expect("client list");
+    assert!(clients.lines().count() >= 2, "{clients}");
+    // The worker counts its Redis round trips.
+    let ops: i64 = pg.status("redis_ops").and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(ops >= 1, "redis_ops {ops}");
+}
+
+#[test]
+fn redis_outage_backs_off_counts_retries_and_recovers_by_itself() {
+    let mut redis = Redis::start();
+    let pg = Cluster::start(&redis, &[("redis_sync.backoff_max", "300ms")]);
+    assert!(pg.wait_until_running());
+    redis.stop();
+    pg.wait_status("redis_connected", "false", T);
+    let retries =
+        |pg: &Cluster| -> i64 { pg.status("retries").and_then(|s| s.parse().ok()).unwrap_or(-1) };
+    wait_for("retries to count up", T, || (retries(&pg) >= 3).then_some(()));
+    let state = pg.status("state").unwrap_or_default();
+    assert!(state == "backing_off" || state == "connecting", "state while Redis is down: {state}");
+    let errors: i64 = pg.status("errors").and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(errors >= 3, "errors {errors}");
+    let last_error = pg.status("last_error").unwrap_or_default();
+    assert!(last_error.contains(&format!("127.0.0.1:{}", redis.port)), "{last_error}");
+    assert!(pg.status("last_error_time").is_some());
+
+    let before = retries(&pg);
+    wait_for("more retries", T, || (retries(&pg) > before).then_some(()));
+
+    redis.restart();
+    pg.wait_status("state", "running", T);
+    assert_eq!(pg.status("redis_connected").as_deref(), Some("true"));
+    assert!(pg.log().contains("connected to Redis"), "{}", pg.log());
+}
+
+#[test]
+fn reload_moves_the_worker_to_another_redis() {
+    let first = Redis::start();
+    let second = Redis::start();
+    let pg = Cluster::start(&first, &[]);
+    assert!(pg.wait_until_running());
+    let worker_pid = pg.worker_pid();
+
+    pg.set("redis_sync.redis_port", &second.port.to_string());
+    pg.wait_status("redis_server", &format!("127.0.0.1:{}/0", second.port), T);
+    pg.wait_status("state", "running", T);
+    // The same worker process moved (no restart), and the second Redis sees it.
+    assert_eq!(pg.worker_pid(), worker_pid);
+    let mut r = second.client();
+    wait_for("the worker among the second Redis' clients", T, || {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).ok()?;
+        (list.lines().count() >= 2).then_some(())
+    });
+    // And it let go of the first one.
+    let mut r1 = first.client();
+    wait_for("the worker gone from the first Redis", T, || {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut r1).ok()?;
+        (list.lines().count() == 1).then_some(())
+    });
+
+    // Another reloadable setting: the db is part of the server identity.
+    pg.set("redis_sync.redis_db", "3");
+    pg.wait_status("redis_server", &format!("127.0.0.1:{}/3", second.port), T);
+    pg.wait_status("state", "running", T);
+}
+
+#[test]
+fn not_loaded_without_shared_preload_libraries() {
+    let pg = Cluster::start_with(ClusterOptions { preload: false, settings: vec![] });
+    assert_eq!(pg.status("state").as_deref(), Some("not_loaded"));
+    assert_eq!(pg.status("worker_pid"), None);
+    let hint = pg.status("last_error").unwrap_or_default();
+    assert!(hint.contains("shared_preload_libraries"), "{hint}");
+    assert_eq!(
+        pg.query_text("SELECT redis_sync_wait_until_running('100ms')").as_deref(),
+        Some("false")
+    );
+    assert_eq!(pg.worker_pid(), None);
+}
+
+#[test]
+fn bad_values_are_refused_with_the_setting_and_the_accepted_form() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    let cases: &[(&str, &str, &str)] = &[
+        ("redis_sync.db_search_range", "3-1", "Accepted form"),
+        ("redis_sync.db_search_range", "0-99", "outside 0-15"),
+        ("redis_sync.db_search_range", "a,b", "Accepted form"),
+        ("redis_sync.schema", "public; drop table x", "plain identifier"),
+        ("redis_sync.stream_table", "1abc", "plain identifier"),
+        ("redis_sync.key_value_table", "", "plain identifier"),
+        ("redis_sync.consumer_group", " ", "non-empty"),
+        ("redis_sync.redis_host", "bad host", "without blanks"),
+    ];
+    for (name, value, detail) in cases {
+        let err =
+            pg.alter_system_error(name, value).unwrap_or_else(|| panic!("{name}={value} accepted"));
+        assert_eq!(err.message(), format!("invalid value for parameter \"{name}\": \"{value}\""));
+        let d = err.detail().unwrap_or_default();
+        assert!(d.contains(detail), "{name}={value}: detail {d:?}");
+    }
+    let ranged: &[(&str, &str)] = &[
+        ("redis_sync.redis_port", "0"),
+        ("redis_sync.redis_port", "70000"),
+        ("redis_sync.redis_db", "16"),
+        ("redis_sync.redis_db", "-1"),
+        ("redis_sync.backoff_base", "-5s"),
+        ("redis_sync.poll_interval", "-1ms"),
+        ("redis_sync.batch_size", "0"),
+        ("redis_sync.rate_limit", "-1"),
+    ];
+    for (name, value) in ranged {
+        let err =
+            pg.alter_system_error(name, value).unwrap_or_else(|| panic!("{name}={value} accepted"));
+        assert!(
+            err.message().contains(name) && err.message().contains("outside the valid range"),
+            "{name}={value}: {}",
+            err.message()
+        );
+    }
+    let err = pg.alter_system_error("redis_sync.mode", "bogus").expect("refused");
+    assert_eq!(err.message(), "invalid value for parameter \"redis_sync.mode\": \"bogus\"");
+    assert_eq!(err.hint(), Some("Available values: sync, monitor."));
+    let err =
+        pg.alter_system_error("redis_sync.health_check_interval", "10 parsecs").expect("refused");
+    assert!(err.message().contains("redis_sync.health_check_interval"), "{}", err.message());
+    // Good values pass.
+    for (name, value) in [
+        ("redis_sync.db_search_range", "0,2,5-7"),
+        ("redis_sync.schema", "_my_schema1"),
+        ("redis_sync.poll_interval", "250ms"),
+    ] {
+        assert!(pg.alter_system_error(name, value).is_none(), "{name}={value} refused");
+    }
+}
+
+#[test]
+fn a_bad_value_on_reload_keeps_the_last_good_one() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[("redis_sync.db_search_range", "0-3")]);
+    assert!(pg.wait_until_running());
+    pg.append_conf("redis_sync.db_search_range = '3-1'\nredis_sync.mode = 'bogus'");
+    pg.reload();
+    wait_for("the reload to log the refusal", T, || {
+        pg.log()
+            .contains("invalid value for parameter \"redis_sync.db_search_range\": \"3-1\"")
+            .then_some(())
+    });
+    assert_eq!(
+        pg.query_text("current_setting('redis_sync.db_search_range')").as_deref(),
+        Some("0-3")
+    );
+    assert_eq!(pg.query_text("current_setting('redis_sync.mode')").as_deref(), Some("sync"));
+    assert_eq!(pg.status("state").as_deref(), Some("running"));
+}
+
+#[test]
+fn the_password_is_used_but_never_shown() {
+    const SECRET: &str = "s3cret-PASS-9f8e7d";
+    let redis = Redis::start_with(&["--requirepass", SECRET]);
+    let pg = Cluster::start(&redis, &[("redis_sync.redis_password", "wrong-one-1234")]);
+    // Wrong password: a clear error, no password in it, the worker keeps trying.
+    wait_for("an authentication error", T, || {
+        pg.status("last_error").filter(|e| e.contains("authentication failed")).map(|_| ())
+    });
+    let e = pg.status("last_error").unwrap_or_default();
+    assert!(!e.contains("wrong-one-1234"), "{e}");
+    // Fixed by a reload.
+    pg.set("redis_sync.redis_password", SECRET);
+    pg.wait_status("state", "running", T);
+    // Never shown: not to a plain role, masked for superusers, not in the log or status.
+    pg.execute("CREATE ROLE plain LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_monitor");
+    for role in ["plain", "watcher"] {
+        let mut c = pg.client_as(role);
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_settings WHERE name = 'redis_sync.redis_password'",
+                &[],
+            )
+            .expect("pg_settings")
+            .get(0);
+        assert_eq!(n, 0, "{role} sees the password setting");
+    }
+    assert_eq!(
+        pg.query_text("current_setting('redis_sync.redis_password')").as_deref(),
+        Some("********")
+    );
+    let status =
+        pg.query_text("SELECT row(s.*)::text FROM redis_sync_status() s").unwrap_or_default();
+    assert!(!status.contains(SECRET), "{status}");
+    let log = pg.log();
+    let leaks: Vec<&str> =
+        log.lines().filter(|l| l.contains(SECRET) || l.contains("wrong-one-1234")).collect();
+    assert!(leaks.is_empty(), "password in the log: {leaks:#?}");
+    assert!(log.contains("authentication failed"), "the auth failure should be logged");
+}
+
+#[test]
+fn cancel_is_ignored_and_terminate_brings_the_worker_back() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    assert!(pg.wait_until_running());
+    let pid = pg.worker_pid().expect("worker pid");
+    assert_eq!(pg.query_text(&format!("SELECT pg_cancel_backend({pid})")).as_deref(), Some("true"));
+    wait_for("the cancel to be logged", T, || {
+        pg.log().contains("cancel request ignored").then_some(())
+    });
+    assert_eq!(pg.worker_pid(), Some(pid), "cancel must not end the worker");
+    assert_eq!(pg.status("state").as_deref(), Some("running"));
+
+    pg.execute(&format!("SELECT pg_terminate_backend({pid})"));
+    let new_pid =
+        wait_for("a new worker after terminate", T, || pg.worker_pid().filter(|p| *p != pid));
+    assert!(pg.wait_until_running());
+    assert_eq!(pg.status("worker_pid"), Some(new_pid.to_string()));
+}
