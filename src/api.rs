@@ -23,6 +23,7 @@ fn count(v: &std::sync::atomic::AtomicU64) -> i64 {
 }
 
 /// One row describing the worker: state, connection and counters.
+#[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
 #[pg_extern(volatile, parallel_safe)]
 fn redis_sync_status() -> TableIterator<
     'static,

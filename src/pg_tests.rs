@@ -89,14 +89,6 @@ mod tests {
         assert_eq!(seen, Some(0));
     }
 
-    #[pg_test(
-        error = "must be superuser or have privileges of pg_read_all_settings to examine \"redis_sync.redis_password\""
-    )]
-    fn password_show_is_refused_to_plain_roles() {
-        Spi::run("CREATE ROLE rps_plain2; SET ROLE rps_plain2; SHOW redis_sync.redis_password")
-            .expect("refused");
-    }
-
     #[pg_test(error = "parameter \"redis_sync.batch_size\" cannot be changed now")]
     fn reload_settings_refuse_session_set() {
         Spi::run("SET redis_sync.batch_size = 5").expect("refused");

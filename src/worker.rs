@@ -139,7 +139,7 @@ fn wait(timeout: Duration) {
 /// Where the Redis connection stands.
 enum Link {
     Down { next_attempt: Instant },
-    Up(RedisConn),
+    Up(Box<RedisConn>),
 }
 
 #[pg_guard]
@@ -306,7 +306,7 @@ impl Worker {
             Ok(conn) => {
                 let was_failing = self.backoff.failures() > 0;
                 self.backoff.reset();
-                self.link = Link::Up(conn);
+                self.link = Link::Up(Box::new(conn));
                 let msg = if was_failing {
                     format!("connected to Redis {server} again")
                 } else {
@@ -325,7 +325,7 @@ impl Worker {
         let delay = self.backoff.next_delay(self.jitter.unit());
         let failures = self.backoff.failures();
         // One log line when trouble starts, then one every max_retries tries, not one per try.
-        if failures == 1 || failures % self.settings.max_retries == 0 {
+        if failures == 1 || failures.is_multiple_of(self.settings.max_retries) {
             self.log.error(&err);
             self.log.at(
                 LogLevel::Info,

@@ -285,6 +285,35 @@ impl Cluster {
         c
     }
 
+    /// A hot standby of `primary`, made with `pg_basebackup -R` (it inherits the primary's
+    /// settings, so the extension is preloaded there too).
+    pub fn start_standby_of(primary: &Cluster) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("rps-pg-standby-").tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+        chown_to_pg(dir.path());
+        let data = dir.path().join("data");
+        let out = as_pg_user(Command::new(pg_install().bindir.join("pg_basebackup")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            &data.to_string_lossy(),
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        ]))
+        .output()
+        .expect("run pg_basebackup");
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        let mut c = Cluster { child: None, port: free_port(), dir };
+        c.launch();
+        c
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

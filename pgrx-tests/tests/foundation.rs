@@ -209,6 +209,19 @@ fn the_password_is_used_but_never_shown() {
             .expect("pg_settings")
             .get(0);
         assert_eq!(n, 0, "{role} sees the password setting");
+        // SHOW: refused to a plain role; members of pg_read_all_settings see it masked.
+        match c.query_one("SHOW redis_sync.redis_password", &[]) {
+            Err(e) => {
+                assert_eq!(role, "plain", "{role}: {e}");
+                let m = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+                assert!(m.contains("redis_sync.redis_password"), "{m}");
+                assert!(!m.contains(SECRET));
+            }
+            Ok(row) => {
+                assert_eq!(role, "watcher", "plain role could SHOW the password");
+                assert_eq!(row.get::<_, String>(0), "********");
+            }
+        }
     }
     assert_eq!(
         pg.query_text("current_setting('redis_sync.redis_password')").as_deref(),
@@ -242,4 +255,39 @@ fn cancel_is_ignored_and_terminate_brings_the_worker_back() {
         wait_for("a new worker after terminate", T, || pg.worker_pid().filter(|p| *p != pid));
     assert!(pg.wait_until_running());
     assert_eq!(pg.status("worker_pid"), Some(new_pid.to_string()));
+}
+
+#[test]
+fn idles_on_a_hot_standby_and_starts_on_promotion() {
+    let redis = Redis::start();
+    let primary = Cluster::start(&redis, &[]);
+    assert!(primary.wait_until_running());
+    let standby = Cluster::start_standby_of(&primary);
+    assert_eq!(standby.query_text("pg_is_in_recovery()").as_deref(), Some("true"));
+    standby.wait_status("state", "standby", T);
+    assert_eq!(standby.status("redis_connected").as_deref(), Some("false"));
+    // Only the primary's worker talks to Redis.
+    let mut r = redis.client();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).expect("client list");
+    assert_eq!(list.lines().count(), 2, "{list}");
+
+    standby.execute("SELECT pg_promote()");
+    standby.wait_status("state", "running", T);
+    assert_eq!(standby.status("redis_connected").as_deref(), Some("true"));
+}
+
+#[test]
+fn enabled_off_pauses_and_on_resumes() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    assert!(pg.wait_until_running());
+    pg.set("redis_sync.enabled", "off");
+    pg.wait_status("state", "paused", T);
+    assert_eq!(
+        pg.query_text("SELECT query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'")
+            .as_deref(),
+        Some("paused (redis_sync.enabled = off)")
+    );
+    pg.set("redis_sync.enabled", "on");
+    pg.wait_status("state", "running", T);
 }
