@@ -120,16 +120,7 @@ fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
         if now >= deadline {
             return false;
         }
-        let ms = (deadline - now).min(Duration::from_millis(50)).as_millis().max(1);
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                ms as _,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
+        crate::worker::wait((deadline - now).min(Duration::from_millis(50)));
         pgrx::check_for_interrupts!();
     }
 }

@@ -488,57 +488,36 @@ unsafe fn validate(newval: *mut *mut c_char, f: impl Fn(&str) -> Result<(), Stri
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_db_range(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe { validate(newval, |v| parse::parse_db_range(v).map(|_| ())) }
+/// Defines a string check hook from a validator `fn(&str) -> Result<(), String>`.
+macro_rules! check_hook {
+    ($name:ident, $validator:expr) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            unsafe { validate(newval, $validator) }
+        }
+    };
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_identifier(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe { validate(newval, parse::check_identifier) }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_not_empty(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe {
-        validate(newval, |v| {
-            if v.trim().is_empty() {
-                Err("Accepted form: a non-empty name.".into())
-            } else {
-                Ok(())
-            }
-        })
+check_hook!(check_db_range, |v: &str| parse::parse_db_range(v).map(|_| ()));
+check_hook!(check_identifier, parse::check_identifier);
+check_hook!(check_not_empty, |v: &str| {
+    if v.trim().is_empty() {
+        Err("Accepted form: a non-empty name.".into())
+    } else {
+        Ok(())
     }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn check_host(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    unsafe {
-        validate(newval, |v| {
-            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                Err("Accepted form: a host name or IP address without blanks.".into())
-            } else {
-                Ok(())
-            }
-        })
+});
+check_hook!(check_host, |v: &str| {
+    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err("Accepted form: a host name or IP address without blanks.".into())
+    } else {
+        Ok(())
     }
-}
+});
 
 #[pg_guard]
 unsafe extern "C-unwind" fn show_password() -> *const c_char {

@@ -122,8 +122,9 @@ fn report_activity(text: &str) {
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr()) };
 }
 
-/// Sleeps on the latch for at most `timeout`; returns early on any signal.
-fn wait(timeout: Duration) {
+/// Sleeps on the process latch for at most `timeout` (capped at one second); returns early on
+/// any signal, and ends the process if the postmaster dies.
+pub fn wait(timeout: Duration) {
     let ms = timeout.min(MAX_WAIT).as_millis().max(1) as std::ffi::c_long;
     unsafe {
         pg_sys::WaitLatch(

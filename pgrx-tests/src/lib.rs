@@ -173,6 +173,20 @@ fn redis_server_bin() -> String {
 // ---------------------------------------------------------------------------------------
 // Postgres
 
+/// An error with the server's message, detail and hint, for test failure output.
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{}: {} (detail: {:?}, hint: {:?})",
+            d.severity(),
+            d.message(),
+            d.detail(),
+            d.hint()
+        ),
+        None => e.to_string(),
+    }
+}
+
 struct PgInstall {
     bindir: PathBuf,
 }
@@ -386,13 +400,16 @@ impl Cluster {
     }
 
     pub fn execute(&self, sql: &str) {
-        self.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
     }
 
     /// First column of the first row, as text (NULL gives None).
     pub fn query_text(&self, sql: &str) -> Option<String> {
         let wrapped = format!("SELECT ({sql})::text");
-        let row = self.client().query_one(&wrapped, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let row = self
+            .client()
+            .query_one(&wrapped, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
         row.get(0)
     }
 

@@ -291,3 +291,53 @@ fn enabled_off_pauses_and_on_resumes() {
     pg.set("redis_sync.enabled", "on");
     pg.wait_status("state", "running", T);
 }
+
+#[test]
+fn connects_to_the_configured_database_as_the_configured_role() {
+    let redis = Redis::start();
+    let pg =
+        Cluster::start(&redis, &[("redis_sync.database", "appdb"), ("redis_sync.role", "syncer")]);
+    // Neither exists yet: the worker cannot start its session, and is restarted by the
+    // postmaster (restart time 5 s) until they do.
+    pg.execute("CREATE ROLE syncer LOGIN");
+    pg.execute("CREATE DATABASE appdb OWNER syncer");
+    let who = wait_for("the worker connected to appdb as syncer", T, || {
+        pg.query_text(
+            "SELECT datname || '/' || usename FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
+        )
+    });
+    assert_eq!(who, "appdb/syncer");
+    assert!(pg.wait_until_running());
+}
+
+#[test]
+fn status_is_readable_by_pg_monitor_and_not_by_public() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    assert!(pg.wait_until_running());
+    pg.execute("CREATE ROLE nobody LOGIN; CREATE ROLE watcher LOGIN IN ROLE pg_monitor");
+    let mut w = pg.client_as("watcher");
+    let state: String =
+        w.query_one("SELECT state FROM redis_sync_status()", &[]).expect("pg_monitor").get(0);
+    assert_eq!(state, "running");
+    let ok: bool = w
+        .query_one("SELECT redis_sync_wait_until_running('1s')", &[])
+        .expect("pg_monitor may wait")
+        .get(0);
+    assert!(ok);
+    let mut n = pg.client_as("nobody");
+    let err = n.query_one("SELECT state FROM redis_sync_status()", &[]).expect_err("PUBLIC");
+    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert_eq!(msg, "permission denied for function redis_sync_status");
+}
+
+#[test]
+fn log_level_follows_reload() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[]);
+    assert!(pg.wait_until_running());
+    assert!(!pg.log().contains("configuration reloaded"));
+    pg.set("redis_sync.log_level", "debug");
+    // The reload that sets debug is itself logged at debug.
+    wait_for("a debug line", T, || pg.log().contains("configuration reloaded").then_some(()));
+}
