@@ -10,3 +10,12 @@ COMMENT ON FUNCTION @extschema@.redis_sync_status() IS
   'One row: the redis_pg_sync worker''s state, Redis connection and counters (superuser and pg_monitor).';
 COMMENT ON FUNCTION @extschema@.redis_sync_wait_until_running(interval) IS
   'Waits up to timeout for the redis_pg_sync worker to be running and connected to Redis; true when it is.';
+
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_streams() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_streams() TO pg_monitor;
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_discover() FROM PUBLIC;
+
+COMMENT ON FUNCTION @extschema@.redis_sync_streams() IS
+  'A row per stream the redis_pg_sync worker tracks: last ID synced, counts, pending, lag, length, first/last entry, consumers, last error (superuser and pg_monitor).';
+COMMENT ON FUNCTION @extschema@.redis_sync_discover() IS
+  'Runs stream discovery in the redis_pg_sync worker now; a row per matching stream and whether it was newly added (superuser; grantable).';

@@ -124,3 +124,115 @@ fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
         pgrx::check_for_interrupts!();
     }
 }
+
+/// A row per tracked stream, with what the worker and Redis last said about it.
+#[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_streams() -> TableIterator<
+    'static,
+    (
+        name!(stream_key, String),
+        name!(redis_db, i32),
+        name!(consumer_group, String),
+        name!(state, String),
+        name!(last_id, Option<String>),
+        name!(messages_synced, i64),
+        name!(pending, i64),
+        name!(lag, Option<i64>),
+        name!(length, i64),
+        name!(first_entry_id, Option<String>),
+        name!(last_entry_id, Option<String>),
+        name!(consumers, i64),
+        name!(last_sync_time, Option<TimestampWithTimeZone>),
+        name!(last_error, Option<String>),
+    ),
+> {
+    if !shmem::preloaded() {
+        return TableIterator::new(Vec::new());
+    }
+    let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+    let rows: Vec<_> = {
+        let tbl = shmem::STREAMS.share();
+        tbl.slots
+            .iter()
+            .filter(|s| s.used)
+            .map(|s| {
+                (
+                    s.key.as_str().to_owned(),
+                    s.db as i32,
+                    s.consumer_group.as_str().to_owned(),
+                    s.state.as_str().to_owned(),
+                    opt(s.last_id.as_str()),
+                    s.messages_synced,
+                    s.pending,
+                    (s.lag >= 0).then_some(s.lag),
+                    s.length,
+                    opt(s.first_entry_id.as_str()),
+                    opt(s.last_entry_id.as_str()),
+                    s.consumers,
+                    ts(s.last_sync_time),
+                    opt(s.last_error.as_str()),
+                )
+            })
+            .collect()
+    };
+    TableIterator::new(rows)
+}
+
+/// Asks the worker to run stream discovery now and waits for it (at most 30 s): a row per
+/// stream the pass found, and whether it was new.
+#[pg_extern(volatile)]
+fn redis_sync_discover() -> TableIterator<
+    'static,
+    (name!(stream_key, String), name!(redis_db, i32), name!(newly_added, bool)),
+> {
+    let Some(status) = shmem::snapshot() else {
+        error!("redis_pg_sync is not loaded: {NOT_LOADED_HINT}");
+    };
+    if status.pid == 0 {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the redis_pg_sync worker is not running",
+            "See redis_sync_status() and the server log."
+        );
+    }
+    let (requested, gen_before) = {
+        let mut t = shmem::STREAMS.exclusive();
+        t.discovery_requested += 1;
+        (t.discovery_requested, t.discovery_gen)
+    };
+    let _ = requested;
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(status.pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let gen = loop {
+        let g = shmem::STREAMS.share().discovery_gen;
+        if g > gen_before {
+            break g;
+        }
+        if Instant::now() >= deadline {
+            ereport!(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+                "redis_sync_discover() timed out waiting for the worker",
+                "The worker may be backing off; see redis_sync_status()."
+            );
+        }
+        crate::worker::wait(Duration::from_millis(20));
+        pgrx::check_for_interrupts!();
+    };
+    let rows: Vec<_> = {
+        let tbl = shmem::STREAMS.share();
+        tbl.slots
+            .iter()
+            .filter(|s| s.used && s.found_gen == gen)
+            .map(|s| (s.key.as_str().to_owned(), s.db as i32, s.added_gen == gen))
+            .collect()
+    };
+    TableIterator::new(rows)
+}

@@ -13,9 +13,14 @@ pub enum SyncError {
     #[error("authentication failed for Redis user \"{user}\" at {server}: {detail}")]
     RedisAuth { server: String, user: String, detail: String },
 
-    /// A Redis command failed on an established connection.
+    /// A Redis command failed; `code` is Redis' error code (`NOGROUP`, `BUSYGROUP`, ...)
+    /// when the server answered with an error, `None` for I/O and protocol failures.
     #[error("Redis command {command} failed: {detail}")]
-    RedisCommand { command: &'static str, detail: String },
+    RedisCommand { command: &'static str, detail: String, code: Option<String> },
+
+    /// A statement of the worker failed in Postgres.
+    #[error("{message}")]
+    Postgres { sqlstate: PgSqlErrorCode, message: String },
 
     /// The configuration cannot be used as it stands.
     #[error("{0}")]
@@ -29,18 +34,48 @@ impl SyncError {
             SyncError::RedisAuth { .. } => PgSqlErrorCode::ERRCODE_INVALID_PASSWORD,
             SyncError::RedisCommand { .. } => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             SyncError::Config(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::Postgres { sqlstate, .. } => *sqlstate,
         }
     }
 
-    /// Is the connection still usable after this error?
+    /// Does this error mean the Redis connections must be dropped and made again? A Redis
+    /// error reply (`code` set) leaves the connection usable; Postgres errors do not touch it.
     pub fn connection_lost(&self) -> bool {
-        !matches!(self, SyncError::Config(_))
+        match self {
+            SyncError::RedisUnavailable { .. } | SyncError::RedisAuth { .. } => true,
+            SyncError::RedisCommand { code, .. } => code.is_none(),
+            SyncError::Config(_) | SyncError::Postgres { .. } => false,
+        }
+    }
+
+    /// Redis said the consumer group or the stream is missing.
+    pub fn is_nogroup(&self) -> bool {
+        matches!(self, SyncError::RedisCommand { code: Some(c), .. } if c == "NOGROUP")
+    }
+
+    /// A Postgres error caused by one row's content (a CHECK constraint, a trigger that
+    /// raises, bad data for a column): the row is isolated into the dead-letter table
+    /// instead of failing its batch.
+    pub fn is_row_level(&self) -> bool {
+        match self {
+            SyncError::Postgres { sqlstate, .. } => {
+                let code = sqlstate_text(*sqlstate);
+                ["22", "23", "P0", "2F", "38", "39"].iter().any(|class| code.starts_with(class))
+            }
+            _ => false,
+        }
     }
 
     /// Reports the error at `level` with its SQLSTATE (WARNING or lower: never aborts).
     pub fn report(&self, level: PgLogLevel) {
         ErrorReport::new(self.sqlstate(), self.to_string(), "redis_pg_sync").report(level);
     }
+}
+
+/// The five-character SQLSTATE of a code.
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let c = code as i32;
+    (0..5).map(|i| (((c >> (6 * i)) & 0x3f) as u8 + b'0') as char).collect()
 }
 
 pub type Result<T, E = SyncError> = std::result::Result<T, E>;
@@ -76,5 +111,17 @@ mod tests {
         let m = e.to_string();
         assert!(m.starts_with("authentication failed for Redis user \"app\""), "{m}");
         assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_INVALID_PASSWORD);
+    }
+
+    #[test]
+    fn row_level_classes() {
+        let pg = |sqlstate| SyncError::Postgres { sqlstate, message: String::new() };
+        assert_eq!(sqlstate_text(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION), "23514");
+        assert!(pg(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION).is_row_level());
+        assert!(pg(PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION).is_row_level());
+        assert!(pg(PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION).is_row_level());
+        assert!(!pg(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE).is_row_level());
+        assert!(!pg(PgSqlErrorCode::ERRCODE_QUERY_CANCELED).is_row_level());
+        assert!(!pg(PgSqlErrorCode::ERRCODE_DISK_FULL).is_row_level());
     }
 }

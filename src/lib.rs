@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 
 pub mod api;
 pub mod backoff;
+pub mod encode;
 pub mod error;
 pub mod gucs;
 pub mod parse;
@@ -13,6 +14,8 @@ pub mod ratelimit;
 pub mod redact;
 pub mod redis;
 pub mod shmem;
+pub mod sink;
+pub mod streams;
 pub mod worker;
 
 pgrx::pg_module_magic!();

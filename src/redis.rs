@@ -1,88 +1,569 @@
-//! The Redis side: one connection with timeouts, built from the settings, health-checked.
+//! The Redis side: connections with timeouts (one per logical database in use), health
+//! checks, the token bucket over round trips, and the stream commands the worker needs.
 //!
-//! Nothing in this module calls Postgres, so it could run on an I/O thread; the counters it
-//! bumps are shared-memory atomics.
+//! Nothing in this module calls Postgres except through the `sleep` callback given to
+//! [`Redis::new`] (the worker passes its latch wait); the counters it bumps are atomics.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
 
 use crate::error::{classify_connect, Result, SyncError};
 use crate::gucs::RedisSettings;
+use crate::ratelimit::TokenBucket;
 use crate::shmem;
 
 /// Longest wait for a TCP connect and the AUTH/SELECT handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait for any reply. Blocking reads (XREADGROUP BLOCK) stay well below it, so a
-/// Redis that stops answering (SIGSTOP, a dead link) is noticed instead of hanging the worker.
+/// Longest wait for any reply beyond a command's own BLOCK time, so a Redis that stops
+/// answering (SIGSTOP, a dead link) is noticed instead of hanging the worker.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One stream entry as read: its ID and its fields, or `None` when the entry was deleted
+/// while it sat in the pending list (Redis then returns no fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawEntry {
+    pub id: String,
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl RawEntry {
+    /// Rough size in bytes, for memory accounting.
+    pub fn size(&self) -> usize {
+        self.id.len()
+            + self
+                .fields
+                .as_ref()
+                .map_or(0, |f| f.iter().map(|(n, v)| n.len() + v.len() + 16).sum())
+    }
+}
+
+/// What XINFO says about one stream and our group.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamInfo {
+    pub length: i64,
+    pub first_entry_id: Option<String>,
+    pub last_entry_id: Option<String>,
+    pub pending: i64,
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell.
+    pub lag: Option<i64>,
+    pub consumers: i64,
+    pub group_exists: bool,
+}
 
 pub struct RedisConn {
     conn: ::redis::Connection,
-    settings: RedisSettings,
     last_check: Instant,
+    read_timeout: Duration,
+}
+
+fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
+    SyncError::RedisCommand { command, detail: e.to_string(), code: e.code().map(str::to_owned) }
 }
 
 impl RedisConn {
-    pub fn connect(settings: &RedisSettings) -> Result<RedisConn> {
-        let server = settings.server();
+    fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+        let server = format!("{}:{}/{}", settings.host, settings.port, db);
         if settings.tls {
             return Err(SyncError::Config(
                 "redis_sync.redis_tls = on is not supported by this version yet; set it to off"
                     .into(),
             ));
         }
-        let mut redis = RedisConnectionInfo::default().set_db(settings.db as i64);
+        let mut redis = RedisConnectionInfo::default().set_db(db as i64);
         if !settings.username.is_empty() {
             redis = redis.set_username(&settings.username);
         }
         if !settings.password.is_empty() {
             redis = redis.set_password(&settings.password);
         }
+        let fail = |e: ::redis::RedisError| classify_connect(&e, &server, &settings.username);
         let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
             .into_connection_info()
-            .map_err(|e| classify_connect(&e, &server, &settings.username))?
+            .map_err(fail)?
             .set_redis_settings(redis);
         shmem::bump(|c| &c.redis_ops, 1);
-        let client = ::redis::Client::open(info)
-            .map_err(|e| classify_connect(&e, &server, &settings.username))?;
-        let conn = client
+        let conn = ::redis::Client::open(info)
+            .map_err(fail)?
             .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .map_err(|e| classify_connect(&e, &server, &settings.username))?;
+            .map_err(fail)?;
         conn.set_read_timeout(Some(IO_TIMEOUT))
             .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
-            .map_err(|e| classify_connect(&e, &server, &settings.username))?;
-        let mut c = RedisConn { conn, settings: settings.clone(), last_check: Instant::now() };
+            .map_err(fail)?;
+        let mut c = RedisConn { conn, last_check: Instant::now(), read_timeout: IO_TIMEOUT };
         // Prove the connection before calling it up.
         c.ping().map_err(|e| SyncError::RedisUnavailable { server, detail: e.to_string() })?;
         Ok(c)
+    }
+
+    fn ping(&mut self) -> Result<()> {
+        shmem::bump(|c| &c.redis_ops, 1);
+        let reply: ::redis::RedisResult<String> = ::redis::cmd("PING").query(&mut self.conn);
+        self.last_check = Instant::now();
+        reply.map(|_| ()).map_err(|e| command_error("PING", &e))
+    }
+
+    fn set_block(&mut self, block: Option<Duration>) -> Result<()> {
+        let want = IO_TIMEOUT + block.unwrap_or_default();
+        if want != self.read_timeout {
+            self.conn.set_read_timeout(Some(want)).map_err(|e| command_error("SET TIMEOUT", &e))?;
+            self.read_timeout = want;
+        }
+        Ok(())
+    }
+}
+
+/// All connections to one Redis server, keyed by logical database, plus the rate limit.
+pub struct Redis {
+    settings: RedisSettings,
+    conns: BTreeMap<u8, RedisConn>,
+    bucket: TokenBucket,
+    sleep: fn(Duration),
+}
+
+impl Redis {
+    /// Connects to the default database of `settings`.
+    pub fn connect(
+        settings: &RedisSettings,
+        rate_limit: u32,
+        sleep: fn(Duration),
+    ) -> Result<Redis> {
+        let main = RedisConn::connect(settings, settings.db)?;
+        let mut conns = BTreeMap::new();
+        conns.insert(settings.db, main);
+        Ok(Redis {
+            settings: settings.clone(),
+            conns,
+            bucket: TokenBucket::new(rate_limit, Instant::now()),
+            sleep,
+        })
     }
 
     pub fn settings(&self) -> &RedisSettings {
         &self.settings
     }
 
-    pub fn ping(&mut self) -> Result<()> {
-        shmem::bump(|c| &c.redis_ops, 1);
-        let reply: ::redis::RedisResult<String> = ::redis::cmd("PING").query(&mut self.conn);
-        self.last_check = Instant::now();
-        match reply {
-            Ok(_) => Ok(()),
-            Err(e) => Err(SyncError::RedisCommand { command: "PING", detail: e.to_string() }),
+    pub fn set_rate_limit(&mut self, rate: u32) {
+        if rate != self.bucket.rate() {
+            self.bucket.set_rate(rate, Instant::now());
         }
     }
 
-    /// PINGs when `interval` has passed since the last successful exchange.
-    pub fn check_health(&mut self, interval: Duration) -> Result<()> {
-        if self.last_check.elapsed() >= interval {
-            self.ping()
-        } else {
-            Ok(())
+    /// Waits for a token of the rate limit; one token per round trip.
+    fn throttle(&mut self) {
+        while let Err(wait) = self.bucket.try_take(Instant::now()) {
+            (self.sleep)(wait);
         }
+        shmem::bump(|c| &c.redis_ops, 1);
+    }
+
+    fn conn(&mut self, db: u8) -> Result<&mut RedisConn> {
+        if !self.conns.contains_key(&db) {
+            let c = RedisConn::connect(&self.settings, db)?;
+            self.conns.insert(db, c);
+        }
+        self.conns.get_mut(&db).ok_or_else(|| SyncError::Config("no connection".into()))
+    }
+
+    /// PINGs every connection whose last exchange is older than `interval`.
+    pub fn check_health(&mut self, interval: Duration) -> Result<()> {
+        for c in self.conns.values_mut() {
+            if c.last_check.elapsed() >= interval {
+                c.ping()?;
+            }
+        }
+        Ok(())
     }
 
     /// When the next health check is due.
     pub fn next_check(&self, interval: Duration) -> Instant {
-        self.last_check + interval
+        self.conns.values().map(|c| c.last_check + interval).min().unwrap_or_else(Instant::now)
+    }
+
+    fn query(&mut self, db: u8, name: &'static str, cmd: &::redis::Cmd) -> Result<Value> {
+        self.throttle();
+        let c = self.conn(db)?;
+        let reply = cmd.query::<Value>(&mut c.conn);
+        c.last_check = Instant::now();
+        reply.map_err(|e| command_error(name, &e))
+    }
+
+    /// `SCAN ... MATCH glob TYPE stream COUNT n` over the whole keyspace of `db`.
+    pub fn scan_streams(&mut self, db: u8, glob: &[u8], count: u32) -> Result<Vec<Vec<u8>>> {
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let mut cmd = ::redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(glob)
+                .arg("COUNT")
+                .arg(count)
+                .arg("TYPE")
+                .arg("stream");
+            let reply = self.query(db, "SCAN", &cmd)?;
+            let (next, batch) = parse_scan(reply)
+                .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// Creates `group` on `key` reading from the start. `Ok(true)` when created, `Ok(false)`
+    /// when it already existed; an error (code `NOKEY`-like) when the stream does not exist
+    /// and `mkstream` is off.
+    pub fn create_group(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        mkstream: bool,
+    ) -> Result<bool> {
+        let mut cmd = ::redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(key).arg(group).arg("0");
+        if mkstream {
+            cmd.arg("MKSTREAM");
+        }
+        match self.query(db, "XGROUP CREATE", &cmd) {
+            Ok(_) => Ok(true),
+            Err(SyncError::RedisCommand { code: Some(code), .. }) if code == "BUSYGROUP" => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One `XREADGROUP` over several streams of one database. `streams` pairs each key with
+    /// the ID to read after (`0` for our own pending entries, `>` for new ones).
+    pub fn read_group(
+        &mut self,
+        db: u8,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        block: Option<Duration>,
+        streams: &[(&[u8], &str)],
+    ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for (k, _) in streams {
+            cmd.arg(*k);
+        }
+        for (_, id) in streams {
+            cmd.arg(*id);
+        }
+        self.throttle();
+        let c = self.conn(db)?;
+        c.set_block(block)?;
+        let reply = cmd.query::<Value>(&mut c.conn);
+        c.last_check = Instant::now();
+        let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
+        parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+    }
+
+    /// Acknowledges entries, one `XACK` per stream, all in one pipelined round trip.
+    pub fn ack(&mut self, db: u8, group: &str, acks: &[(&[u8], Vec<&str>)]) -> Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (key, ids) in acks {
+            pipe.cmd("XACK").arg(*key).arg(group).arg(ids.as_slice()).ignore();
+        }
+        self.throttle();
+        let c = self.conn(db)?;
+        let reply = pipe.query::<()>(&mut c.conn);
+        c.last_check = Instant::now();
+        reply.map_err(|e| command_error("XACK", &e))
+    }
+
+    /// Claims entries of other consumers idle longer than `min_idle` into our pending list
+    /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed.
+    pub fn claim_idle(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: u32,
+    ) -> Result<usize> {
+        let mut start = "0-0".to_owned();
+        let mut claimed = 0;
+        // Bounded: at most 10 pages per call; the next pass goes on.
+        for _ in 0..10 {
+            let mut cmd = ::redis::cmd("XAUTOCLAIM");
+            cmd.arg(key).arg(group).arg(consumer).arg(min_idle.as_millis() as u64);
+            cmd.arg(&start).arg("COUNT").arg(count).arg("JUSTID");
+            let reply = self.query(db, "XAUTOCLAIM", &cmd)?;
+            let Value::Array(parts) = reply else {
+                return Err(SyncError::protocol("XAUTOCLAIM", "unexpected reply shape"));
+            };
+            let next = parts.first().and_then(as_string).unwrap_or_else(|| "0-0".into());
+            claimed += match parts.get(1) {
+                Some(Value::Array(ids)) => ids.len(),
+                _ => 0,
+            };
+            if next == "0-0" {
+                break;
+            }
+            start = next;
+        }
+        Ok(claimed)
+    }
+
+    /// XINFO STREAM and XINFO GROUPS for each key, pipelined in one round trip.
+    pub fn stream_info(
+        &mut self,
+        db: u8,
+        group: &str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<StreamInfo>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for k in keys {
+            pipe.cmd("XINFO").arg("STREAM").arg(*k);
+            pipe.cmd("XINFO").arg("GROUPS").arg(*k);
+        }
+        self.throttle();
+        let c = self.conn(db)?;
+        let reply = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut c.conn);
+        c.last_check = Instant::now();
+        let reply = reply.map_err(|e| command_error("XINFO", &e))?;
+        Ok(reply
+            .chunks(2)
+            .map(|pair| match pair {
+                [Ok(stream), Ok(groups)] => Some(parse_info(stream, groups, group)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+impl SyncError {
+    fn protocol(command: &'static str, detail: &str) -> SyncError {
+        SyncError::RedisCommand { command, detail: detail.to_owned(), code: None }
+    }
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn parse_scan(reply: Value) -> Option<(u64, Vec<Vec<u8>>)> {
+    let Value::Array(mut parts) = reply else { return None };
+    if parts.len() != 2 {
+        return None;
+    }
+    let keys = match parts.pop()? {
+        Value::Array(keys) => keys
+            .into_iter()
+            .filter_map(|k| match k {
+                Value::BulkString(b) => Some(b),
+                _ => None,
+            })
+            .collect(),
+        _ => return None,
+    };
+    let cursor = as_string(&parts[0])?.parse().ok()?;
+    Some((cursor, keys))
+}
+
+/// Parses an XREADGROUP reply (RESP2 array or RESP3 map; nil when nothing came).
+pub fn parse_read(reply: Value) -> Option<Vec<(Vec<u8>, Vec<RawEntry>)>> {
+    let pairs: Vec<(Value, Value)> = match reply {
+        Value::Nil => return Some(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Array(mut kv) if kv.len() == 2 => {
+                    let entries = kv.pop()?;
+                    let key = kv.pop()?;
+                    Some((key, entries))
+                }
+                _ => None,
+            })
+            .collect::<Option<_>>()?,
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    pairs
+        .into_iter()
+        .map(|(key, entries)| {
+            let Value::BulkString(key) = key else { return None };
+            let Value::Array(entries) = entries else { return None };
+            let entries = entries.into_iter().map(parse_entry).collect::<Option<Vec<_>>>()?;
+            Some((key, entries))
+        })
+        .collect()
+}
+
+fn parse_entry(v: Value) -> Option<RawEntry> {
+    let Value::Array(mut parts) = v else { return None };
+    if parts.len() != 2 {
+        return None;
+    }
+    let fields = parts.pop()?;
+    let id = as_string(&parts[0])?;
+    let fields = match fields {
+        Value::Nil => None,
+        Value::Array(flat) => {
+            let mut out = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(n), Some(v)) = (it.next(), it.next()) {
+                match (n, v) {
+                    (Value::BulkString(n), Value::BulkString(v)) => out.push((n, v)),
+                    _ => return None,
+                }
+            }
+            Some(out)
+        }
+        Value::Map(pairs) => Some(
+            pairs
+                .into_iter()
+                .map(|(n, v)| match (n, v) {
+                    (Value::BulkString(n), Value::BulkString(v)) => Some((n, v)),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?,
+        ),
+        _ => return None,
+    };
+    Some(RawEntry { id, fields })
+}
+
+/// Field/value pairs of an XINFO reply (flat array in RESP2, map in RESP3).
+fn info_pairs(v: &Value) -> Vec<(String, &Value)> {
+    match v {
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|p| match p {
+                [k, v] => as_string(k).map(|k| (k, v)),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => {
+            pairs.iter().filter_map(|(k, v)| as_string(k).map(|k| (k, v))).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn entry_id_of(v: &Value) -> Option<String> {
+    match v {
+        Value::Array(parts) => parts.first().and_then(as_string),
+        _ => None,
+    }
+}
+
+fn parse_info(stream: &Value, groups: &Value, group: &str) -> StreamInfo {
+    let mut info = StreamInfo::default();
+    for (k, v) in info_pairs(stream) {
+        match k.as_str() {
+            "length" => info.length = as_int(v).unwrap_or(0),
+            "first-entry" => info.first_entry_id = entry_id_of(v),
+            "last-entry" => info.last_entry_id = entry_id_of(v),
+            _ => {}
+        }
+    }
+    if let Value::Array(groups) = groups {
+        for g in groups {
+            let pairs = info_pairs(g);
+            let name = pairs.iter().find(|(k, _)| k == "name").and_then(|(_, v)| as_string(v));
+            if name.as_deref() != Some(group) {
+                continue;
+            }
+            info.group_exists = true;
+            for (k, v) in &pairs {
+                match k.as_str() {
+                    "pending" => info.pending = as_int(v).unwrap_or(0),
+                    "consumers" => info.consumers = as_int(v).unwrap_or(0),
+                    "lag" => info.lag = as_int(v),
+                    _ => {}
+                }
+            }
+        }
+    }
+    info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn read_reply_with_deleted_entry() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"s1"),
+            Value::Array(vec![
+                Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"a"), bulk(b"\xff")])]),
+                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let got = parse_read(reply).expect("parsed");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, b"s1");
+        assert_eq!(got[0].1[0].fields, Some(vec![(b"a".to_vec(), b"\xff".to_vec())]));
+        assert_eq!(got[0].1[1], RawEntry { id: "2-0".into(), fields: None });
+        assert_eq!(parse_read(Value::Nil), Some(vec![]));
+        assert_eq!(parse_read(Value::Int(3)), None);
+    }
+
+    #[test]
+    fn info_reply() {
+        let stream = Value::Array(vec![
+            bulk(b"length"),
+            Value::Int(3),
+            bulk(b"first-entry"),
+            Value::Array(vec![bulk(b"1-0"), Value::Array(vec![])]),
+            bulk(b"last-entry"),
+            Value::Array(vec![bulk(b"3-0"), Value::Array(vec![])]),
+        ]);
+        let groups = Value::Array(vec![Value::Array(vec![
+            bulk(b"name"),
+            bulk(b"g"),
+            bulk(b"consumers"),
+            Value::Int(2),
+            bulk(b"pending"),
+            Value::Int(1),
+            bulk(b"lag"),
+            Value::Int(0),
+        ])]);
+        let i = parse_info(&stream, &groups, "g");
+        assert_eq!(i.length, 3);
+        assert_eq!(i.first_entry_id.as_deref(), Some("1-0"));
+        assert_eq!(i.last_entry_id.as_deref(), Some("3-0"));
+        assert_eq!((i.pending, i.consumers, i.lag, i.group_exists), (1, 2, Some(0), true));
+        assert!(!parse_info(&stream, &groups, "other").group_exists);
     }
 }

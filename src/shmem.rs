@@ -130,6 +130,7 @@ pub static COUNTERS: PgAtomic<Counters> = unsafe { PgAtomic::new(c"redis_pg_sync
 pub fn init() {
     pg_shmem_init!(STATUS);
     pg_shmem_init!(COUNTERS);
+    pg_shmem_init!(STREAMS);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -180,5 +181,112 @@ mod tests {
         assert_eq!(f.as_str(), "abcd");
         f.set("xy");
         assert_eq!(f.as_str(), "xy");
+    }
+}
+
+/// How many streams `redis_sync_streams()` can describe. The worker tracks more if there
+/// are more; the rest are counted in `streams_tracked` but not listed.
+pub const MAX_STREAM_SLOTS: usize = 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum StreamState {
+    Active,
+    /// The consumer group is missing and `auto_create_consumer_groups` is off.
+    NoGroup,
+    Error,
+}
+
+impl StreamState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamState::Active => "active",
+            StreamState::NoGroup => "waiting_for_group",
+            StreamState::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct StreamSlot {
+    pub used: bool,
+    pub key: FixedStr<256>,
+    pub db: u8,
+    pub state: StreamState,
+    pub consumer_group: FixedStr<128>,
+    pub last_id: FixedStr<48>,
+    pub messages_synced: i64,
+    pub pending: i64,
+    /// -1 = unknown
+    pub lag: i64,
+    pub length: i64,
+    pub first_entry_id: FixedStr<48>,
+    pub last_entry_id: FixedStr<48>,
+    pub consumers: i64,
+    pub last_sync_time: i64,
+    pub last_error: FixedStr<256>,
+    /// Set by the discovery pass numbered `found_gen` / that first found it (`added_gen`).
+    pub found_gen: u64,
+    pub added_gen: u64,
+}
+
+impl StreamSlot {
+    pub const EMPTY: StreamSlot = StreamSlot {
+        used: false,
+        key: FixedStr::empty(),
+        db: 0,
+        state: StreamState::Active,
+        consumer_group: FixedStr::empty(),
+        last_id: FixedStr::empty(),
+        messages_synced: 0,
+        pending: 0,
+        lag: -1,
+        length: 0,
+        first_entry_id: FixedStr::empty(),
+        last_entry_id: FixedStr::empty(),
+        consumers: 0,
+        last_sync_time: 0,
+        last_error: FixedStr::empty(),
+        found_gen: 0,
+        added_gen: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+pub struct StreamTable {
+    pub slots: [StreamSlot; MAX_STREAM_SLOTS],
+    /// Discovery passes finished; a `redis_sync_discover()` call waits for it to move.
+    pub discovery_gen: u64,
+    /// Discovery passes requested by `redis_sync_discover()`.
+    pub discovery_requested: u64,
+}
+
+impl Default for StreamTable {
+    fn default() -> Self {
+        StreamTable {
+            slots: [StreamSlot::EMPTY; MAX_STREAM_SLOTS],
+            discovery_gen: 0,
+            discovery_requested: 0,
+        }
+    }
+}
+
+unsafe impl PGRXSharedMemory for StreamTable {}
+
+pub static STREAMS: PgLwLock<StreamTable> = unsafe { PgLwLock::new(c"redis_pg_sync_streams") };
+
+/// Runs `f` on the stream table under the exclusive lock (main thread only).
+pub fn update_streams(f: impl FnOnce(&mut StreamTable)) {
+    if preloaded() {
+        f(&mut STREAMS.exclusive());
+    }
+}
+
+/// How many discovery passes `redis_sync_discover()` has asked for.
+pub fn discovery_requests() -> u64 {
+    if preloaded() {
+        STREAMS.share().discovery_requested
+    } else {
+        0
     }
 }

@@ -18,8 +18,10 @@ use pgrx::PgLogLevel;
 use crate::backoff::{Backoff, Jitter};
 use crate::error::SyncError;
 use crate::gucs::{LogLevel, Mode, Settings};
-use crate::redis::RedisConn;
+use crate::redis::Redis;
 use crate::shmem::{self, WorkerState};
+use crate::sink::Sink;
+use crate::streams::StreamSync;
 
 /// How long the postmaster waits before starting the worker again after it exited.
 pub const RESTART_TIME: Duration = Duration::from_secs(5);
@@ -125,6 +127,9 @@ fn report_activity(text: &str) {
 /// Sleeps on the process latch for at most `timeout` (capped at one second); returns early on
 /// any signal, and ends the process if the postmaster dies.
 pub fn wait(timeout: Duration) {
+    if timeout.is_zero() {
+        return;
+    }
     let ms = timeout.min(MAX_WAIT).as_millis().max(1) as std::ffi::c_long;
     unsafe {
         pg_sys::WaitLatch(
@@ -137,10 +142,16 @@ pub fn wait(timeout: Duration) {
     }
 }
 
+/// The rate limiter's wait: a latch wait that still honours a terminate request.
+fn throttle_sleep(d: Duration) {
+    wait(d);
+    pgrx::check_for_interrupts!();
+}
+
 /// Where the Redis connection stands.
 enum Link {
     Down { next_attempt: Instant },
-    Up(Box<RedisConn>),
+    Up(Box<Redis>),
 }
 
 #[pg_guard]
@@ -184,6 +195,13 @@ struct Worker {
     link: Link,
     backoff: Backoff,
     jitter: Jitter,
+    streams: StreamSync,
+    sink: Sink,
+    /// `redis_sync_discover()` requests handled so far.
+    discover_handled: u64,
+    /// After a failure that left Redis connected (a Postgres error), no new round before this.
+    hold_until: Instant,
+    loop_cxt: pg_sys::MemoryContext,
 }
 
 impl Worker {
@@ -196,11 +214,29 @@ impl Worker {
             link: Link::Down { next_attempt: Instant::now() },
             backoff,
             jitter: Jitter::new(seed),
+            streams: StreamSync::new(),
+            sink: Sink::default(),
+            hold_until: Instant::now(),
+            discover_handled: shmem::discovery_requests(),
+            loop_cxt: unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"redis_pg_sync loop".as_ptr(),
+                    0,
+                    8 * 1024,
+                    8 * 1024 * 1024,
+                )
+            },
         }
     }
 
     fn run(&mut self) -> ! {
         loop {
+            // Anything palloc'd outside a transaction lives for one pass only.
+            unsafe {
+                pg_sys::MemoryContextSwitchTo(self.loop_cxt);
+                pg_sys::MemoryContextReset(self.loop_cxt);
+            }
             pgrx::check_for_interrupts!();
             if unsafe { pg_sys::ConfigReloadPending } != 0 {
                 unsafe {
@@ -240,6 +276,7 @@ impl Worker {
             );
             self.link = Link::Down { next_attempt: Instant::now() };
             self.backoff.reset();
+            self.streams.clear();
             let server = new.redis.server();
             shmem::update(|s| {
                 s.redis_connected = false;
@@ -248,7 +285,19 @@ impl Worker {
         }
         let mode = new.mode;
         shmem::update(|s| s.mode = mode);
+        if let Link::Up(redis) = &mut self.link {
+            redis.set_rate_limit(new.rate_limit);
+        }
+        // New patterns, ranges or streams: look again now.
+        let rediscover = new.streams != self.settings.streams
+            || new.stream_discovery_patterns != self.settings.stream_discovery_patterns
+            || new.db_search_range != self.settings.db_search_range
+            || new.stream_auto_discovery != self.settings.stream_auto_discovery
+            || new.consumer_group != self.settings.consumer_group;
         self.settings = new;
+        if rediscover {
+            self.streams.clear();
+        }
         self.log.at(LogLevel::Debug, "configuration reloaded");
     }
 
@@ -273,24 +322,56 @@ impl Worker {
                 }
                 self.connect()
             }
-            Link::Up(conn) => {
+            Link::Up(redis) => {
                 let interval = self.settings.health_check_interval;
-                match conn.check_health(interval) {
-                    Ok(()) => {
-                        let next = conn.next_check(interval);
+                if let Err(err) = redis.check_health(interval) {
+                    let err = SyncError::RedisUnavailable {
+                        server: self.settings.redis.server(),
+                        detail: err.to_string(),
+                    };
+                    return self.fail(err);
+                }
+                let next_check = redis.next_check(interval);
+                if now < self.hold_until {
+                    return self.hold_until - now;
+                }
+                if self.settings.mode == Mode::Monitor {
+                    self.publish_running();
+                    return next_check.saturating_duration_since(Instant::now());
+                }
+                match self.sync_streams() {
+                    Ok(wait) => {
+                        if self.backoff.failures() > 0 {
+                            self.log.at(LogLevel::Info, "syncing again after errors");
+                            self.backoff.reset();
+                        }
                         self.publish_running();
-                        next.saturating_duration_since(Instant::now())
+                        wait.min(next_check.saturating_duration_since(Instant::now()))
                     }
-                    Err(err) => {
-                        let err = SyncError::RedisUnavailable {
-                            server: self.settings.redis.server(),
-                            detail: err.to_string(),
-                        };
-                        self.fail(err)
-                    }
+                    Err(err) => self.fail(err),
                 }
             }
         }
+    }
+
+    /// Discovery when due (or asked for), then one read-write-ack round. Returns how long
+    /// the loop may wait before the next round.
+    fn sync_streams(&mut self) -> Result<Duration, SyncError> {
+        let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
+        let requested = shmem::discovery_requests();
+        if self.streams.discovery_due() || requested != self.discover_handled {
+            let log = &self.log;
+            self.streams.discover(redis, &self.settings, &|m| log.at(LogLevel::Info, m))?;
+            self.discover_handled = requested;
+        }
+        if self.streams.tracked() == 0 {
+            return Ok(self.streams.idle_wait());
+        }
+        let log = &self.log;
+        self.streams
+            .step(redis, &mut self.sink, &self.settings, &|m| log.at(LogLevel::Warning, m))?;
+        // XREADGROUP already blocked for up to poll_interval when there was nothing to read.
+        Ok(Duration::ZERO)
     }
 
     fn is_up(&self) -> bool {
@@ -303,11 +384,13 @@ impl Worker {
         if self.backoff.failures() > 0 {
             shmem::bump(|c| &c.retries, 1);
         }
-        match RedisConn::connect(&self.settings.redis) {
+        match Redis::connect(&self.settings.redis, self.settings.rate_limit, throttle_sleep) {
             Ok(conn) => {
                 let was_failing = self.backoff.failures() > 0;
                 self.backoff.reset();
                 self.link = Link::Up(Box::new(conn));
+                // Our own pending entries first, every time we (re)connect.
+                self.streams.restart_from_pending();
                 let msg = if was_failing {
                     format!("connected to Redis {server} again")
                 } else {
@@ -336,11 +419,14 @@ impl Worker {
         shmem::record_error(&err.to_string());
         if err.connection_lost() {
             self.link = Link::Down { next_attempt: Instant::now() + delay };
+        } else {
+            self.hold_until = Instant::now() + delay;
         }
+        let connected = self.is_up();
         self.enter(
             WorkerState::BackingOff,
             &format!("backing off {} ms: {err}", delay.as_millis()),
-            false,
+            connected,
         );
         delay
     }

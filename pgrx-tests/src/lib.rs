@@ -413,6 +413,42 @@ impl Cluster {
         row.get(0)
     }
 
+    /// Like `query_text`, but `None` when the query fails (e.g. while the server restarts).
+    pub fn try_query_text(&self, sql: &str) -> Option<String> {
+        let mut c = postgres::Client::connect(
+            &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port),
+            postgres::NoTls,
+        )
+        .ok()?;
+        c.query_one(&format!("SELECT ({sql})::text"), &[]).ok()?.get(0)
+    }
+
+    /// A number from a query (`count(*)` and the like); panics when it is not one.
+    pub fn number(&self, sql: &str) -> i64 {
+        let t = self.query_text(sql);
+        t.as_deref().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{sql}: {t:?}"))
+    }
+
+    /// Waits until `sql` gives the number `want`; shows the last value on timeout.
+    pub fn wait_number(&self, sql: &str, want: i64, timeout: Duration) {
+        let mut last = None;
+        let deadline = Instant::now() + timeout;
+        loop {
+            last = self.try_query_text(sql).or(last);
+            if last.as_deref() == Some(want.to_string().as_str()) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?}: {sql} is {last:?}, want {want}\nstatus: {:?}\nlog tail:\n{}",
+                    self.try_query_text("SELECT row(s.*)::text FROM redis_sync_status() s"),
+                    self.log().lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// One column of `redis_sync_status()`, as text.
     pub fn status(&self, column: &str) -> Option<String> {
         self.query_text(&format!("SELECT {column} FROM redis_sync_status()"))

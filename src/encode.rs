@@ -1,0 +1,236 @@
+//! Lossless encoding of Redis bytes into Postgres text and JSON, and back.
+//!
+//! Redis keys, field names and values are byte strings; Postgres `text` and `jsonb` hold
+//! UTF-8 without NUL. The rules (documented in the README):
+//!
+//! * **Names** (stream keys, field names): valid UTF-8 without NUL is stored as it is, except
+//!   that a name starting with `$` gets one more `$` in front. Anything else is stored as
+//!   `$b64:` followed by the standard base64 of the bytes. So a stored name starting with
+//!   `$b64:` is always an encoded one, and `$$x` is always the name `$x`.
+//! * **Values** in `data`: valid UTF-8 without NUL is a JSON string; anything else is the
+//!   JSON object `{"$b64": "<base64>"}`. A plain value is never an object, so this cannot be
+//!   mistaken for data.
+//! * A field name that occurs more than once in one entry (Redis allows it) becomes one key
+//!   whose value is a JSON array of the values in order.
+//!
+//! Everything here is pure and round-trip tested.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+pub const B64_NAME_PREFIX: &str = "$b64:";
+pub const B64_VALUE_KEY: &str = "$b64";
+
+fn plain(bytes: &[u8]) -> Option<&str> {
+    if bytes.contains(&0) {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()
+}
+
+/// Encodes a stream key or field name as text.
+pub fn encode_name(bytes: &[u8]) -> String {
+    match plain(bytes) {
+        Some(s) if s.starts_with('$') => format!("${s}"),
+        Some(s) => s.to_owned(),
+        None => format!("{B64_NAME_PREFIX}{}", STANDARD.encode(bytes)),
+    }
+}
+
+/// Inverse of [`encode_name`]; `None` for text that no name encodes to.
+pub fn decode_name(text: &str) -> Option<Vec<u8>> {
+    if let Some(b64) = text.strip_prefix(B64_NAME_PREFIX) {
+        STANDARD.decode(b64).ok()
+    } else if let Some(rest) = text.strip_prefix("$$") {
+        Some(format!("${rest}").into_bytes())
+    } else if text.starts_with('$') {
+        None
+    } else {
+        Some(text.as_bytes().to_vec())
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: Option<&str> = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        match esc {
+            Some(e) => out.push_str(e),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(HEX[(b >> 4) as usize] as char);
+                out.push(HEX[(b & 0xf) as usize] as char);
+            }
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn push_json_value(out: &mut String, bytes: &[u8]) {
+    match plain(bytes) {
+        Some(s) => push_json_str(out, s),
+        None => {
+            out.push_str("{\"");
+            out.push_str(B64_VALUE_KEY);
+            out.push_str("\":\"");
+            out.push_str(&STANDARD.encode(bytes));
+            out.push_str("\"}");
+        }
+    }
+}
+
+/// The `data` JSON object of one stream entry, as text ready for a `::jsonb` cast.
+pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
+    let mut out = String::with_capacity(
+        2 + fields.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 6).sum::<usize>(),
+    );
+    out.push('{');
+    let mut first = true;
+    for (i, (name, value)) in fields.iter().enumerate() {
+        let name = name.as_ref();
+        // Later occurrences of a repeated name were already written with the first one.
+        if fields[..i].iter().any(|(n, _)| n.as_ref() == name) {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        push_json_str(&mut out, &encode_name(name));
+        out.push(':');
+        let repeats = fields[i + 1..].iter().any(|(n, _)| n.as_ref() == name);
+        if repeats {
+            out.push('[');
+            let mut sep = false;
+            for (n, v) in &fields[i..] {
+                if n.as_ref() == name {
+                    if sep {
+                        out.push(',');
+                    }
+                    sep = true;
+                    push_json_value(&mut out, v.as_ref());
+                }
+            }
+            out.push(']');
+        } else {
+            push_json_value(&mut out, value.as_ref());
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// Milliseconds of a stream entry ID (`<ms>-<seq>`).
+pub fn entry_id_millis(id: &str) -> Option<i64> {
+    let ms = id.split_once('-').map_or(id, |(ms, _)| ms);
+    ms.parse::<u64>().ok().and_then(|v| i64::try_from(v).ok())
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// Decodes an `entry_json` text back into (name, value) pairs, sorted: the test oracle.
+    pub fn decode_entry(json: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let v: serde_json::Value = serde_json::from_str(json).expect("valid JSON");
+        let mut out = Vec::new();
+        let decode_value = |v: &serde_json::Value| -> Vec<u8> {
+            match v {
+                serde_json::Value::String(s) => s.as_bytes().to_vec(),
+                serde_json::Value::Object(o) => {
+                    STANDARD.decode(o[B64_VALUE_KEY].as_str().expect("b64 string")).expect("base64")
+                }
+                other => panic!("unexpected value {other}"),
+            }
+        };
+        for (k, v) in v.as_object().expect("object") {
+            let name = decode_name(k).expect("decodable name");
+            match v {
+                serde_json::Value::Array(items) => {
+                    for item in items {
+                        out.push((name.clone(), decode_value(item)));
+                    }
+                }
+                other => out.push((name, decode_value(other))),
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn roundtrip(fields: Vec<(Vec<u8>, Vec<u8>)>) {
+        let json = entry_json(&fields);
+        let mut want = fields.clone();
+        want.sort();
+        assert_eq!(decode_entry(&json), want, "{json}");
+    }
+
+    #[test]
+    fn names() {
+        for n in [
+            &b"plain"[..],
+            b"$dollar",
+            b"$$two",
+            b"$b64:looks-encoded",
+            b"",
+            b"\xff\xfe",
+            b"a\0b",
+            "ünï".as_bytes(),
+        ] {
+            let e = encode_name(n);
+            assert!(!e.contains('\0'));
+            assert_eq!(decode_name(&e).as_deref(), Some(n), "{e}");
+        }
+        assert_eq!(encode_name(b"temp"), "temp");
+        assert_eq!(encode_name(b"$x"), "$$x");
+        assert_eq!(encode_name(b"\xff"), "$b64:/w==");
+        assert_eq!(decode_name("$lonely"), None);
+    }
+
+    #[test]
+    fn entries_roundtrip() {
+        roundtrip(vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"two".to_vec())]);
+        roundtrip(vec![(b"q\"uote".to_vec(), b"line\nbreak\t\\ \x01".to_vec())]);
+        roundtrip(vec![(b"bin".to_vec(), vec![0, 159, 146, 150, 255])]);
+        roundtrip(vec![(vec![0xc3, 0x28], b"bad utf8 name".to_vec())]);
+        roundtrip(vec![(b"nul".to_vec(), b"a\0b".to_vec())]);
+        roundtrip(vec![(b"$b64".to_vec(), b"collides?".to_vec())]);
+        roundtrip(vec![
+            (b"dup".to_vec(), b"1".to_vec()),
+            (b"x".to_vec(), b"y".to_vec()),
+            (b"dup".to_vec(), b"2".to_vec()),
+        ]);
+        roundtrip(vec![(b"big".to_vec(), vec![b'x'; 1 << 20])]);
+        roundtrip(vec![]);
+    }
+
+    #[test]
+    fn plain_entries_are_plain_json() {
+        assert_eq!(
+            entry_json(&[("heart_rate", "72"), ("spo2", "98")]),
+            r#"{"heart_rate":"72","spo2":"98"}"#
+        );
+        assert_eq!(entry_json(&[("v", &b"\xff"[..])]), r#"{"v":{"$b64":"/w=="}}"#);
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(entry_id_millis("1700000000123-7"), Some(1_700_000_000_123));
+        assert_eq!(entry_id_millis("5"), Some(5));
+        assert_eq!(entry_id_millis("x-1"), None);
+    }
+}

@@ -1,0 +1,318 @@
+//! The Postgres side: tables created when missing, and batch writes through statements
+//! prepared once and kept, with each batch passed as arrays (`INSERT ... SELECT FROM
+//! unnest(...)`). No SQL is ever built from data; names come from validated settings and are
+//! always quoted.
+
+use std::panic::AssertUnwindSafe;
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::{PgBuiltInOids, PgOid};
+
+use crate::error::{Result, SyncError};
+use crate::parse::quote_ident;
+use crate::shmem;
+
+pub const DEAD_LETTER_TABLE: &str = "redis_sync_dead_letters";
+
+/// One stream entry ready for the stream table.
+#[derive(Debug, Clone)]
+pub struct StreamRow {
+    pub stream_key: String,
+    pub message_id: String,
+    /// The `data` object as JSON text (see `encode::entry_json`).
+    pub data: String,
+    /// Milliseconds of the entry ID.
+    pub millis: i64,
+}
+
+/// What the statements were prepared for; a change re-prepares them.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Target {
+    pub schema: String,
+    pub stream_table: String,
+    pub overwrite: bool,
+    pub query_timeout_ms: u64,
+}
+
+#[derive(Default)]
+pub struct Sink {
+    target: Option<Target>,
+    insert: Option<OwnedPreparedStatement>,
+    dead_letter: Option<OwnedPreparedStatement>,
+}
+
+fn caught(e: CaughtError) -> SyncError {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+            let mut message = r.message().to_owned();
+            if let Some(d) = r.detail() {
+                message.push_str(" (");
+                message.push_str(d);
+                message.push(')');
+            }
+            SyncError::Postgres { sqlstate: r.sql_error_code(), message }
+        }
+        CaughtError::RustPanic { ereport, .. } => SyncError::Postgres {
+            sqlstate: ereport.sql_error_code(),
+            message: ereport.message().to_owned(),
+        },
+    }
+}
+
+/// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes
+/// back as `Err` with its SQLSTATE; the worker carries on.
+pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let f = AssertUnwindSafe(f);
+    let outcome = PgTryBuilder::new(move || {
+        let f = f;
+        match (f.0)() {
+            Ok(r) => {
+                unsafe {
+                    pg_sys::PopActiveSnapshot();
+                    pg_sys::CommitTransactionCommand();
+                }
+                Ok(r)
+            }
+            // An error we return (not raised by Postgres) still rolls back.
+            Err(e) => Err(e),
+        }
+    })
+    .catch_others(|e| Err(caught(e)))
+    .execute();
+    if outcome.is_err() && unsafe { pg_sys::IsTransactionState() } {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    if outcome.is_ok() {
+        report_stat();
+    }
+    outcome
+}
+
+/// Lets autovacuum see the worker's writes.
+fn report_stat() {
+    #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17", feature = "pg18"))]
+    unsafe {
+        pg_sys::pgstat_report_stat(false);
+    }
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pg_sys::pgstat_report_stat(false);
+    }
+}
+
+fn spi_err(e: pgrx::spi::SpiError) -> SyncError {
+    SyncError::Postgres {
+        sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        message: format!("SPI: {e}"),
+    }
+}
+
+fn relation_exists(client: &SpiClient<'_>, schema: &str, table: &str) -> Result<bool> {
+    let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let found = client
+        .select("SELECT to_regclass($1) IS NOT NULL", None, &[name.into()])
+        .map_err(spi_err)?
+        .first()
+        .get_one::<bool>()
+        .map_err(spi_err)?;
+    Ok(found.unwrap_or(false))
+}
+
+impl Sink {
+    /// Forgets the prepared statements (after a failure that may mean the table changed).
+    pub fn reset(&mut self) {
+        self.target = None;
+        self.insert = None;
+        self.dead_letter = None;
+    }
+
+    /// Makes sure the tables exist and the statements are prepared for `target`.
+    pub fn prepare(&mut self, target: &Target) -> Result<()> {
+        if self.target.as_ref() == Some(target) && self.insert.is_some() {
+            return Ok(());
+        }
+        self.reset();
+        let (insert, dead_letter) = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                ensure_tables(client, target)?;
+                // The worker's statement_timeout, for the whole session.
+                client
+                    .update(
+                        "SELECT set_config('statement_timeout', $1, false)",
+                        None,
+                        &[format!("{}ms", target.query_timeout_ms).into()],
+                    )
+                    .map_err(spi_err)?;
+                let insert = client
+                    .prepare_mut(insert_sql(target).as_str(), &insert_types())
+                    .map_err(spi_err)?
+                    .keep();
+                let dead = client
+                    .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
+                    .map_err(spi_err)?
+                    .keep();
+                Ok((insert, dead))
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        self.insert = Some(insert);
+        self.dead_letter = Some(dead_letter);
+        self.target = Some(target.clone());
+        Ok(())
+    }
+
+    /// Writes `rows` in one transaction. When the batch is refused because of some rows'
+    /// content, it is split in halves and each half tried in its own transaction, down to the
+    /// single rows, which go to the dead-letter table. Returns how many rows were
+    /// dead-lettered. Any other error (table gone, timeout, disk full) comes back as `Err`
+    /// with nothing written from the failing part.
+    pub fn write(&mut self, rows: &[StreamRow]) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match self.insert_rows(rows) {
+            Ok(()) => Ok(0),
+            Err(e) if e.is_row_level() => {
+                if rows.len() == 1 {
+                    self.dead_letter(&rows[0], &e)?;
+                    return Ok(1);
+                }
+                let (a, b) = rows.split_at(rows.len() / 2);
+                Ok(self.write(a)? + self.write(b)?)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
+        let stmt = self.insert.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
+        let millis: Vec<i64> = rows.iter().map(|r| r.millis).collect();
+        in_transaction(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(stmt, None, &[keys.into(), ids.into(), data.into(), millis.into()])
+                    .map(|_| ())
+                    .map_err(spi_err)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, row: &StreamRow, err: &SyncError) -> Result<()> {
+        let stmt =
+            self.dead_letter.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let sqlstate = crate::error::sqlstate_text(err.sqlstate());
+        let args = [
+            row.stream_key.as_str().into(),
+            row.message_id.as_str().into(),
+            row.data.as_str().into(),
+            err.to_string().into(),
+            sqlstate.into(),
+        ];
+        in_transaction(|| {
+            Spi::connect_mut(|client| client.update(stmt, None, &args).map(|_| ()).map_err(spi_err))
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        shmem::bump(|c| &c.dead_letters, 1);
+        Ok(())
+    }
+}
+
+fn ensure_tables(client: &mut SpiClient<'_>, t: &Target) -> Result<()> {
+    let schema = quote_ident(&t.schema);
+    let table = quote_ident(&t.stream_table);
+    let exists = client
+        .select("SELECT to_regnamespace($1) IS NOT NULL", None, &[t.schema.as_str().into()])
+        .map_err(spi_err)?
+        .first()
+        .get_one::<bool>()
+        .map_err(spi_err)?
+        .unwrap_or(false);
+    if !exists {
+        client
+            .update(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"), None, &[])
+            .map_err(spi_err)?;
+    }
+    if !relation_exists(client, &t.schema, &t.stream_table)? {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.{table} (
+                id bigserial PRIMARY KEY,
+                stream_key text NOT NULL,
+                message_id text NOT NULL,
+                data jsonb NOT NULL,
+                \"timestamp\" timestamptz NOT NULL,
+                synced_at timestamptz NOT NULL DEFAULT now(),
+                UNIQUE (stream_key, message_id));
+             CREATE INDEX IF NOT EXISTS {ts_idx} ON {schema}.{table} (stream_key, \"timestamp\" DESC);
+             CREATE INDEX IF NOT EXISTS {id_idx} ON {schema}.{table} (message_id);",
+            ts_idx = quote_ident(&format!("{}_stream_key_timestamp_idx", t.stream_table)),
+            id_idx = quote_ident(&format!("{}_message_id_idx", t.stream_table)),
+        );
+        client.update(&sql, None, &[]).map_err(spi_err)?;
+    }
+    if !relation_exists(client, &t.schema, DEAD_LETTER_TABLE)? {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.{dl} (
+                id bigserial PRIMARY KEY,
+                stream_key text NOT NULL,
+                message_id text NOT NULL,
+                fields jsonb NOT NULL,
+                error text NOT NULL,
+                sqlstate text,
+                attempts int NOT NULL DEFAULT 1,
+                created_at timestamptz NOT NULL DEFAULT now(),
+                UNIQUE (stream_key, message_id));",
+            dl = quote_ident(DEAD_LETTER_TABLE),
+        );
+        client.update(&sql, None, &[]).map_err(spi_err)?;
+    }
+    Ok(())
+}
+
+fn insert_types() -> [PgOid; 4] {
+    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+    [text, text, text, PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)]
+}
+
+fn insert_sql(t: &Target) -> String {
+    let conflict = if t.overwrite {
+        "DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
+    } else {
+        "DO NOTHING"
+    };
+    format!(
+        "INSERT INTO {}.{} (stream_key, message_id, data, \"timestamp\")
+         SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000)
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(k, m, d, ts)
+         ON CONFLICT (stream_key, message_id) {conflict}",
+        quote_ident(&t.schema),
+        quote_ident(&t.stream_table),
+    )
+}
+
+fn dead_letter_types() -> [PgOid; 5] {
+    [PgOid::BuiltIn(PgBuiltInOids::TEXTOID); 5]
+}
+
+fn dead_letter_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {}.{} AS d (stream_key, message_id, fields, error, sqlstate)
+         VALUES ($1, $2, $3::jsonb, $4, $5)
+         ON CONFLICT (stream_key, message_id) DO UPDATE
+            SET attempts = d.attempts + 1, error = EXCLUDED.error,
+                sqlstate = EXCLUDED.sqlstate, created_at = now()",
+        quote_ident(schema),
+        quote_ident(DEAD_LETTER_TABLE),
+    )
+}

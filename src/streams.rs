@@ -1,0 +1,594 @@
+//! Stream sync: which streams (configured and discovered), their consumer groups, reading
+//! through `XREADGROUP` (own pending entries first, then new ones), writing each batch in one
+//! transaction and acknowledging only after the commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::encode::{encode_name, entry_id_millis, entry_json};
+use crate::error::Result;
+use crate::gucs::Settings;
+use crate::parse::Pattern;
+use crate::redis::{RawEntry, Redis};
+use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
+use crate::sink::{Sink, StreamRow, Target};
+
+/// At most this many entries are asked for in one read (COUNT is per stream, so fewer
+/// streams go in one call when the batch size is large): memory stays bounded by settings.
+const MAX_ENTRIES_PER_READ: u32 = 10_000;
+/// SCAN page size.
+const SCAN_COUNT: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Cursor {
+    /// Re-reading our own pending entries after this ID (`0` = from the start).
+    Pending(String),
+    /// Reading new entries (`>`).
+    New,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    db: u8,
+    key: Vec<u8>,
+    /// As stored in the table: encoded, with `db{N}:` when not in the default database.
+    stream_key: String,
+    configured: bool,
+    cursor: Cursor,
+    state: StreamState,
+    messages_synced: i64,
+    last_id: String,
+    last_error: String,
+    last_sync_time: i64,
+    /// Group pending count and consumers from the last XINFO, to decide on claiming.
+    group_pending: i64,
+    group_consumers: i64,
+}
+
+/// What one step did, for the worker's status.
+#[derive(Debug, Default)]
+pub struct StepOutcome {
+    pub entries: usize,
+}
+
+pub struct StreamSync {
+    streams: Vec<Tracked>,
+    index: HashMap<(u8, Vec<u8>), usize>,
+    next_discovery: Instant,
+    discovery_gen: u64,
+    /// Round-robin start per database, so every stream gets its turn when not all fit in
+    /// one read.
+    rr: BTreeMap<u8, usize>,
+    group: String,
+}
+
+/// The name a stream is stored under.
+pub fn stream_key_name(db: u8, default_db: u8, key: &[u8]) -> String {
+    if db == default_db {
+        encode_name(key)
+    } else {
+        format!("db{db}:{}", encode_name(key))
+    }
+}
+
+impl StreamSync {
+    pub fn new() -> StreamSync {
+        StreamSync {
+            streams: Vec::new(),
+            index: HashMap::new(),
+            next_discovery: Instant::now(),
+            discovery_gen: 0,
+            rr: BTreeMap::new(),
+            group: String::new(),
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// After a reconnect: our pending entries come first again.
+    pub fn restart_from_pending(&mut self) {
+        for s in &mut self.streams {
+            s.cursor = Cursor::Pending("0".into());
+        }
+    }
+
+    /// Forgets everything (the Redis server changed).
+    pub fn clear(&mut self) {
+        self.streams.clear();
+        self.index.clear();
+        self.next_discovery = Instant::now();
+        self.publish_all();
+    }
+
+    pub fn discovery_due(&self) -> bool {
+        Instant::now() >= self.next_discovery
+    }
+
+    pub fn next_discovery(&self) -> Instant {
+        self.next_discovery
+    }
+
+    /// Finds the streams to sync: the configured ones plus, with discovery on, every stream
+    /// matching the patterns in every database of the search range. Creates consumer groups,
+    /// refreshes the per-stream figures, and claims idle entries of dead consumers.
+    pub fn discover(&mut self, redis: &mut Redis, s: &Settings, log: &dyn Fn(&str)) -> Result<()> {
+        self.next_discovery = Instant::now() + s.stream_discovery_interval;
+        self.group = s.consumer_group.clone();
+        let default_db = s.redis.db;
+        let mut found: Vec<(u8, Vec<u8>, bool)> = Vec::new();
+        for name in &s.streams {
+            found.push((default_db, name.as_bytes().to_vec(), true));
+        }
+        if s.stream_auto_discovery && !s.stream_discovery_patterns.is_empty() {
+            let patterns: Vec<Pattern> =
+                s.stream_discovery_patterns.iter().map(|p| Pattern::new(p)).collect();
+            // One SCAN per pattern per database; `*` alone makes the others redundant.
+            let globs: Vec<Vec<u8>> = if patterns.iter().any(|p| p.as_str() == "*") {
+                vec![b"*".to_vec()]
+            } else {
+                patterns.iter().map(Pattern::to_redis_glob).collect()
+            };
+            for &db in &s.db_search_range {
+                for glob in &globs {
+                    for key in redis.scan_streams(db, glob, SCAN_COUNT)? {
+                        // Confirm client-side: fnmatch semantics are the contract.
+                        if patterns.iter().any(|p| p.matches(&key)) {
+                            found.push((db, key, false));
+                        }
+                    }
+                }
+            }
+        }
+        // Reconcile: keep what is still there, add what is new, drop discovered streams that
+        // are gone (their entries went with them).
+        let mut keep: HashMap<(u8, Vec<u8>), bool> = HashMap::new();
+        for (db, key, configured) in found {
+            let e = keep.entry((db, key)).or_insert(false);
+            *e |= configured;
+        }
+        let before = self.streams.len();
+        self.streams.retain(|t| keep.contains_key(&(t.db, t.key.clone())));
+        let removed = before - self.streams.len();
+        let mut added = Vec::new();
+        let known: std::collections::HashSet<(u8, Vec<u8>)> =
+            self.streams.iter().map(|t| (t.db, t.key.clone())).collect();
+        let mut new_keys: Vec<((u8, Vec<u8>), bool)> =
+            keep.into_iter().filter(|(k, _)| !known.contains(k)).collect();
+        new_keys.sort();
+        for ((db, key), configured) in new_keys {
+            let stream_key = stream_key_name(db, default_db, &key);
+            added.push(stream_key.clone());
+            self.streams.push(Tracked {
+                db,
+                key,
+                stream_key,
+                configured,
+                cursor: Cursor::Pending("0".into()),
+                state: StreamState::Active,
+                messages_synced: 0,
+                last_id: String::new(),
+                last_error: String::new(),
+                last_sync_time: 0,
+                group_pending: 0,
+                group_consumers: 0,
+            });
+        }
+        self.reindex();
+        if !added.is_empty() {
+            shmem::bump(|c| &c.streams_discovered, added.len() as u64);
+            let shown: Vec<&str> = added.iter().take(10).map(String::as_str).collect();
+            let more = if added.len() > 10 {
+                format!(" and {} more", added.len() - 10)
+            } else {
+                String::new()
+            };
+            log(&format!("tracking {} new stream(s): {}{more}", added.len(), shown.join(", ")));
+        }
+        if removed > 0 {
+            log(&format!("{removed} stream(s) no longer exist and are no longer tracked"));
+        }
+        // Groups for the new ones (and for any stream still waiting for its group).
+        let mut gone = Vec::new();
+        for i in 0..self.streams.len() {
+            let t = &self.streams[i];
+            let fresh = t.messages_synced == 0 && t.last_id.is_empty();
+            if !(fresh || t.state == StreamState::NoGroup) {
+                continue;
+            }
+            match self.ensure_group(redis, i, s) {
+                Ok(()) => {}
+                Err(e) if e.connection_lost() => return Err(e),
+                Err(_) => gone.push(i),
+            }
+        }
+        for i in gone.into_iter().rev() {
+            self.streams.remove(i);
+        }
+        self.reindex();
+        self.refresh_info(redis, s)?;
+        self.claim(redis, s)?;
+        self.discovery_gen += 1;
+        let gen = self.discovery_gen;
+        self.publish_all();
+        let added_set: std::collections::HashSet<&str> = added.iter().map(String::as_str).collect();
+        shmem::update_streams(|t| {
+            for (slot, st) in t.slots.iter_mut().zip(&self.streams) {
+                slot.found_gen = gen;
+                if added_set.contains(st.stream_key.as_str()) {
+                    slot.added_gen = gen;
+                }
+            }
+            t.discovery_gen = gen;
+        });
+        Ok(())
+    }
+
+    fn reindex(&mut self) {
+        self.index =
+            self.streams.iter().enumerate().map(|(i, t)| ((t.db, t.key.clone()), i)).collect();
+    }
+
+    /// Creates the consumer group of stream `i` when missing (and allowed to).
+    fn ensure_group(&mut self, redis: &mut Redis, i: usize, s: &Settings) -> Result<()> {
+        let t = &mut self.streams[i];
+        if s.auto_create_consumer_groups {
+            match redis.create_group(t.db, &t.key, &s.consumer_group, t.configured) {
+                Ok(_) => {
+                    t.state = StreamState::Active;
+                    Ok(())
+                }
+                Err(e) => {
+                    t.last_error = e.to_string();
+                    Err(e)
+                }
+            }
+        } else {
+            let info = redis.stream_info(t.db, &s.consumer_group, &[&t.key])?;
+            let exists = info.first().and_then(|i| i.as_ref()).is_some_and(|i| i.group_exists);
+            t.state = if exists { StreamState::Active } else { StreamState::NoGroup };
+            if !exists {
+                t.last_error = format!(
+                    "consumer group \"{}\" does not exist and redis_sync.auto_create_consumer_groups is off",
+                    s.consumer_group
+                );
+            }
+            Ok(())
+        }
+    }
+
+    /// Length, first/last IDs, pending, lag and consumers of every stream: one pipelined
+    /// round trip per database.
+    fn refresh_info(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
+        for (db, idx) in self.by_db(|_| true) {
+            let keys: Vec<&[u8]> = idx.iter().map(|&i| self.streams[i].key.as_slice()).collect();
+            let infos = redis.stream_info(db, &s.consumer_group, &keys)?;
+            let mut slots = Vec::new();
+            for (&i, info) in idx.iter().zip(infos) {
+                let Some(info) = info else { continue };
+                let t = &mut self.streams[i];
+                t.group_pending = info.pending;
+                t.group_consumers = info.consumers;
+                slots.push((i, info));
+            }
+            shmem::update_streams(|tbl| {
+                for (i, info) in &slots {
+                    if let Some(slot) = tbl.slots.get_mut(*i) {
+                        slot.pending = info.pending;
+                        slot.lag = info.lag.unwrap_or(-1);
+                        slot.length = info.length;
+                        slot.first_entry_id.set(info.first_entry_id.as_deref().unwrap_or(""));
+                        slot.last_entry_id.set(info.last_entry_id.as_deref().unwrap_or(""));
+                        slot.consumers = info.consumers;
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Claims entries other consumers left pending longer than `claim_min_idle`; they join
+    /// our pending list and are read from there.
+    fn claim(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
+        for t in &mut self.streams {
+            if t.state != StreamState::Active || t.group_pending == 0 || t.group_consumers < 2 {
+                continue;
+            }
+            let n = redis.claim_idle(
+                t.db,
+                &t.key,
+                &s.consumer_group,
+                &s.consumer_name,
+                s.claim_min_idle,
+                s.batch_size,
+            );
+            match n {
+                Ok(0) => {}
+                Ok(_) => t.cursor = Cursor::Pending("0".into()),
+                Err(e) if e.connection_lost() => return Err(e),
+                Err(e) => t.last_error = e.to_string(),
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes of active streams grouped by database.
+    fn by_db(&self, filter: impl Fn(&Tracked) -> bool) -> BTreeMap<u8, Vec<usize>> {
+        let mut m: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
+        for (i, t) in self.streams.iter().enumerate() {
+            if t.state != StreamState::NoGroup && filter(t) {
+                m.entry(t.db).or_default().push(i);
+            }
+        }
+        m
+    }
+
+    /// Reads one round (one XREADGROUP per database with streams), writes what came in one
+    /// transaction per database, and acknowledges after the commit.
+    pub fn step(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut Sink,
+        s: &Settings,
+        warn: &dyn Fn(&str),
+    ) -> Result<StepOutcome> {
+        let mut outcome = StepOutcome::default();
+        let target = Target {
+            schema: s.schema.clone(),
+            stream_table: s.stream_table.clone(),
+            overwrite: s.stream_conflict_overwrite,
+            query_timeout_ms: s.query_timeout.as_millis() as u64,
+        };
+        sink.prepare(&target)?;
+        let per_read = (MAX_ENTRIES_PER_READ / s.batch_size.max(1)).max(1) as usize;
+        let groups = self.by_db(|_| true);
+        let n_groups = groups.len();
+        for (gi, (db, idx)) in groups.into_iter().enumerate() {
+            // Round-robin over the streams of this database when they do not all fit.
+            let start = self.rr.get(&db).copied().unwrap_or(0) % idx.len();
+            let take: Vec<usize> =
+                idx.iter().cycle().skip(start).take(per_read.min(idx.len())).copied().collect();
+            self.rr.insert(db, start + take.len());
+            let any_pending = take.iter().any(|&i| self.streams[i].cursor != Cursor::New);
+            let block = (gi + 1 == n_groups && outcome.entries == 0 && !any_pending)
+                .then_some(s.poll_interval);
+            let ids: Vec<String> = take
+                .iter()
+                .map(|&i| match &self.streams[i].cursor {
+                    Cursor::Pending(id) => id.clone(),
+                    Cursor::New => ">".to_owned(),
+                })
+                .collect();
+            let req: Vec<(&[u8], &str)> = take
+                .iter()
+                .zip(&ids)
+                .map(|(&i, id)| (self.streams[i].key.as_slice(), id.as_str()))
+                .collect();
+            let reply = match redis.read_group(
+                db,
+                &s.consumer_group,
+                &s.consumer_name,
+                s.batch_size,
+                block,
+                &req,
+            ) {
+                Ok(r) => r,
+                Err(e) if e.is_nogroup() => {
+                    self.recreate_groups(redis, db, &take, s, warn)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            outcome.entries += self.land(redis, sink, db, &take, reply, s)?;
+        }
+        Ok(outcome)
+    }
+
+    /// The group or the stream disappeared under us (deleted, or deleted and added again):
+    /// create the group again from the start, and stop tracking streams that are gone.
+    fn recreate_groups(
+        &mut self,
+        redis: &mut Redis,
+        db: u8,
+        idx: &[usize],
+        s: &Settings,
+        warn: &dyn Fn(&str),
+    ) -> Result<()> {
+        let mut gone = Vec::new();
+        for &i in idx {
+            let t = &mut self.streams[i];
+            if !s.auto_create_consumer_groups {
+                let info = redis.stream_info(db, &s.consumer_group, &[&t.key])?;
+                let exists = info.first().and_then(|i| i.as_ref()).is_some_and(|i| i.group_exists);
+                if !exists {
+                    t.state = StreamState::NoGroup;
+                    t.last_error = format!(
+                        "consumer group \"{}\" disappeared and redis_sync.auto_create_consumer_groups is off",
+                        s.consumer_group
+                    );
+                    warn(&format!("stream \"{}\": {}", t.stream_key, t.last_error));
+                }
+                continue;
+            }
+            match redis.create_group(db, &t.key, &s.consumer_group, t.configured) {
+                Ok(true) => {
+                    warn(&format!(
+                        "consumer group \"{}\" re-created on stream \"{}\": the stream or its group disappeared; reading it again from the start",
+                        s.consumer_group, t.stream_key
+                    ));
+                    t.cursor = Cursor::Pending("0".into());
+                }
+                Ok(false) => {}
+                Err(e) if e.connection_lost() => return Err(e),
+                Err(_) => gone.push(i),
+            }
+        }
+        if !gone.is_empty() {
+            let mut gone = gone;
+            gone.sort_unstable();
+            for i in gone.into_iter().rev() {
+                self.streams.remove(i);
+            }
+            self.reindex();
+            self.publish_all();
+        }
+        Ok(())
+    }
+
+    /// Turns a read reply into rows, writes them, acknowledges. Returns the entries handled.
+    fn land(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut Sink,
+        db: u8,
+        asked: &[usize],
+        reply: Vec<(Vec<u8>, Vec<RawEntry>)>,
+        s: &Settings,
+    ) -> Result<usize> {
+        let mut rows = Vec::new();
+        let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut answered = Vec::new();
+        for (key, entries) in reply {
+            let Some(&i) = self.index.get(&(db, key)) else { continue };
+            answered.push(i);
+            let t = &mut self.streams[i];
+            if entries.is_empty() {
+                if let Cursor::Pending(_) = t.cursor {
+                    // Our pending list is drained: on to new entries.
+                    t.cursor = Cursor::New;
+                }
+                continue;
+            }
+            let mut ids = Vec::with_capacity(entries.len());
+            for e in entries {
+                if let Cursor::Pending(_) = t.cursor {
+                    t.cursor = Cursor::Pending(e.id.clone());
+                }
+                if let Some(fields) = &e.fields {
+                    rows.push(StreamRow {
+                        stream_key: t.stream_key.clone(),
+                        message_id: e.id.clone(),
+                        data: entry_json(fields),
+                        millis: entry_id_millis(&e.id).unwrap_or(0),
+                    });
+                }
+                // An entry deleted while pending has nothing to store: acknowledged.
+                ids.push(e.id);
+            }
+            acks.push((i, ids));
+        }
+        // A pending read that returned nothing for a stream also means drained.
+        for &i in asked {
+            if !answered.contains(&i) {
+                if let Cursor::Pending(_) = self.streams[i].cursor {
+                    self.streams[i].cursor = Cursor::New;
+                }
+            }
+        }
+        if acks.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = sink.write(&rows) {
+            // Nothing acknowledged: the entries stay in our pending list and are read
+            // again from there once Postgres takes them.
+            for (i, _) in &acks {
+                let t = &mut self.streams[*i];
+                t.cursor = Cursor::Pending("0".into());
+                t.state = StreamState::Error;
+                t.last_error = e.to_string();
+            }
+            sink.reset();
+            self.publish(acks.iter().map(|(i, _)| *i));
+            return Err(e);
+        }
+        let ack_req: Vec<(&[u8], Vec<&str>)> = acks
+            .iter()
+            .map(|(i, ids)| {
+                (self.streams[*i].key.as_slice(), ids.iter().map(String::as_str).collect())
+            })
+            .collect();
+        redis.ack(db, &s.consumer_group, &ack_req)?;
+        let now = shmem::now();
+        let mut handled = 0;
+        for (i, ids) in &acks {
+            let t = &mut self.streams[*i];
+            t.messages_synced += ids.len() as i64;
+            t.last_id = ids.last().cloned().unwrap_or_default();
+            t.last_sync_time = now;
+            t.state = StreamState::Active;
+            t.last_error.clear();
+            handled += ids.len();
+        }
+        shmem::bump(|c| &c.messages_processed, handled as u64);
+        shmem::update(|st| st.last_sync_time = now);
+        self.publish(acks.iter().map(|(i, _)| *i));
+        Ok(handled)
+    }
+
+    /// Writes the per-stream figures of streams `idx` to shared memory.
+    fn publish(&self, idx: impl Iterator<Item = usize>) {
+        let idx: Vec<usize> = idx.filter(|i| *i < MAX_STREAM_SLOTS).collect();
+        shmem::update_streams(|tbl| {
+            for i in idx {
+                let t = &self.streams[i];
+                let slot = &mut tbl.slots[i];
+                slot.state = t.state;
+                slot.last_id.set(&t.last_id);
+                slot.messages_synced = t.messages_synced;
+                slot.last_sync_time = t.last_sync_time;
+                slot.last_error.set(&t.last_error);
+            }
+        });
+    }
+
+    /// Rewrites the whole stream table in shared memory (the tracked set changed).
+    fn publish_all(&self) {
+        let n = self.streams.len();
+        shmem::update_streams(|tbl| {
+            for (i, slot) in tbl.slots.iter_mut().enumerate() {
+                let Some(t) = self.streams.get(i) else {
+                    *slot = shmem::StreamSlot::EMPTY;
+                    continue;
+                };
+                if !slot.used || slot.key.as_str() != t.stream_key || slot.db != t.db {
+                    *slot = shmem::StreamSlot::EMPTY;
+                    slot.used = true;
+                    slot.key.set(&t.stream_key);
+                    slot.db = t.db;
+                }
+                slot.consumer_group.set(&self.group);
+                slot.state = t.state;
+                slot.last_id.set(&t.last_id);
+                slot.messages_synced = t.messages_synced;
+                slot.last_sync_time = t.last_sync_time;
+                slot.last_error.set(&t.last_error);
+            }
+        });
+        shmem::update(|st| st.streams_tracked = n as i64);
+    }
+
+    /// Time until discovery is due, for the latch wait when there is nothing to read.
+    pub fn idle_wait(&self) -> Duration {
+        self.next_discovery.saturating_duration_since(Instant::now())
+    }
+}
+
+impl Default for StreamSync {
+    fn default() -> Self {
+        StreamSync::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_other_databases_are_prefixed() {
+        assert_eq!(stream_key_name(0, 0, b"s"), "s");
+        assert_eq!(stream_key_name(3, 0, b"s"), "db3:s");
+        assert_eq!(stream_key_name(0, 2, b"s"), "db0:s");
+        assert_eq!(stream_key_name(1, 0, b"\xff"), "db1:$b64:/w==");
+    }
+}
