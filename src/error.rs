@@ -48,9 +48,10 @@ impl SyncError {
         }
     }
 
-    /// Redis said the consumer group or the stream is missing.
+    /// Redis said the consumer group or the stream is missing (`NOGROUP`), or the stream
+    /// was deleted while we were blocked reading it (`UNBLOCKED`).
     pub fn is_nogroup(&self) -> bool {
-        matches!(self, SyncError::RedisCommand { code: Some(c), .. } if c == "NOGROUP")
+        matches!(self, SyncError::RedisCommand { code: Some(c), .. } if c == "NOGROUP" || c == "UNBLOCKED")
     }
 
     /// A Postgres error caused by one row's content (a CHECK constraint, a trigger that

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use redis::TypedCommands;
 use redis_pg_sync_e2e::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -75,4 +76,373 @@ fn entries_of_several_streams_land_exactly_once() {
     assert!(pg.status("last_sync_time").is_some());
     let pg_ops: i64 = pg.status("pg_ops").and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(pg_ops > 4, "pg_ops {pg_ops}");
+}
+
+fn kill(pid: i32, sig: i32) {
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {pid}");
+}
+
+#[test]
+fn a_killed_worker_loses_nothing_and_duplicates_nothing() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "big", 40_000);
+    let pg =
+        Cluster::start(&redis, &[("redis_sync.rate_limit", "0"), ("redis_sync.batch_size", "50")]);
+    wait_for("a partial drain", T, || {
+        let n: i64 = pg.try_query_text("SELECT count(*) FROM redis_streams")?.parse().ok()?;
+        (n > 0 && n < 40_000).then_some(())
+    });
+    let pid = pg.worker_pid().expect("worker");
+    kill(pid, libc::SIGKILL);
+    // The postmaster restarts every backend after a crash; the new worker finishes the job.
+    pg.wait_number("SELECT count(*) FROM redis_streams", 40_000, T);
+    assert_eq!(pg.number("SELECT count(DISTINCT message_id) FROM redis_streams"), 40_000);
+    assert_eq!(pg.number("SELECT count(DISTINCT data->>'n') FROM redis_streams"), 40_000);
+    wait_for("no pending entries", T, || {
+        (pending(&mut r, "big", "redis-pg-sync") == 0).then_some(())
+    });
+    assert_ne!(pg.worker_pid(), Some(pid));
+}
+
+#[test]
+fn entries_read_but_not_acknowledged_are_delivered_first() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "pend", 25);
+    // A previous life of the worker read these and died before acknowledging them: they sit
+    // in its consumer's pending list, and `>` would never return them again.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("pend")
+        .arg("redis-pg-sync")
+        .arg("0")
+        .query(&mut r)
+        .expect("group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("redis-pg-sync")
+        .arg("redis-pg-sync-1")
+        .arg("COUNT")
+        .arg(25)
+        .arg("STREAMS")
+        .arg("pend")
+        .arg(">")
+        .query(&mut r)
+        .expect("read as the worker's consumer");
+    assert_eq!(pending(&mut r, "pend", "redis-pg-sync"), 25);
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'pend'", 25, T);
+    wait_for("pending acknowledged", T, || {
+        (pending(&mut r, "pend", "redis-pg-sync") == 0).then_some(())
+    });
+}
+
+#[test]
+fn entries_of_a_dead_consumer_are_claimed() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "orphan", 20);
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("orphan")
+        .arg("redis-pg-sync")
+        .arg("0")
+        .query(&mut r)
+        .expect("group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("redis-pg-sync")
+        .arg("dead-one")
+        .arg("COUNT")
+        .arg(20)
+        .arg("STREAMS")
+        .arg("orphan")
+        .arg(">")
+        .query(&mut r)
+        .expect("read as another consumer");
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.claim_min_idle", "200ms"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.rate_limit", "0"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'orphan'", 20, T);
+    wait_for("claimed entries acknowledged", T, || {
+        (pending(&mut r, "orphan", "redis-pg-sync") == 0).then_some(())
+    });
+}
+
+fn group_last_delivered(r: &mut redis::Connection, stream: &str) -> Option<String> {
+    let v: redis::Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query(r).ok()?;
+    let redis::Value::Array(groups) = v else { return None };
+    for g in groups {
+        let redis::Value::Array(kv) = g else { continue };
+        for pair in kv.chunks(2) {
+            if let [redis::Value::BulkString(k), redis::Value::BulkString(v)] = pair {
+                if k == b"last-delivered-id" {
+                    return Some(String::from_utf8_lossy(v).into_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_stream_deleted_and_added_again_follows_the_conflict_setting() {
+    for (overwrite, expect) in [("off", "first"), ("on", "second")] {
+        let redis = Redis::start();
+        let mut r = redis.client();
+        for id in ["1-1", "2-1"] {
+            let _: String = redis::cmd("XADD")
+                .arg("re")
+                .arg(id)
+                .arg("a")
+                .arg("first")
+                .query(&mut r)
+                .expect("XADD");
+        }
+        let pg = Cluster::start(
+            &redis,
+            &[("redis_sync.stream_conflict_overwrite", overwrite), ("redis_sync.rate_limit", "0")],
+        );
+        pg.wait_number("SELECT count(*) FROM redis_streams WHERE data->>'a' = 'first'", 2, T);
+        wait_for("first pass acknowledged", T, || {
+            (pending(&mut r, "re", "redis-pg-sync") == 0).then_some(())
+        });
+        let _: usize = r.del("re").expect("DEL");
+        for id in ["1-1", "2-1"] {
+            let _: String = redis::cmd("XADD")
+                .arg("re")
+                .arg(id)
+                .arg("a")
+                .arg("second")
+                .query(&mut r)
+                .expect("XADD");
+        }
+        // The worker finds the group gone, creates it again from the start, reads both again.
+        wait_for("the re-created stream read to its end", T, || {
+            (group_last_delivered(&mut r, "re").as_deref() == Some("2-1")
+                && pending(&mut r, "re", "redis-pg-sync") == 0)
+                .then_some(())
+        });
+        pg.wait_number(
+            &format!("SELECT count(*) FROM redis_streams WHERE data->>'a' = '{expect}'"),
+            2,
+            T,
+        );
+        assert_eq!(pg.number("SELECT count(*) FROM redis_streams"), 2, "overwrite={overwrite}");
+    }
+}
+
+#[test]
+fn streams_in_other_databases_are_stored_with_their_database() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "shared-name", 3);
+    let _: () = redis::cmd("SELECT").arg(3).query(&mut r).expect("SELECT 3");
+    add_entries(&mut r, "shared-name", 4);
+    let _: () = redis::cmd("SELECT").arg(9).query(&mut r).expect("SELECT 9");
+    add_entries(&mut r, "outside-range", 1);
+    let pg = Cluster::start(
+        &redis,
+        &[("redis_sync.db_search_range", "0-5"), ("redis_sync.rate_limit", "0")],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'db3:shared-name'", 4, T);
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'shared-name'", 3, T);
+    assert_eq!(pg.number("SELECT count(*) FROM redis_streams"), 7);
+    assert_eq!(
+        pg.query_text("SELECT string_agg(stream_key || '@' || redis_db, ',' ORDER BY stream_key) FROM redis_sync_streams()").as_deref(),
+        Some("db3:shared-name@3,shared-name@0")
+    );
+}
+
+#[test]
+fn only_matching_streams_are_synced() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for s in ["sensor-a", "other", "dev5", "devx", "xc", "xa", "sensor-[b]"] {
+        add_entries(&mut r, s, 1);
+    }
+    let _: () = r.set("sensor-str", "a string").expect("SET");
+    let _: usize = r.hset("sensor-h", "f", "v").expect("HSET");
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.stream_discovery_patterns", "sensor-*, dev[0-9] ,x[!ab]"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.rate_limit", "0"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams", 4, T);
+    // A second discovery pass changes nothing.
+    let gen = pg.number("SELECT count(*) FROM redis_sync_discover()");
+    assert_eq!(gen, 4);
+    assert_eq!(
+        pg.query_text("SELECT string_agg(stream_key, ',' ORDER BY stream_key) FROM redis_streams")
+            .as_deref(),
+        Some("dev5,sensor-[b],sensor-a,xc")
+    );
+    assert!(!pg.log().contains("ERROR"), "{}", pg.log());
+}
+
+#[test]
+fn new_streams_are_found_and_discover_reports_them() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "early", 1);
+    let pg = Cluster::start(
+        &redis,
+        &[("redis_sync.stream_discovery_interval", "1h"), ("redis_sync.rate_limit", "0")],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    add_entries(&mut r, "late", 2);
+    assert_eq!(
+        pg.query_text("SELECT string_agg(stream_key || ':' || newly_added, ',' ORDER BY stream_key) FROM redis_sync_discover()").as_deref(),
+        Some("early:false,late:true")
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'late'", 2, T);
+    assert_eq!(
+        pg.query_text("SELECT string_agg(stream_key || ':' || newly_added, ',' ORDER BY stream_key) FROM redis_sync_discover()").as_deref(),
+        Some("early:false,late:false")
+    );
+    // Found within one interval without being asked, too.
+    let pg2 = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.consumer_group", "second"),
+            ("redis_sync.rate_limit", "0"),
+        ],
+    );
+    pg2.wait_number("SELECT count(*) FROM redis_streams", 3, T);
+    add_entries(&mut r, "later", 1);
+    pg2.wait_number(
+        "SELECT count(*) FROM redis_streams WHERE stream_key = 'later'",
+        1,
+        Duration::from_secs(10),
+    );
+}
+
+#[test]
+fn redis_sync_streams_describes_each_stream() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let ids: Vec<String> = (0..10)
+        .map(|i| {
+            redis::cmd("XADD")
+                .arg("described")
+                .arg("*")
+                .arg("i")
+                .arg(i)
+                .query(&mut r)
+                .expect("XADD")
+        })
+        .collect();
+    let pg = Cluster::start(
+        &redis,
+        &[("redis_sync.stream_discovery_interval", "1s"), ("redis_sync.rate_limit", "0")],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams", 10, T);
+    let want = format!(
+        "described|0|redis-pg-sync|active|{last}|10|0|0|10|{first}|{last}|1|t|",
+        first = ids[0],
+        last = ids[9]
+    );
+    wait_for("redis_sync_streams() to catch up", T, || {
+        let got = pg.query_text(
+            "SELECT concat_ws('|', stream_key, redis_db, consumer_group, state, last_id, messages_synced, pending, lag, length, first_entry_id, last_entry_id, consumers, last_sync_time IS NOT NULL, coalesce(last_error, '')) FROM redis_sync_streams()",
+        )?;
+        (got == want).then_some(())
+    });
+}
+
+#[test]
+fn bytes_nul_huge_values_and_refused_rows_never_block_a_stream() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let pg = Cluster::start(&redis, &[("redis_sync.rate_limit", "0")]);
+    // The DBA's own table, with a rule and a trigger of their own.
+    pg.execute(
+        "CREATE TABLE redis_streams (
+            id bigserial PRIMARY KEY, stream_key text NOT NULL, message_id text NOT NULL,
+            data jsonb NOT NULL, \"timestamp\" timestamptz NOT NULL,
+            synced_at timestamptz NOT NULL DEFAULT now(), UNIQUE (stream_key, message_id),
+            CONSTRAINT no_bad CHECK (data->>'bad' IS DISTINCT FROM 'yes'));
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.data->>'trig' = 'raise' THEN RAISE EXCEPTION 'no thanks'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON redis_streams FOR EACH ROW EXECUTE FUNCTION refuse();",
+    );
+    let add = |r: &mut redis::Connection, id: &str, name: &[u8], value: &[u8]| {
+        let _: String =
+            redis::cmd("XADD").arg("mixed").arg(id).arg(name).arg(value).query(r).expect("XADD");
+    };
+    add(&mut r, "1-1", b"bin", &[0xff, 0x00, 0x01]);
+    add(&mut r, "2-1", &[0xc3, 0x28], b"x");
+    add(&mut r, "3-1", b"big", &vec![b'z'; 1 << 20]);
+    add(&mut r, "4-1", b"bad", b"yes");
+    add(&mut r, "5-1", b"ok", b"1");
+    add(&mut r, "6-1", b"trig", b"raise");
+    add(&mut r, "7-1", b"nul", b"a\0b");
+    pg.wait_number("SELECT count(*) FROM redis_streams", 5, T);
+    pg.wait_number("SELECT count(*) FROM redis_sync_dead_letters", 2, T);
+    wait_for("everything acknowledged", T, || {
+        (pending(&mut r, "mixed", "redis-pg-sync") == 0).then_some(())
+    });
+    let q = |sql: &str| pg.query_text(sql).unwrap_or_default();
+    assert_eq!(
+        q("SELECT data::text FROM redis_streams WHERE message_id = '1-1'"),
+        r#"{"bin": {"$b64": "/wAB"}}"#
+    );
+    assert_eq!(
+        q("SELECT data::text FROM redis_streams WHERE message_id = '2-1'"),
+        r#"{"$b64:wyg=": "x"}"#
+    );
+    assert_eq!(
+        q("SELECT length(data->>'big') FROM redis_streams WHERE message_id = '3-1'"),
+        "1048576"
+    );
+    assert_eq!(
+        q("SELECT data::text FROM redis_streams WHERE message_id = '7-1'"),
+        r#"{"nul": {"$b64": "YQBi"}}"#
+    );
+    assert_eq!(
+        q("SELECT string_agg(message_id || ':' || sqlstate || ':' || fields::text, ' ' ORDER BY message_id) FROM redis_sync_dead_letters"),
+        r#"4-1:23514:{"bad": "yes"} 6-1:P0001:{"trig": "raise"}"#
+    );
+    assert!(
+        q("SELECT error FROM redis_sync_dead_letters WHERE message_id = '4-1'").contains("no_bad")
+    );
+    assert!(q("SELECT error FROM redis_sync_dead_letters WHERE message_id = '6-1'")
+        .contains("no thanks"));
+    assert_eq!(pg.status("dead_letters").as_deref(), Some("2"));
+    // The stream goes on.
+    add(&mut r, "8-1", b"ok", b"2");
+    pg.wait_number("SELECT count(*) FROM redis_streams", 6, T);
+}
+
+#[test]
+fn the_rate_limit_bounds_round_trips_and_can_be_lifted() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "metered", 3_000);
+    let pg =
+        Cluster::start(&redis, &[("redis_sync.rate_limit", "10"), ("redis_sync.batch_size", "10")]);
+    let t0 = std::time::Instant::now();
+    wait_for("the first rows", T, || {
+        let n: i64 = pg.try_query_text("SELECT count(*) FROM redis_streams")?.parse().ok()?;
+        (n > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let n = pg.number("SELECT count(*) FROM redis_streams");
+    let elapsed = t0.elapsed().as_secs_f64() + 1.0;
+    // Each batch of 10 costs at least a read and an acknowledgement: 10 ops/s with a burst
+    // of 10 allows at most 10 * (10 + 10 * elapsed) / 2 rows.
+    let bound = (10.0 * (10.0 + 10.0 * elapsed) / 2.0) as i64;
+    assert!(n <= bound, "{n} rows in {elapsed:.1}s with rate_limit 10 (bound {bound})");
+    pg.set("redis_sync.rate_limit", "0");
+    pg.wait_number("SELECT count(*) FROM redis_streams", 3_000, T);
 }
