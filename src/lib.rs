@@ -11,6 +11,7 @@ pub mod error;
 pub mod gucs;
 pub mod parse;
 pub mod ratelimit;
+pub mod reader;
 pub mod redact;
 pub mod redis;
 pub mod shmem;

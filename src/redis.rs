@@ -63,7 +63,7 @@ fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
 }
 
 impl RedisConn {
-    fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+    pub fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
         let server = format!("{}:{}/{}", settings.host, settings.port, db);
         if settings.tls {
             return Err(SyncError::Config(
@@ -102,6 +102,37 @@ impl RedisConn {
         let reply: ::redis::RedisResult<String> = ::redis::cmd("PING").query(&mut self.conn);
         self.last_check = Instant::now();
         reply.map(|_| ()).map_err(|e| command_error("PING", &e))
+    }
+
+    /// One `XREADGROUP` over several streams of this connection's database. `streams` pairs
+    /// each key with the ID to read after (`0` for our own pending entries, `>` for new
+    /// ones). The caller accounts for the round trip in the rate limit.
+    pub fn read_group(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        block: Option<Duration>,
+        streams: &[(&[u8], &str)],
+    ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for (k, _) in streams {
+            cmd.arg(*k);
+        }
+        for (_, id) in streams {
+            cmd.arg(*id);
+        }
+        self.set_block(block)?;
+        shmem::bump(|c| &c.redis_ops, 1);
+        let reply = cmd.query::<Value>(&mut self.conn);
+        self.last_check = Instant::now();
+        let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
+        parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
     }
 
     fn set_block(&mut self, block: Option<Duration>) -> Result<()> {
@@ -150,11 +181,17 @@ impl Redis {
         }
     }
 
-    /// Waits for a token of the rate limit; one token per round trip.
-    fn throttle(&mut self) {
+    /// Waits for a token of the rate limit, for a round trip made elsewhere (the reader
+    /// thread counts its own round trips).
+    pub fn take_token(&mut self) {
         while let Err(wait) = self.bucket.try_take(Instant::now()) {
             (self.sleep)(wait);
         }
+    }
+
+    /// Waits for a token and counts the round trip about to be made.
+    fn throttle(&mut self) {
+        self.take_token();
         shmem::bump(|c| &c.redis_ops, 1);
     }
 
@@ -164,6 +201,12 @@ impl Redis {
             self.conns.insert(db, c);
         }
         self.conns.get_mut(&db).ok_or_else(|| SyncError::Config("no connection".into()))
+    }
+
+    /// Closes the connections of databases not in `keep` (the default database stays).
+    pub fn retain_connections(&mut self, keep: &std::collections::BTreeSet<u8>) {
+        let main = self.settings.db;
+        self.conns.retain(|db, _| *db == main || keep.contains(db));
     }
 
     /// PINGs every connection whose last exchange is older than `interval`.
@@ -235,38 +278,6 @@ impl Redis {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// One `XREADGROUP` over several streams of one database. `streams` pairs each key with
-    /// the ID to read after (`0` for our own pending entries, `>` for new ones).
-    pub fn read_group(
-        &mut self,
-        db: u8,
-        group: &str,
-        consumer: &str,
-        count: u32,
-        block: Option<Duration>,
-        streams: &[(&[u8], &str)],
-    ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
-        let mut cmd = ::redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
-        if let Some(b) = block {
-            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
-        }
-        cmd.arg("STREAMS");
-        for (k, _) in streams {
-            cmd.arg(*k);
-        }
-        for (_, id) in streams {
-            cmd.arg(*id);
-        }
-        self.throttle();
-        let c = self.conn(db)?;
-        c.set_block(block)?;
-        let reply = cmd.query::<Value>(&mut c.conn);
-        c.last_check = Instant::now();
-        let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
-        parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
     }
 
     /// Acknowledges entries, one `XACK` per stream, all in one pipelined round trip.

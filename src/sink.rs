@@ -36,11 +36,21 @@ pub struct Target {
     pub query_timeout_ms: u64,
 }
 
+/// After a batch met rows already stored, this many batches go straight to the
+/// `ON CONFLICT` statement before the plain one is tried again.
+const CONFLICT_STREAK: u32 = 16;
+
 #[derive(Default)]
 pub struct Sink {
     target: Option<Target>,
+    /// Plain `INSERT`: the fast path. Entries read with `>` are almost always new, and a
+    /// plain insert skips the speculative-insertion work of `ON CONFLICT` for every row.
+    insert_new: Option<OwnedPreparedStatement>,
+    /// `INSERT ... ON CONFLICT`: for batches that meet rows already stored (entries read
+    /// again after a crash, a stream re-created with the same IDs).
     insert: Option<OwnedPreparedStatement>,
     dead_letter: Option<OwnedPreparedStatement>,
+    use_conflict_for: u32,
 }
 
 fn caught(e: CaughtError) -> SyncError {
@@ -129,6 +139,7 @@ impl Sink {
     /// Forgets the prepared statements (after a failure that may mean the table changed).
     pub fn reset(&mut self) {
         self.target = None;
+        self.insert_new = None;
         self.insert = None;
         self.dead_letter = None;
     }
@@ -139,7 +150,7 @@ impl Sink {
             return Ok(());
         }
         self.reset();
-        let (insert, dead_letter) = in_transaction(|| {
+        let (insert_new, insert, dead_letter) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_tables(client, target)?;
                 // The worker's statement_timeout, for the whole session.
@@ -150,18 +161,23 @@ impl Sink {
                         &[format!("{}ms", target.query_timeout_ms).into()],
                     )
                     .map_err(spi_err)?;
+                let insert_new = client
+                    .prepare_mut(insert_sql(target, false).as_str(), &insert_types())
+                    .map_err(spi_err)?
+                    .keep();
                 let insert = client
-                    .prepare_mut(insert_sql(target).as_str(), &insert_types())
+                    .prepare_mut(insert_sql(target, true).as_str(), &insert_types())
                     .map_err(spi_err)?
                     .keep();
                 let dead = client
                     .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
                     .map_err(spi_err)?
                     .keep();
-                Ok((insert, dead))
+                Ok((insert_new, insert, dead))
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
+        self.insert_new = Some(insert_new);
         self.insert = Some(insert);
         self.dead_letter = Some(dead_letter);
         self.target = Some(target.clone());
@@ -192,7 +208,25 @@ impl Sink {
     }
 
     fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
-        let stmt = self.insert.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        if self.use_conflict_for == 0 {
+            match self.run_insert(rows, false) {
+                Err(SyncError::Postgres {
+                    sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                    ..
+                }) => {
+                    self.use_conflict_for = CONFLICT_STREAK;
+                }
+                other => return other,
+            }
+        } else {
+            self.use_conflict_for -= 1;
+        }
+        self.run_insert(rows, true)
+    }
+
+    fn run_insert(&mut self, rows: &[StreamRow], on_conflict: bool) -> Result<()> {
+        let stmt = if on_conflict { &self.insert } else { &self.insert_new };
+        let stmt = stmt.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
         let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
@@ -285,17 +319,19 @@ fn insert_types() -> [PgOid; 4] {
     [text, text, text, PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)]
 }
 
-fn insert_sql(t: &Target) -> String {
-    let conflict = if t.overwrite {
-        "DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
+fn insert_sql(t: &Target, on_conflict: bool) -> String {
+    let conflict = if !on_conflict {
+        ""
+    } else if t.overwrite {
+        "ON CONFLICT (stream_key, message_id) DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
     } else {
-        "DO NOTHING"
+        "ON CONFLICT (stream_key, message_id) DO NOTHING"
     };
     format!(
         "INSERT INTO {}.{} (stream_key, message_id, data, \"timestamp\")
          SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000)
            FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(k, m, d, ts)
-         ON CONFLICT (stream_key, message_id) {conflict}",
+         {conflict}",
         quote_ident(&t.schema),
         quote_ident(&t.stream_table),
     )

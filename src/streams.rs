@@ -5,17 +5,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::encode::{encode_name, entry_id_millis, entry_json};
+use crate::encode::encode_name;
 use crate::error::Result;
 use crate::gucs::Settings;
 use crate::parse::Pattern;
-use crate::redis::{RawEntry, Redis};
+use crate::reader::{ReadRequest, ReadStream, Reader, StreamBatch};
+use crate::redis::Redis;
 use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
-use crate::sink::{Sink, StreamRow, Target};
+use crate::sink::{Sink, Target};
 
 /// At most this many entries are asked for in one read (COUNT is per stream, so fewer
 /// streams go in one call when the batch size is large): memory stays bounded by settings.
-const MAX_ENTRIES_PER_READ: u32 = 10_000;
+const MAX_ENTRIES_PER_READ: u32 = 2_000;
 /// SCAN page size.
 const SCAN_COUNT: u32 = 1000;
 
@@ -59,6 +60,10 @@ pub struct StreamSync {
     /// Round-robin start per database, so every stream gets its turn when not all fit in
     /// one read.
     rr: BTreeMap<u8, usize>,
+    /// Which database the next read goes to (round-robin).
+    next_db: usize,
+    /// The last read found nothing: the next one may block.
+    idle: bool,
     group: String,
 }
 
@@ -79,6 +84,8 @@ impl StreamSync {
             next_discovery: Instant::now(),
             discovery_gen: 0,
             rr: BTreeMap::new(),
+            next_db: 0,
+            idle: false,
             group: String::new(),
         }
     }
@@ -207,8 +214,13 @@ impl StreamSync {
             self.streams.remove(i);
         }
         self.reindex();
+        let in_use: std::collections::BTreeSet<u8> = self.streams.iter().map(|t| t.db).collect();
+        redis.retain_connections(&in_use);
         self.refresh_info(redis, s)?;
         self.claim(redis, s)?;
+        // The safety net: anything left in our pending list (a read whose reply was lost)
+        // is read again now. The caller makes sure no read is in flight.
+        self.restart_from_pending();
         self.discovery_gen += 1;
         let gen = self.discovery_gen;
         self.publish_all();
@@ -324,65 +336,133 @@ impl StreamSync {
         m
     }
 
-    /// Reads one round (one XREADGROUP per database with streams), writes what came in one
-    /// transaction per database, and acknowledges after the commit.
+    /// The next read: the streams of the next database in turn (round-robin within it when
+    /// they do not all fit in one read), each from its cursor. Blocks for up to
+    /// `poll_interval` only when the previous read found nothing and no stream is re-reading
+    /// its pending entries.
+    fn next_request(&mut self, s: &Settings, idle: bool) -> Option<ReadRequest> {
+        let groups = self.by_db(|_| true);
+        if groups.is_empty() {
+            return None;
+        }
+        let dbs: Vec<u8> = groups.keys().copied().collect();
+        let db = dbs[self.next_db % dbs.len()];
+        self.next_db = self.next_db.wrapping_add(1);
+        let idx = &groups[&db];
+        let per_read = (MAX_ENTRIES_PER_READ / s.batch_size.max(1)).max(1) as usize;
+        let start = self.rr.get(&db).copied().unwrap_or(0) % idx.len();
+        let take: Vec<usize> =
+            idx.iter().cycle().skip(start).take(per_read.min(idx.len())).copied().collect();
+        self.rr.insert(db, start + take.len());
+        let any_pending = take.iter().any(|&i| self.streams[i].cursor != Cursor::New);
+        let streams = take
+            .iter()
+            .map(|&i| {
+                let t = &self.streams[i];
+                ReadStream {
+                    key: t.key.clone(),
+                    after: match &t.cursor {
+                        Cursor::Pending(id) => id.clone(),
+                        Cursor::New => ">".to_owned(),
+                    },
+                    stream_key: t.stream_key.clone(),
+                }
+            })
+            .collect();
+        Some(ReadRequest {
+            settings: s.redis.clone(),
+            db,
+            group: s.consumer_group.clone(),
+            consumer: s.consumer_name.clone(),
+            count: s.batch_size,
+            block: (idle && !any_pending && dbs.len() == 1).then_some(s.poll_interval),
+            streams,
+        })
+    }
+
+    /// One round: take the reply of the read in flight (or read now), start the next read
+    /// when it cannot depend on this one, then write this one in one transaction and
+    /// acknowledge after the commit. Reading and writing overlap on two threads.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         redis: &mut Redis,
+        reader: &mut Reader,
         sink: &mut Sink,
         s: &Settings,
         warn: &dyn Fn(&str),
+        tick: &dyn Fn(),
     ) -> Result<StepOutcome> {
-        let mut outcome = StepOutcome::default();
         let target = Target {
             schema: s.schema.clone(),
             stream_table: s.stream_table.clone(),
             overwrite: s.stream_conflict_overwrite,
             query_timeout_ms: s.query_timeout.as_millis() as u64,
         };
-        sink.prepare(&target)?;
-        let per_read = (MAX_ENTRIES_PER_READ / s.batch_size.max(1)).max(1) as usize;
-        let groups = self.by_db(|_| true);
-        let n_groups = groups.len();
-        for (gi, (db, idx)) in groups.into_iter().enumerate() {
-            // Round-robin over the streams of this database when they do not all fit.
-            let start = self.rr.get(&db).copied().unwrap_or(0) % idx.len();
-            let take: Vec<usize> =
-                idx.iter().cycle().skip(start).take(per_read.min(idx.len())).copied().collect();
-            self.rr.insert(db, start + take.len());
-            let any_pending = take.iter().any(|&i| self.streams[i].cursor != Cursor::New);
-            let block = (gi + 1 == n_groups && outcome.entries == 0 && !any_pending)
-                .then_some(s.poll_interval);
-            let ids: Vec<String> = take
-                .iter()
-                .map(|&i| match &self.streams[i].cursor {
-                    Cursor::Pending(id) => id.clone(),
-                    Cursor::New => ">".to_owned(),
-                })
-                .collect();
-            let req: Vec<(&[u8], &str)> = take
-                .iter()
-                .zip(&ids)
-                .map(|(&i, id)| (self.streams[i].key.as_slice(), id.as_str()))
-                .collect();
-            let reply = match redis.read_group(
-                db,
-                &s.consumer_group,
-                &s.consumer_name,
-                s.batch_size,
-                block,
-                &req,
-            ) {
-                Ok(r) => r,
-                Err(e) if e.is_nogroup() => {
-                    self.recreate_groups(redis, db, &take, s, warn)?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            outcome.entries += self.land(redis, sink, db, &take, reply, s)?;
+        if let Err(e) = sink.prepare(&target) {
+            reader.discard(tick);
+            self.restart_from_pending();
+            return Err(e);
         }
-        Ok(outcome)
+        if !reader.in_flight() {
+            let Some(req) = self.next_request(s, self.idle) else {
+                return Ok(StepOutcome::default());
+            };
+            redis.take_token();
+            reader.send(req)?;
+        }
+        let reply = reader.receive(tick)?;
+        let db = reply.request.db;
+        let batches = match reply.result {
+            Ok(b) => b,
+            Err(e) if e.is_nogroup() => {
+                reader.discard(tick);
+                let idx: Vec<usize> = reply
+                    .request
+                    .streams
+                    .iter()
+                    .filter_map(|r| self.index.get(&(db, r.key.clone())).copied())
+                    .collect();
+                self.recreate_groups(redis, db, &idx, s, warn)?;
+                return Ok(StepOutcome::default());
+            }
+            Err(e) => {
+                reader.discard(tick);
+                self.restart_from_pending();
+                return Err(e);
+            }
+        };
+        // Move cursors: a pending re-read goes on after its last entry, or switches to new
+        // entries once it comes back empty.
+        for asked in &reply.request.streams {
+            let Some(&i) = self.index.get(&(db, asked.key.clone())) else { continue };
+            let t = &mut self.streams[i];
+            if t.cursor != Cursor::Pending(asked.after.clone()) {
+                continue;
+            }
+            let got = batches.iter().find(|b| b.key == asked.key).and_then(|b| b.ids.last());
+            t.cursor = match got {
+                Some(last) => Cursor::Pending(last.clone()),
+                None => Cursor::New,
+            };
+        }
+        let entries: usize = batches.iter().map(|b| b.ids.len()).sum();
+        self.idle = entries == 0;
+        // Read ahead while this batch is written, when the next read cannot depend on it.
+        if self.streams.iter().all(|t| t.cursor == Cursor::New) {
+            if let Some(next) = self.next_request(s, self.idle) {
+                redis.take_token();
+                reader.send(next)?;
+            }
+        }
+        match self.land(redis, sink, db, batches, s) {
+            Ok(n) => Ok(StepOutcome { entries: n }),
+            Err(e) => {
+                reader.discard(tick);
+                self.restart_from_pending();
+                Err(e)
+            }
+        }
     }
 
     /// The group or the stream disappeared under us (deleted, or deleted and added again):
@@ -436,55 +516,25 @@ impl StreamSync {
         Ok(())
     }
 
-    /// Turns a read reply into rows, writes them, acknowledges. Returns the entries handled.
+    /// Writes the rows of one read in one transaction, then acknowledges every entry read.
+    /// Returns the entries handled.
     fn land(
         &mut self,
         redis: &mut Redis,
         sink: &mut Sink,
         db: u8,
-        asked: &[usize],
-        reply: Vec<(Vec<u8>, Vec<RawEntry>)>,
+        batches: Vec<StreamBatch>,
         s: &Settings,
     ) -> Result<usize> {
         let mut rows = Vec::new();
         let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
-        let mut answered = Vec::new();
-        for (key, entries) in reply {
-            let Some(&i) = self.index.get(&(db, key)) else { continue };
-            answered.push(i);
-            let t = &mut self.streams[i];
-            if entries.is_empty() {
-                if let Cursor::Pending(_) = t.cursor {
-                    // Our pending list is drained: on to new entries.
-                    t.cursor = Cursor::New;
-                }
+        for b in batches {
+            if b.ids.is_empty() {
                 continue;
             }
-            let mut ids = Vec::with_capacity(entries.len());
-            for e in entries {
-                if let Cursor::Pending(_) = t.cursor {
-                    t.cursor = Cursor::Pending(e.id.clone());
-                }
-                if let Some(fields) = &e.fields {
-                    rows.push(StreamRow {
-                        stream_key: t.stream_key.clone(),
-                        message_id: e.id.clone(),
-                        data: entry_json(fields),
-                        millis: entry_id_millis(&e.id).unwrap_or(0),
-                    });
-                }
-                // An entry deleted while pending has nothing to store: acknowledged.
-                ids.push(e.id);
-            }
-            acks.push((i, ids));
-        }
-        // A pending read that returned nothing for a stream also means drained.
-        for &i in asked {
-            if !answered.contains(&i) {
-                if let Cursor::Pending(_) = self.streams[i].cursor {
-                    self.streams[i].cursor = Cursor::New;
-                }
-            }
+            let Some(&i) = self.index.get(&(db, b.key)) else { continue };
+            rows.extend(b.rows);
+            acks.push((i, b.ids));
         }
         if acks.is_empty() {
             return Ok(0);
@@ -494,7 +544,6 @@ impl StreamSync {
             // again from there once Postgres takes them.
             for (i, _) in &acks {
                 let t = &mut self.streams[*i];
-                t.cursor = Cursor::Pending("0".into());
                 t.state = StreamState::Error;
                 t.last_error = e.to_string();
             }
@@ -502,6 +551,7 @@ impl StreamSync {
             self.publish(acks.iter().map(|(i, _)| *i));
             return Err(e);
         }
+        drop(rows);
         let ack_req: Vec<(&[u8], Vec<&str>)> = acks
             .iter()
             .map(|(i, ids)| {

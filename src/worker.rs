@@ -18,6 +18,7 @@ use pgrx::PgLogLevel;
 use crate::backoff::{Backoff, Jitter};
 use crate::error::SyncError;
 use crate::gucs::{LogLevel, Mode, Settings};
+use crate::reader::Reader;
 use crate::redis::Redis;
 use crate::shmem::{self, WorkerState};
 use crate::sink::Sink;
@@ -142,6 +143,11 @@ pub fn wait(timeout: Duration) {
     }
 }
 
+/// Where the worker waits on another thread: a terminate request is still honoured.
+fn interrupts() {
+    pgrx::check_for_interrupts!();
+}
+
 /// The rate limiter's wait: a latch wait that still honours a terminate request.
 fn throttle_sleep(d: Duration) {
     wait(d);
@@ -197,6 +203,8 @@ struct Worker {
     jitter: Jitter,
     streams: StreamSync,
     sink: Sink,
+    /// Started on first use; started again if it ever stops.
+    reader: Option<Reader>,
     /// `redis_sync_discover()` requests handled so far.
     discover_handled: u64,
     /// After a failure that left Redis connected (a Postgres error), no new round before this.
@@ -216,6 +224,7 @@ impl Worker {
             jitter: Jitter::new(seed),
             streams: StreamSync::new(),
             sink: Sink::default(),
+            reader: None,
             hold_until: Instant::now(),
             discover_handled: shmem::discovery_requests(),
             loop_cxt: unsafe {
@@ -277,6 +286,9 @@ impl Worker {
             self.link = Link::Down { next_attempt: Instant::now() };
             self.backoff.reset();
             self.streams.clear();
+            if let Some(mut reader) = self.reader.take() {
+                reader.discard(&interrupts);
+            }
             let server = new.redis.server();
             shmem::update(|s| {
                 s.redis_connected = false;
@@ -360,6 +372,9 @@ impl Worker {
         let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
         let requested = shmem::discovery_requests();
         if self.streams.discovery_due() || requested != self.discover_handled {
+            if let Some(reader) = self.reader.as_mut() {
+                reader.discard(&interrupts);
+            }
             let log = &self.log;
             self.streams.discover(redis, &self.settings, &|m| log.at(LogLevel::Info, m))?;
             self.discover_handled = requested;
@@ -367,9 +382,23 @@ impl Worker {
         if self.streams.tracked() == 0 {
             return Ok(self.streams.idle_wait());
         }
+        if self.reader.is_none() {
+            self.reader = Some(Reader::start()?);
+        }
+        let Some(reader) = self.reader.as_mut() else { return Ok(MAX_WAIT) };
         let log = &self.log;
-        self.streams
-            .step(redis, &mut self.sink, &self.settings, &|m| log.at(LogLevel::Warning, m))?;
+        let outcome = self.streams.step(
+            redis,
+            reader,
+            &mut self.sink,
+            &self.settings,
+            &|m| log.at(LogLevel::Warning, m),
+            &interrupts,
+        );
+        if outcome.as_ref().is_err_and(|e| e.to_string().contains("reader thread has stopped")) {
+            self.reader = None;
+        }
+        outcome?;
         // XREADGROUP already blocked for up to poll_interval when there was nothing to read.
         Ok(Duration::ZERO)
     }
@@ -419,6 +448,11 @@ impl Worker {
         shmem::record_error(&err.to_string());
         if err.connection_lost() {
             self.link = Link::Down { next_attempt: Instant::now() + delay };
+            // A read still in flight belongs to the old connection: what it read sits in our
+            // pending list and is read again after the reconnect.
+            if let Some(reader) = self.reader.as_mut() {
+                reader.discard(&interrupts);
+            }
         } else {
             self.hold_until = Instant::now() + delay;
         }

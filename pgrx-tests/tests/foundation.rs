@@ -268,8 +268,10 @@ fn idles_on_a_hot_standby_and_starts_on_promotion() {
     assert_eq!(standby.status("redis_connected").as_deref(), Some("false"));
     // Only the primary's worker talks to Redis.
     let mut r = redis.client();
-    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).expect("client list");
-    assert_eq!(list.lines().count(), 2, "{list}");
+    wait_for("only the primary's worker and us as clients", T, || {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).ok()?;
+        (list.lines().count() == 2).then_some(())
+    });
 
     standby.execute("SELECT pg_promote()");
     standby.wait_status("state", "running", T);

@@ -1,0 +1,347 @@
+//! `make bench`: measures stream sync against COPY on this machine, in one run, and writes
+//! the figures to bench/RESULTS.md.
+//!
+//! 1. A backlog of N entries (default 1,000,000) over 10 streams, 5 short fields each.
+//! 2. Drain rate with batch_size=1000, rate_limit=0, then with the defaults (new consumer
+//!    group, new table, same backlog).
+//! 3. COPY of the same rows into an identical empty table: the ceiling.
+//! 4. The worker's peak private memory (RssAnon) while draining.
+//! 5. Latency from XADD to row visible at a steady 5,000 entries/s.
+//!
+//! Environment: BENCH_ENTRIES (default 1000000), BENCH_LATENCY_SECS (default 10),
+//! PG_CONFIG (the Postgres with the extension installed, built with --release).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis_pg_sync_e2e::*;
+
+const STREAMS: usize = 10;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn fill(r: &mut redis::Connection, total: usize) {
+    let per = total / STREAMS;
+    for s in 0..STREAMS {
+        let key = format!("biosignal-{s}-stream");
+        let mut i = 0;
+        while i < per {
+            let mut p = redis::pipe();
+            for j in i..(i + 2000).min(per) {
+                p.cmd("XADD")
+                    .arg(&key)
+                    .arg("*")
+                    .arg("heart_rate")
+                    .arg(60 + j % 40)
+                    .arg("spo2")
+                    .arg(95 + j % 5)
+                    .arg("temperature")
+                    .arg("36.6")
+                    .arg("device_id")
+                    .arg(format!("dev-{s}"))
+                    .arg("quality")
+                    .arg("good")
+                    .ignore();
+            }
+            let _: () = p.query(r).expect("XADD");
+            i += 2000;
+        }
+    }
+}
+
+fn rss_anon_kb(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Samples the worker's RssAnon every 50 ms until `stop`; returns the peak in KiB.
+fn watch_memory(pid: i32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(kb) = rss_anon_kb(pid) {
+                peak = peak.max(kb);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
+}
+
+struct Drain {
+    rows_per_s: f64,
+    secs: f64,
+    peak_rss_kb: u64,
+}
+
+/// Turns the worker on (it was started paused) and times the drain of `total` rows into
+/// `table`.
+fn drain(pg: &Cluster, table: &str, total: usize) -> Drain {
+    let pid = wait_for("worker", Duration::from_secs(30), || pg.worker_pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mem = watch_memory(pid, stop.clone());
+    let t0 = Instant::now();
+    pg.set("redis_sync.enabled", "on");
+    let sql = format!("SELECT count(*) FROM {table}");
+    loop {
+        let n: i64 = pg.try_query_text(&sql).and_then(|s| s.parse().ok()).unwrap_or(0);
+        if n as usize >= total {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1800), "drain too slow: {n} of {total}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak_rss_kb = mem.join().unwrap_or(0);
+    Drain { rows_per_s: total as f64 / secs, secs, peak_rss_kb }
+}
+
+fn micros_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Adds entries at `rate`/s over 10 streams for `secs`, while a reader polls the table for
+/// new rows; returns (p50, p99, max) latency in ms over all rows.
+fn latency(
+    redis: &Redis,
+    pg: &Cluster,
+    table: &str,
+    rate: u64,
+    secs: u64,
+) -> (f64, f64, f64, usize) {
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let mut r = redis.client();
+        let done = done.clone();
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let tick = Duration::from_millis(10);
+            let per_tick = (rate / 100).max(1);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < Duration::from_secs(secs) {
+                let due = start + tick * (n / per_tick) as u32;
+                if let Some(w) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(w);
+                }
+                let mut p = redis::pipe();
+                for _ in 0..per_tick {
+                    p.cmd("XADD")
+                        .arg(format!("lat-{}-stream", n % STREAMS as u64))
+                        .arg("*")
+                        .arg("sent_us")
+                        .arg(micros_now())
+                        .arg("heart_rate")
+                        .arg(70)
+                        .ignore();
+                    n += 1;
+                }
+                let _: () = p.query(&mut r).expect("XADD");
+            }
+            sent.store(n, Ordering::SeqCst);
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut c = pg.client();
+    let mut last_id: i64 = 0;
+    let mut lat_ms: Vec<f64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(secs + 60);
+    loop {
+        let rows = c
+            .query(
+                &format!("SELECT id, (data->>'sent_us')::bigint FROM {table} WHERE id > $1 AND stream_key LIKE 'lat-%' ORDER BY id"),
+                &[&last_id],
+            )
+            .expect("poll");
+        let now = micros_now();
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let sent_us: i64 = row.get(1);
+            last_id = last_id.max(id);
+            lat_ms.push((now as i64 - sent_us) as f64 / 1000.0);
+        }
+        if done.load(Ordering::SeqCst) && lat_ms.len() as u64 >= sent.load(Ordering::SeqCst) {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let _ = producer.join();
+    lat_ms.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        lat_ms
+            .get(((lat_ms.len() as f64 * p) as usize).min(lat_ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    (pct(0.5), pct(0.99), lat_ms.last().copied().unwrap_or(f64::NAN), lat_ms.len())
+}
+
+fn main() {
+    let total = env_num("BENCH_ENTRIES", 1_000_000) as usize;
+    let lat_secs = env_num("BENCH_LATENCY_SECS", 10);
+    let redis = Redis::start();
+    let mut r = redis.client();
+    eprintln!("[bench] filling {total} entries over {STREAMS} streams");
+    let t = Instant::now();
+    fill(&mut r, total);
+    eprintln!("[bench] filled in {:.1}s", t.elapsed().as_secs_f64());
+
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.enabled", "off"),
+            ("redis_sync.batch_size", "1000"),
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+            ("shared_buffers", "512MB"),
+            ("max_wal_size", "4GB"),
+        ],
+    );
+    eprintln!("[bench] drain 1: batch_size=1000, rate_limit=0");
+    let fast = drain(&pg, "redis_streams", total);
+    eprintln!(
+        "[bench]   {:.0} rows/s ({:.1}s), peak RssAnon {} KiB",
+        fast.rows_per_s, fast.secs, fast.peak_rss_kb
+    );
+
+    eprintln!("[bench] COPY of the same rows into an identical empty table");
+    let dump = pg.data_dir().join("bench_rows.copy");
+    let dump = dump.to_string_lossy();
+    pg.execute(&format!(
+        "COPY (SELECT stream_key, message_id, data, \"timestamp\" FROM redis_streams) TO '{dump}';
+         CREATE TABLE copy_target (LIKE redis_streams INCLUDING ALL);
+         CHECKPOINT;"
+    ));
+    let t = Instant::now();
+    pg.execute(&format!(
+        "COPY copy_target (stream_key, message_id, data, \"timestamp\") FROM '{dump}'"
+    ));
+    let copy_secs = t.elapsed().as_secs_f64();
+    let copy_rate = total as f64 / copy_secs;
+    eprintln!("[bench]   COPY {:.0} rows/s ({:.1}s)", copy_rate, copy_secs);
+    pg.execute("DROP TABLE copy_target; CHECKPOINT");
+
+    eprintln!("[bench] drain 2: defaults (batch_size=100, rate_limit=100)");
+    pg.set("redis_sync.enabled", "off");
+    wait_for("paused", Duration::from_secs(30), || {
+        (pg.status("state").as_deref() == Some("paused")).then_some(())
+    });
+    for sql in [
+        "ALTER SYSTEM RESET redis_sync.batch_size",
+        "ALTER SYSTEM RESET redis_sync.rate_limit",
+        "ALTER SYSTEM SET redis_sync.consumer_group = 'bench-defaults'",
+        "ALTER SYSTEM SET redis_sync.stream_table = 'redis_streams_defaults'",
+    ] {
+        pg.execute(sql);
+    }
+    pg.reload();
+    let defaults = drain(&pg, "redis_streams_defaults", total);
+    eprintln!(
+        "[bench]   {:.0} rows/s ({:.1}s), peak RssAnon {} KiB",
+        defaults.rows_per_s, defaults.secs, defaults.peak_rss_kb
+    );
+
+    eprintln!("[bench] latency at 5000 entries/s for {lat_secs}s (defaults)");
+    pg.execute("ALTER SYSTEM SET redis_sync.stream_discovery_patterns = 'lat-*'");
+    pg.execute("ALTER SYSTEM SET redis_sync.stream_table = 'redis_streams_latency'");
+    pg.reload();
+    // The ten streams exist before the clock starts, so discovery is not measured.
+    for s in 0..STREAMS {
+        let _: String = redis::cmd("XADD")
+            .arg(format!("lat-{s}-stream"))
+            .arg("*")
+            .arg("sent_us")
+            .arg(micros_now())
+            .query(&mut r)
+            .expect("XADD");
+    }
+    pg.wait_number(
+        "SELECT count(*) FROM redis_sync_streams()",
+        STREAMS as i64,
+        Duration::from_secs(60),
+    );
+    pg.wait_number(
+        "SELECT count(*) FROM redis_streams_latency",
+        STREAMS as i64,
+        Duration::from_secs(60),
+    );
+    let (p50, p99, max, n) = latency(&redis, &pg, "redis_streams_latency", 5000, lat_secs);
+    eprintln!("[bench]   p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms over {n} rows");
+
+    let ratio = fast.rows_per_s / copy_rate;
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let pg_version = pg.query_text("SELECT version()").unwrap_or_default();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Written by `make bench` on {date}; machine: {cores} cores, {machine}; {pg_version}."
+    );
+    let _ = writeln!(md, "Postgres runs with fsync=off for the worker and for COPY alike; figures from one run, side by side.\n");
+    let _ = writeln!(
+        md,
+        "## Stream sync: {total} entries over {STREAMS} streams, 5 short fields each\n"
+    );
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| drain, batch_size=1000, rate_limit=0 | {:.0} rows/s ({:.1} s) |",
+        fast.rows_per_s, fast.secs
+    );
+    let _ = writeln!(
+        md,
+        "| drain, defaults (batch_size=100, rate_limit=100) | {:.0} rows/s ({:.1} s) |",
+        defaults.rows_per_s, defaults.secs
+    );
+    let _ = writeln!(
+        md,
+        "| COPY of the same rows into an identical empty table | {:.0} rows/s ({:.1} s) |",
+        copy_rate, copy_secs
+    );
+    let _ = writeln!(md, "| **drain (batch 1000) / COPY** | **{ratio:.2}** (target >= 0.5) |");
+    let _ = writeln!(md, "| drain (defaults) / COPY | {:.2} |", defaults.rows_per_s / copy_rate);
+    let _ = writeln!(
+        md,
+        "| worker peak RssAnon, batch 1000 / defaults | {:.1} MiB / {:.1} MiB (target < 100 MiB) |",
+        fast.peak_rss_kb as f64 / 1024.0,
+        defaults.peak_rss_kb as f64 / 1024.0
+    );
+    let _ = writeln!(md, "| latency XADD -> row visible at 5,000 entries/s (defaults), {n} rows | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (target p99 < 50 ms) |");
+    let _ = writeln!(
+        md,
+        "\nReproduce: `make bench` (BENCH_ENTRIES and BENCH_LATENCY_SECS change the sizes)."
+    );
+    print!("{md}");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&out, md).expect("write bench/RESULTS.md");
+    eprintln!("[bench] wrote {}", out.display());
+}

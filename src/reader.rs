@@ -1,0 +1,177 @@
+//! The reader thread: runs `XREADGROUP` and turns the reply into rows while the main thread
+//! writes the previous batch into Postgres (two cores, two halves of the work).
+//!
+//! It owns its own Redis connections, talks to the main thread over bounded channels, has
+//! every signal blocked, and never calls Postgres: only the atomics of `shmem::bump`.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::encode::{entry_id_millis, entry_json};
+use crate::error::{Result, SyncError};
+use crate::gucs::RedisSettings;
+use crate::redis::RedisConn;
+use crate::sink::StreamRow;
+
+/// One stream in a read: its key, the ID to read after, and the name rows are stored under.
+#[derive(Debug, Clone)]
+pub struct ReadStream {
+    pub key: Vec<u8>,
+    pub after: String,
+    pub stream_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadRequest {
+    pub settings: RedisSettings,
+    pub db: u8,
+    pub group: String,
+    pub consumer: String,
+    pub count: u32,
+    pub block: Option<Duration>,
+    pub streams: Vec<ReadStream>,
+}
+
+/// What one stream gave: every entry ID (to acknowledge) and a row for each entry that
+/// still has fields (an entry deleted while pending has none).
+#[derive(Debug, Default)]
+pub struct StreamBatch {
+    pub key: Vec<u8>,
+    pub ids: Vec<String>,
+    pub rows: Vec<StreamRow>,
+}
+
+pub struct ReadReply {
+    pub request: ReadRequest,
+    pub result: Result<Vec<StreamBatch>>,
+}
+
+pub struct Reader {
+    requests: SyncSender<ReadRequest>,
+    replies: Receiver<ReadReply>,
+    _thread: JoinHandle<()>,
+    in_flight: usize,
+}
+
+/// Runs `f` with every signal blocked, so a thread it spawns starts with them blocked.
+fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+impl Reader {
+    pub fn start() -> Result<Reader> {
+        // One request queued and one reply waiting at most: memory stays at two batches.
+        let (req_tx, req_rx) = sync_channel::<ReadRequest>(1);
+        let (rep_tx, rep_rx) = sync_channel::<ReadReply>(1);
+        let thread = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("redis_pg_sync reader".into())
+                .spawn(move || serve(req_rx, rep_tx))
+        })
+        .map_err(|e| SyncError::Config(format!("cannot start the reader thread: {e}")))?;
+        Ok(Reader { requests: req_tx, replies: rep_rx, _thread: thread, in_flight: 0 })
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight > 0
+    }
+
+    pub fn send(&mut self, req: ReadRequest) -> Result<()> {
+        self.requests
+            .send(req)
+            .map_err(|_| SyncError::Config("the reader thread has stopped".into()))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Waits for the reply to the oldest request, calling `tick` every 100 ms meanwhile
+    /// (the worker checks for interrupts there).
+    pub fn receive(&mut self, tick: &dyn Fn()) -> Result<ReadReply> {
+        loop {
+            match self.replies.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => {
+                    self.in_flight -= 1;
+                    return Ok(r);
+                }
+                Err(RecvTimeoutError::Timeout) => tick(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SyncError::Config("the reader thread has stopped".into()))
+                }
+            }
+        }
+    }
+
+    /// Waits for and drops every reply still due (after a failure, what was read sits in
+    /// our pending list and is read again from there).
+    pub fn discard(&mut self, tick: &dyn Fn()) {
+        while self.in_flight > 0 {
+            if self.receive(tick).is_err() {
+                self.in_flight = 0;
+            }
+        }
+    }
+}
+
+fn serve(requests: Receiver<ReadRequest>, replies: SyncSender<ReadReply>) {
+    let mut conns: HashMap<u8, (RedisSettings, RedisConn)> = HashMap::new();
+    for req in requests {
+        let result = read(&mut conns, &req);
+        if result.as_ref().is_err_and(|e| e.connection_lost()) {
+            conns.remove(&req.db);
+        }
+        if replies.send(ReadReply { request: req, result }).is_err() {
+            return;
+        }
+    }
+}
+
+fn read(
+    conns: &mut HashMap<u8, (RedisSettings, RedisConn)>,
+    req: &ReadRequest,
+) -> Result<Vec<StreamBatch>> {
+    let stale = conns.get(&req.db).is_some_and(|(s, _)| *s != req.settings);
+    if stale || !conns.contains_key(&req.db) {
+        conns.remove(&req.db);
+        let c = RedisConn::connect(&req.settings, req.db)?;
+        conns.insert(req.db, (req.settings.clone(), c));
+    }
+    let Some((_, conn)) = conns.get_mut(&req.db) else {
+        return Err(SyncError::Config("no reader connection".into()));
+    };
+    let pairs: Vec<(&[u8], &str)> =
+        req.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect();
+    let reply = conn.read_group(&req.group, &req.consumer, req.count, req.block, &pairs)?;
+    let names: HashMap<&[u8], &str> =
+        req.streams.iter().map(|s| (s.key.as_slice(), s.stream_key.as_str())).collect();
+    Ok(reply
+        .into_iter()
+        .map(|(key, entries)| {
+            let stream_key = names.get(key.as_slice()).copied().unwrap_or("");
+            let mut batch =
+                StreamBatch { ids: Vec::with_capacity(entries.len()), ..Default::default() };
+            for e in entries {
+                if let Some(fields) = &e.fields {
+                    batch.rows.push(StreamRow {
+                        stream_key: stream_key.to_owned(),
+                        message_id: e.id.clone(),
+                        data: entry_json(fields),
+                        millis: entry_id_millis(&e.id).unwrap_or(0),
+                    });
+                }
+                batch.ids.push(e.id);
+            }
+            batch.key = key;
+            batch
+        })
+        .collect())
+}
