@@ -140,6 +140,52 @@ pub fn entry_id_millis(id: &str) -> Option<i64> {
     ms.parse::<u64>().ok().and_then(|v| i64::try_from(v).ok())
 }
 
+/// Appends `s` as one field of COPY's text format (backslash, tab, newline, CR escaped).
+pub fn push_copy_field(out: &mut Vec<u8>, s: &str) {
+    let mut start = 0;
+    let b = s.as_bytes();
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&b[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&b[start..]);
+}
+
+/// Milliseconds since the Unix epoch as a `timestamptz` literal in UTC
+/// (`YYYY-MM-DD HH:MM:SS.mmm+00`), for COPY.
+pub fn push_utc_millis(out: &mut Vec<u8>, millis: i64) {
+    use std::io::Write;
+    let secs = millis.div_euclid(1000);
+    let ms = millis.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{ms:03}+00",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    );
+}
+
 #[cfg(test)]
 pub mod tests {
     use super::*;
@@ -225,6 +271,27 @@ pub mod tests {
             r#"{"heart_rate":"72","spo2":"98"}"#
         );
         assert_eq!(entry_json(&[("v", &b"\xff"[..])]), r#"{"v":{"$b64":"/w=="}}"#);
+    }
+
+    #[test]
+    fn copy_fields_escape_the_format_characters() {
+        let mut out = Vec::new();
+        push_copy_field(&mut out, "a\tb\nc\rd\\e");
+        assert_eq!(out, b"a\\tb\\nc\\rd\\\\e");
+    }
+
+    #[test]
+    fn utc_millis() {
+        let f = |ms| {
+            let mut v = Vec::new();
+            push_utc_millis(&mut v, ms);
+            String::from_utf8(v).unwrap_or_default()
+        };
+        assert_eq!(f(0), "1970-01-01 00:00:00.000+00");
+        assert_eq!(f(1_700_000_000_123), "2023-11-14 22:13:20.123+00");
+        assert_eq!(f(951_782_400_000), "2000-02-29 00:00:00.000+00");
+        assert_eq!(f(-1), "1969-12-31 23:59:59.999+00");
+        assert_eq!(f(253_402_300_799_999), "9999-12-31 23:59:59.999+00");
     }
 
     #[test]

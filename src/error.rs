@@ -18,6 +18,11 @@ pub enum SyncError {
     #[error("Redis command {command} failed: {detail}")]
     RedisCommand { command: &'static str, detail: String, code: Option<String> },
 
+    /// In-process COPY cannot be used on the stream table (row-level security, or INSERT
+    /// granted on columns only): the INSERT path is used instead.
+    #[error("COPY cannot be used on the stream table")]
+    CopyUnusable,
+
     /// A statement of the worker failed in Postgres.
     #[error("{message}")]
     Postgres { sqlstate: PgSqlErrorCode, message: String },
@@ -34,6 +39,7 @@ impl SyncError {
             SyncError::RedisAuth { .. } => PgSqlErrorCode::ERRCODE_INVALID_PASSWORD,
             SyncError::RedisCommand { .. } => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             SyncError::Config(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::CopyUnusable => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::Postgres { sqlstate, .. } => *sqlstate,
         }
     }
@@ -44,7 +50,7 @@ impl SyncError {
         match self {
             SyncError::RedisUnavailable { .. } | SyncError::RedisAuth { .. } => true,
             SyncError::RedisCommand { code, .. } => code.is_none(),
-            SyncError::Config(_) | SyncError::Postgres { .. } => false,
+            SyncError::Config(_) | SyncError::CopyUnusable | SyncError::Postgres { .. } => false,
         }
     }
 

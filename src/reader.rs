@@ -9,7 +9,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::encode::{entry_id_millis, entry_json};
+use crate::encode::{entry_id_millis, entry_json, push_copy_field, push_utc_millis};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::redis::RedisConn;
@@ -41,6 +41,8 @@ pub struct StreamBatch {
     pub key: Vec<u8>,
     pub ids: Vec<String>,
     pub rows: Vec<StreamRow>,
+    /// The same rows in COPY text format: stream_key, message_id, data, timestamp.
+    pub copy: Vec<u8>,
 }
 
 pub struct ReadReply {
@@ -161,12 +163,14 @@ fn read(
                 StreamBatch { ids: Vec::with_capacity(entries.len()), ..Default::default() };
             for e in entries {
                 if let Some(fields) = &e.fields {
-                    batch.rows.push(StreamRow {
+                    let row = StreamRow {
                         stream_key: stream_key.to_owned(),
                         message_id: e.id.clone(),
                         data: entry_json(fields),
                         millis: entry_id_millis(&e.id).unwrap_or(0),
-                    });
+                    };
+                    push_copy_row(&mut batch.copy, &row);
+                    batch.rows.push(row);
                 }
                 batch.ids.push(e.id);
             }
@@ -174,4 +178,15 @@ fn read(
             batch
         })
         .collect())
+}
+
+fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
+    push_copy_field(out, &row.stream_key);
+    out.push(b'\t');
+    push_copy_field(out, &row.message_id);
+    out.push(b'\t');
+    push_copy_field(out, &row.data);
+    out.push(b'\t');
+    push_utc_millis(out, row.millis);
+    out.push(b'\n');
 }

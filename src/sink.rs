@@ -43,14 +43,55 @@ const CONFLICT_STREAK: u32 = 16;
 #[derive(Default)]
 pub struct Sink {
     target: Option<Target>,
-    /// Plain `INSERT`: the fast path. Entries read with `>` are almost always new, and a
-    /// plain insert skips the speculative-insertion work of `ON CONFLICT` for every row.
-    insert_new: Option<OwnedPreparedStatement>,
-    /// `INSERT ... ON CONFLICT`: for batches that meet rows already stored (entries read
-    /// again after a crash, a stream re-created with the same IDs).
+    /// `INSERT ... SELECT FROM unnest(...) ON CONFLICT`: for batches that meet rows already
+    /// stored (entries read again after a crash, a stream re-created with the same IDs), for
+    /// isolating refused rows, and where COPY cannot be used.
     insert: Option<OwnedPreparedStatement>,
     dead_letter: Option<OwnedPreparedStatement>,
+    /// Batches left that skip the COPY fast path after one met rows already stored.
     use_conflict_for: u32,
+    /// COPY is not usable on this table (row-level security, or no table-level INSERT
+    /// privilege): always the INSERT path.
+    copy_unusable: bool,
+}
+
+thread_local! {
+    /// The COPY data being fed to `CopyFrom` (main thread only): chunks and read position.
+    static COPY_SOURCE: std::cell::Cell<(*const Vec<u8>, usize, usize, usize)> =
+        const { std::cell::Cell::new((std::ptr::null(), 0, 0, 0)) };
+}
+
+/// `copy_data_source_cb`: hands COPY the next bytes of the chunks; 0 means the end.
+unsafe extern "C-unwind" fn copy_source(
+    outbuf: *mut std::ffi::c_void,
+    _minread: std::ffi::c_int,
+    maxread: std::ffi::c_int,
+) -> std::ffi::c_int {
+    COPY_SOURCE.with(|src| {
+        let (chunks, n, mut idx, mut off) = src.get();
+        let mut written = 0usize;
+        let max = maxread.max(0) as usize;
+        while written < max && idx < n {
+            // SAFETY: `chunks` points at `n` vectors that outlive the COPY (see copy_in).
+            let chunk = unsafe { &*chunks.add(idx) };
+            let take = (chunk.len() - off).min(max - written);
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    chunk.as_ptr().add(off),
+                    (outbuf as *mut u8).add(written),
+                    take,
+                );
+            }
+            written += take;
+            off += take;
+            if off == chunk.len() {
+                idx += 1;
+                off = 0;
+            }
+        }
+        src.set((chunks, n, idx, off));
+        written as std::ffi::c_int
+    })
 }
 
 fn caught(e: CaughtError) -> SyncError {
@@ -139,9 +180,9 @@ impl Sink {
     /// Forgets the prepared statements (after a failure that may mean the table changed).
     pub fn reset(&mut self) {
         self.target = None;
-        self.insert_new = None;
         self.insert = None;
         self.dead_letter = None;
+        self.copy_unusable = false;
     }
 
     /// Makes sure the tables exist and the statements are prepared for `target`.
@@ -150,7 +191,7 @@ impl Sink {
             return Ok(());
         }
         self.reset();
-        let (insert_new, insert, dead_letter) = in_transaction(|| {
+        let (insert, dead_letter) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_tables(client, target)?;
                 // The worker's statement_timeout, for the whole session.
@@ -161,35 +202,58 @@ impl Sink {
                         &[format!("{}ms", target.query_timeout_ms).into()],
                     )
                     .map_err(spi_err)?;
-                let insert_new = client
-                    .prepare_mut(insert_sql(target, false).as_str(), &insert_types())
-                    .map_err(spi_err)?
-                    .keep();
                 let insert = client
-                    .prepare_mut(insert_sql(target, true).as_str(), &insert_types())
+                    .prepare_mut(insert_sql(target).as_str(), &insert_types())
                     .map_err(spi_err)?
                     .keep();
                 let dead = client
                     .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
                     .map_err(spi_err)?
                     .keep();
-                Ok((insert_new, insert, dead))
+                Ok((insert, dead))
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
-        self.insert_new = Some(insert_new);
         self.insert = Some(insert);
         self.dead_letter = Some(dead_letter);
         self.target = Some(target.clone());
         Ok(())
     }
 
-    /// Writes `rows` in one transaction. When the batch is refused because of some rows'
-    /// content, it is split in halves and each half tried in its own transaction, down to the
-    /// single rows, which go to the dead-letter table. Returns how many rows were
-    /// dead-lettered. Any other error (table gone, timeout, disk full) comes back as `Err`
-    /// with nothing written from the failing part.
-    pub fn write(&mut self, rows: &[StreamRow]) -> Result<usize> {
+    /// Writes one batch. The fast path is an in-process COPY of `copy` (the same rows in
+    /// COPY text format) in one transaction: Postgres' own bulk path, with multi-row heap
+    /// inserts. When the batch meets rows already stored, or COPY cannot be used, the rows go
+    /// through `INSERT ... ON CONFLICT` instead. Returns how many rows were dead-lettered.
+    pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        if self.use_conflict_for > 0 {
+            self.use_conflict_for -= 1;
+        } else if !self.copy_unusable {
+            match self.copy_in(copy) {
+                Ok(()) => return Ok(0),
+                Err(SyncError::Postgres {
+                    sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                    ..
+                }) => {
+                    self.use_conflict_for = CONFLICT_STREAK;
+                }
+                Err(SyncError::CopyUnusable) => self.copy_unusable = true,
+                // Refused rows are isolated by the INSERT path below.
+                Err(e) if e.is_row_level() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.insert_isolating(rows)
+    }
+
+    /// Writes `rows` with `INSERT ... ON CONFLICT` in one transaction. When the batch is
+    /// refused because of some rows' content, it is split in halves and each half tried in
+    /// its own transaction, down to the single rows, which go to the dead-letter table. Any
+    /// other error (table gone, timeout, disk full) comes back as `Err` with nothing written
+    /// from the failing part.
+    fn insert_isolating(&mut self, rows: &[StreamRow]) -> Result<usize> {
         if rows.is_empty() {
             return Ok(0);
         }
@@ -201,32 +265,79 @@ impl Sink {
                     return Ok(1);
                 }
                 let (a, b) = rows.split_at(rows.len() / 2);
-                Ok(self.write(a)? + self.write(b)?)
+                Ok(self.insert_isolating(a)? + self.insert_isolating(b)?)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
-        if self.use_conflict_for == 0 {
-            match self.run_insert(rows, false) {
-                Err(SyncError::Postgres {
-                    sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
-                    ..
-                }) => {
-                    self.use_conflict_for = CONFLICT_STREAK;
-                }
-                other => return other,
+    /// COPY of `chunks` into the stream table, in-process (BeginCopyFrom with a data
+    /// callback), with the same privilege checks COPY makes.
+    fn copy_in(&mut self, chunks: &[Vec<u8>]) -> Result<()> {
+        let t = self.target.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let schema = std::ffi::CString::new(t.schema.as_str())
+            .map_err(|_| SyncError::Config("schema name contains NUL".into()))?;
+        let table = std::ffi::CString::new(t.stream_table.as_str())
+            .map_err(|_| SyncError::Config("table name contains NUL".into()))?;
+        in_transaction(|| unsafe {
+            let rv = pg_sys::makeRangeVar(
+                pg_sys::pstrdup(schema.as_ptr()),
+                pg_sys::pstrdup(table.as_ptr()),
+                -1,
+            );
+            let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+            let rel = pg_sys::table_openrv(rv, lock);
+            let allowed = !(*(*rel).rd_rel).relrowsecurity
+                && pg_sys::pg_class_aclcheck(
+                    (*rel).rd_id,
+                    pg_sys::GetUserId(),
+                    pg_sys::ACL_INSERT as _,
+                ) == pg_sys::AclResult::ACLCHECK_OK;
+            if !allowed {
+                pg_sys::table_close(rel, lock);
+                return Err(SyncError::CopyUnusable);
             }
-        } else {
-            self.use_conflict_for -= 1;
-        }
-        self.run_insert(rows, true)
+            let mut cols: *mut pg_sys::List = std::ptr::null_mut();
+            for c in [c"stream_key", c"message_id", c"data", c"timestamp"] {
+                cols =
+                    pg_sys::lappend(cols, pg_sys::makeString(pg_sys::pstrdup(c.as_ptr())).cast());
+            }
+            COPY_SOURCE.with(|s| s.set((chunks.as_ptr(), chunks.len(), 0, 0)));
+            let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+            // COPY's executor state is built from the parse state's range table, as DoCopy
+            // sets it up.
+            pg_sys::addRangeTableEntryForRelation(
+                pstate,
+                rel,
+                lock,
+                std::ptr::null_mut(),
+                false,
+                false,
+            );
+            let cstate = pg_sys::BeginCopyFrom(
+                pstate,
+                rel,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                false,
+                Some(copy_source),
+                cols,
+                std::ptr::null_mut(),
+            );
+            pg_sys::CopyFrom(cstate);
+            pg_sys::EndCopyFrom(cstate);
+            pg_sys::free_parsestate(pstate);
+            COPY_SOURCE.with(|s| s.set((std::ptr::null(), 0, 0, 0)));
+            // The lock is kept to the end of the transaction, as COPY does.
+            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            Ok(())
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(())
     }
 
-    fn run_insert(&mut self, rows: &[StreamRow], on_conflict: bool) -> Result<()> {
-        let stmt = if on_conflict { &self.insert } else { &self.insert_new };
-        let stmt = stmt.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
+        let stmt = self.insert.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
         let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
@@ -319,10 +430,8 @@ fn insert_types() -> [PgOid; 4] {
     [text, text, text, PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)]
 }
 
-fn insert_sql(t: &Target, on_conflict: bool) -> String {
-    let conflict = if !on_conflict {
-        ""
-    } else if t.overwrite {
+fn insert_sql(t: &Target) -> String {
+    let conflict = if t.overwrite {
         "ON CONFLICT (stream_key, message_id) DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
     } else {
         "ON CONFLICT (stream_key, message_id) DO NOTHING"

@@ -527,6 +527,7 @@ impl StreamSync {
         s: &Settings,
     ) -> Result<usize> {
         let mut rows = Vec::new();
+        let mut copy = Vec::new();
         let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
         for b in batches {
             if b.ids.is_empty() {
@@ -534,12 +535,13 @@ impl StreamSync {
             }
             let Some(&i) = self.index.get(&(db, b.key)) else { continue };
             rows.extend(b.rows);
+            copy.push(b.copy);
             acks.push((i, b.ids));
         }
         if acks.is_empty() {
             return Ok(0);
         }
-        if let Err(e) = sink.write(&rows) {
+        if let Err(e) = sink.write(&rows, &copy) {
             // Nothing acknowledged: the entries stay in our pending list and are read
             // again from there once Postgres takes them.
             for (i, _) in &acks {
@@ -552,6 +554,7 @@ impl StreamSync {
             return Err(e);
         }
         drop(rows);
+        drop(copy);
         let ack_req: Vec<(&[u8], Vec<&str>)> = acks
             .iter()
             .map(|(i, ids)| {
