@@ -32,6 +32,8 @@ pub struct ReadRequest {
     pub count: u32,
     pub block: Option<Duration>,
     pub streams: Vec<ReadStream>,
+    /// Entries whose rows are committed, acknowledged in the same round trip as the read.
+    pub acks: Vec<(Vec<u8>, Vec<String>)>,
 }
 
 /// What one stream gave: every entry ID (to acknowledge) and a row for each entry that
@@ -152,7 +154,8 @@ fn read(
     };
     let pairs: Vec<(&[u8], &str)> =
         req.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect();
-    let reply = conn.read_group(&req.group, &req.consumer, req.count, req.block, &pairs)?;
+    let reply =
+        conn.read_group(&req.group, &req.consumer, req.count, req.block, &pairs, &req.acks)?;
     let names: HashMap<&[u8], &str> =
         req.streams.iter().map(|s| (s.key.as_slice(), s.stream_key.as_str())).collect();
     Ok(reply

@@ -107,6 +107,9 @@ impl RedisConn {
     /// One `XREADGROUP` over several streams of this connection's database. `streams` pairs
     /// each key with the ID to read after (`0` for our own pending entries, `>` for new
     /// ones). The caller accounts for the round trip in the rate limit.
+    ///
+    /// `acks` (entries whose rows are committed) are sent as `XACK`s in the same pipelined
+    /// round trip, before the read, so a pending re-read never returns them.
     pub fn read_group(
         &mut self,
         group: &str,
@@ -114,6 +117,7 @@ impl RedisConn {
         count: u32,
         block: Option<Duration>,
         streams: &[(&[u8], &str)],
+        acks: &[(Vec<u8>, Vec<String>)],
     ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
         let mut cmd = ::redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
@@ -129,7 +133,16 @@ impl RedisConn {
         }
         self.set_block(block)?;
         shmem::bump(|c| &c.redis_ops, 1);
-        let reply = cmd.query::<Value>(&mut self.conn);
+        let reply = if acks.is_empty() {
+            cmd.query::<Value>(&mut self.conn)
+        } else {
+            let mut pipe = ::redis::pipe();
+            for (key, ids) in acks {
+                pipe.cmd("XACK").arg(key).arg(group).arg(ids.as_slice()).ignore();
+            }
+            pipe.add_command(cmd);
+            pipe.query::<Vec<Value>>(&mut self.conn).map(|mut v| v.pop().unwrap_or(Value::Nil))
+        };
         self.last_check = Instant::now();
         let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
         parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
@@ -232,28 +245,49 @@ impl Redis {
         reply.map_err(|e| command_error(name, &e))
     }
 
-    /// `SCAN ... MATCH glob TYPE stream COUNT n` over the whole keyspace of `db`.
-    pub fn scan_streams(&mut self, db: u8, glob: &[u8], count: u32) -> Result<Vec<Vec<u8>>> {
-        let mut cursor: u64 = 0;
+    /// `SCAN ... MATCH glob TYPE stream COUNT n` over the whole keyspace of every database
+    /// in `dbs`, for every glob: the pages of all databases go in one pipelined round trip
+    /// on the default connection (`SELECT n` before each, back to the default at the end).
+    /// Returns `(db, key)` pairs, possibly with repeats across globs.
+    pub fn scan_streams(
+        &mut self,
+        dbs: &[u8],
+        globs: &[Vec<u8>],
+        count: u32,
+    ) -> Result<Vec<(u8, Vec<u8>)>> {
+        let main = self.settings.db;
+        // (db, glob index, cursor) still to scan.
+        let mut todo: Vec<(u8, usize, u64)> =
+            dbs.iter().flat_map(|&db| (0..globs.len()).map(move |g| (db, g, 0u64))).collect();
         let mut keys = Vec::new();
-        loop {
-            let mut cmd = ::redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(glob)
-                .arg("COUNT")
-                .arg(count)
-                .arg("TYPE")
-                .arg("stream");
-            let reply = self.query(db, "SCAN", &cmd)?;
-            let (next, batch) = parse_scan(reply)
-                .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                return Ok(keys);
+        while !todo.is_empty() {
+            let mut pipe = ::redis::pipe();
+            for &(db, g, cursor) in &todo {
+                pipe.cmd("SELECT").arg(db).ignore();
+                pipe.cmd("SCAN").arg(cursor).arg("MATCH").arg(&globs[g]).arg("COUNT").arg(count);
+                pipe.arg("TYPE").arg("stream");
             }
+            pipe.cmd("SELECT").arg(main).ignore();
+            self.throttle();
+            let c = self.conn(main)?;
+            let reply = pipe.query::<Vec<Value>>(&mut c.conn);
+            c.last_check = Instant::now();
+            let replies = reply.map_err(|e| command_error("SCAN", &e))?;
+            if replies.len() != todo.len() {
+                return Err(SyncError::protocol("SCAN", "unexpected number of replies"));
+            }
+            let mut next = Vec::new();
+            for ((db, g, _), reply) in todo.into_iter().zip(replies) {
+                let (cursor, batch) = parse_scan(reply)
+                    .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
+                keys.extend(batch.into_iter().map(|k| (db, k)));
+                if cursor != 0 {
+                    next.push((db, g, cursor));
+                }
+            }
+            todo = next;
         }
+        Ok(keys)
     }
 
     /// Creates `group` on `key` reading from the start. `Ok(true)` when created, `Ok(false)`

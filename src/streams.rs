@@ -62,6 +62,9 @@ pub struct StreamSync {
     rr: BTreeMap<u8, usize>,
     /// Which database the next read goes to (round-robin).
     next_db: usize,
+    /// Entries whose rows are committed but not yet acknowledged, by database: they ride
+    /// along with the next read of that database (one round trip for both).
+    unacked: BTreeMap<u8, Vec<(Vec<u8>, Vec<String>)>>,
     /// The last read found nothing: the next one may block.
     idle: bool,
     group: String,
@@ -85,6 +88,7 @@ impl StreamSync {
             discovery_gen: 0,
             rr: BTreeMap::new(),
             next_db: 0,
+            unacked: BTreeMap::new(),
             idle: false,
             group: String::new(),
         }
@@ -92,6 +96,19 @@ impl StreamSync {
 
     pub fn tracked(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Sends every acknowledgement still waiting for a read to ride on (before discovery,
+    /// which re-reads our pending entries).
+    pub fn flush_acks(&mut self, redis: &mut Redis, group: &str) -> Result<()> {
+        while let Some((db, acks)) = self.unacked.pop_first() {
+            let req: Vec<(&[u8], Vec<&str>)> = acks
+                .iter()
+                .map(|(k, ids)| (k.as_slice(), ids.iter().map(String::as_str).collect()))
+                .collect();
+            redis.ack(db, group, &req)?;
+        }
+        Ok(())
     }
 
     /// After a reconnect: our pending entries come first again.
@@ -104,6 +121,7 @@ impl StreamSync {
     /// Forgets everything (the Redis server changed).
     pub fn clear(&mut self) {
         self.streams.clear();
+        self.unacked.clear();
         self.index.clear();
         self.next_discovery = Instant::now();
         self.publish_all();
@@ -137,14 +155,10 @@ impl StreamSync {
             } else {
                 patterns.iter().map(Pattern::to_redis_glob).collect()
             };
-            for &db in &s.db_search_range {
-                for glob in &globs {
-                    for key in redis.scan_streams(db, glob, SCAN_COUNT)? {
-                        // Confirm client-side: fnmatch semantics are the contract.
-                        if patterns.iter().any(|p| p.matches(&key)) {
-                            found.push((db, key, false));
-                        }
-                    }
+            for (db, key) in redis.scan_streams(&s.db_search_range, &globs, SCAN_COUNT)? {
+                // Confirm client-side: fnmatch semantics are the contract.
+                if patterns.iter().any(|p| p.matches(&key)) {
+                    found.push((db, key, false));
                 }
             }
         }
@@ -370,6 +384,7 @@ impl StreamSync {
             })
             .collect();
         Some(ReadRequest {
+            acks: self.unacked.remove(&db).unwrap_or_default(),
             settings: s.redis.clone(),
             db,
             group: s.consumer_group.clone(),
@@ -455,7 +470,7 @@ impl StreamSync {
                 reader.send(next)?;
             }
         }
-        match self.land(redis, sink, db, batches, s) {
+        match self.land(sink, db, batches) {
             Ok(n) => Ok(StepOutcome { entries: n }),
             Err(e) => {
                 reader.discard(tick);
@@ -518,14 +533,7 @@ impl StreamSync {
 
     /// Writes the rows of one read in one transaction, then acknowledges every entry read.
     /// Returns the entries handled.
-    fn land(
-        &mut self,
-        redis: &mut Redis,
-        sink: &mut Sink,
-        db: u8,
-        batches: Vec<StreamBatch>,
-        s: &Settings,
-    ) -> Result<usize> {
+    fn land(&mut self, sink: &mut Sink, db: u8, batches: Vec<StreamBatch>) -> Result<usize> {
         let mut rows = Vec::new();
         let mut copy = Vec::new();
         let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
@@ -555,13 +563,6 @@ impl StreamSync {
         }
         drop(rows);
         drop(copy);
-        let ack_req: Vec<(&[u8], Vec<&str>)> = acks
-            .iter()
-            .map(|(i, ids)| {
-                (self.streams[*i].key.as_slice(), ids.iter().map(String::as_str).collect())
-            })
-            .collect();
-        redis.ack(db, &s.consumer_group, &ack_req)?;
         let now = shmem::now();
         let mut handled = 0;
         for (i, ids) in &acks {
@@ -576,6 +577,11 @@ impl StreamSync {
         shmem::bump(|c| &c.messages_processed, handled as u64);
         shmem::update(|st| st.last_sync_time = now);
         self.publish(acks.iter().map(|(i, _)| *i));
+        // Committed: acknowledged with the next read of this database.
+        let stash = self.unacked.entry(db).or_default();
+        for (i, ids) in acks {
+            stash.push((self.streams[i].key.clone(), ids));
+        }
         Ok(handled)
     }
 

@@ -306,10 +306,18 @@ impl Worker {
             || new.db_search_range != self.settings.db_search_range
             || new.stream_auto_discovery != self.settings.stream_auto_discovery
             || new.consumer_group != self.settings.consumer_group;
-        self.settings = new;
         if rediscover {
+            if let Link::Up(redis) = &mut self.link {
+                if let Some(reader) = self.reader.as_mut() {
+                    reader.discard(&interrupts);
+                }
+                // Best effort: whatever is not acknowledged now is read again later and
+                // lands as a no-op.
+                let _ = self.streams.flush_acks(redis, &self.settings.consumer_group);
+            }
             self.streams.clear();
         }
+        self.settings = new;
         self.log.at(LogLevel::Debug, "configuration reloaded");
     }
 
@@ -375,6 +383,7 @@ impl Worker {
             if let Some(reader) = self.reader.as_mut() {
                 reader.discard(&interrupts);
             }
+            self.streams.flush_acks(redis, &self.settings.consumer_group)?;
             let log = &self.log;
             self.streams.discover(redis, &self.settings, &|m| log.at(LogLevel::Info, m))?;
             self.discover_handled = requested;
