@@ -103,8 +103,11 @@ mod tests {
     fn status_is_for_superuser_and_pg_monitor_only() {
         Spi::run("CREATE ROLE rps_public; CREATE ROLE rps_monitor IN ROLE pg_monitor")
             .expect("roles");
-        for (f, args) in [("redis_sync_status", ""), ("redis_sync_wait_until_running", "interval")]
-        {
+        for (f, args) in [
+            ("redis_sync_status", ""),
+            ("redis_sync_wait_until_running", "interval"),
+            ("redis_sync_streams", ""),
+        ] {
             let check = |role: &str| {
                 one::<bool>(&format!(
                     "SELECT has_function_privilege('{role}', '{f}({args})', 'EXECUTE')"
@@ -113,6 +116,35 @@ mod tests {
             assert_eq!(check("rps_public"), Some(false), "{f} PUBLIC");
             assert_eq!(check("rps_monitor"), Some(true), "{f} pg_monitor");
         }
+    }
+
+    #[pg_test]
+    fn discover_is_superuser_only_and_grantable() {
+        Spi::run("CREATE ROLE rps_mon2 IN ROLE pg_monitor; CREATE ROLE rps_ops").expect("roles");
+        let may = |role: &str| {
+            one::<bool>(&format!(
+                "SELECT has_function_privilege('{role}', 'redis_sync_discover()', 'EXECUTE')"
+            ))
+        };
+        assert_eq!(may("rps_mon2"), Some(false));
+        assert_eq!(may("rps_ops"), Some(false));
+        Spi::run("GRANT EXECUTE ON FUNCTION redis_sync_discover() TO rps_ops").expect("grant");
+        assert_eq!(may("rps_ops"), Some(true));
+    }
+
+    #[pg_test]
+    fn streams_is_empty_without_redis() {
+        assert_eq!(one::<i64>("SELECT count(*) FROM redis_sync_streams()"), Some(0));
+        let cols = one::<String>(
+            "SELECT array_to_string(proargnames, ',') FROM pg_proc WHERE proname = 'redis_sync_streams'",
+        );
+        assert_eq!(
+            cols.as_deref(),
+            Some(
+                "stream_key,redis_db,consumer_group,state,last_id,messages_synced,pending,lag,\
+                 length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error"
+            )
+        );
     }
 
     #[pg_test(error = "permission denied for function redis_sync_status")]

@@ -15,6 +15,9 @@ use crate::gucs::RedisSettings;
 use crate::redis::RedisConn;
 use crate::sink::StreamRow;
 
+/// Entries to acknowledge: stream key and IDs.
+pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
+
 /// One stream in a read: its key, the ID to read after, and the name rows are stored under.
 #[derive(Debug, Clone)]
 pub struct ReadStream {
@@ -33,7 +36,7 @@ pub struct ReadRequest {
     pub block: Option<Duration>,
     pub streams: Vec<ReadStream>,
     /// Entries whose rows are committed, acknowledged in the same round trip as the read.
-    pub acks: Vec<(Vec<u8>, Vec<String>)>,
+    pub acks: Acks,
 }
 
 /// What one stream gave: every entry ID (to acknowledge) and a row for each entry that

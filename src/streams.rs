@@ -9,7 +9,7 @@ use crate::encode::encode_name;
 use crate::error::Result;
 use crate::gucs::Settings;
 use crate::parse::Pattern;
-use crate::reader::{ReadRequest, ReadStream, Reader, StreamBatch};
+use crate::reader::{Acks, ReadRequest, ReadStream, Reader, StreamBatch};
 use crate::redis::Redis;
 use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
 use crate::sink::{Sink, Target};
@@ -17,6 +17,10 @@ use crate::sink::{Sink, Target};
 /// At most this many entries are asked for in one read (COUNT is per stream, so fewer
 /// streams go in one call when the batch size is large): memory stays bounded by settings.
 const MAX_ENTRIES_PER_READ: u32 = 2_000;
+/// What one read may bring back, roughly: COUNT is lowered for streams of large entries so
+/// a read of huge values cannot take the worker's memory with it (two reads are in memory at
+/// most, each held twice: as rows and as COPY text).
+const READ_BYTES_BUDGET: usize = 16 << 20;
 /// SCAN page size.
 const SCAN_COUNT: u32 = 1000;
 
@@ -64,9 +68,11 @@ pub struct StreamSync {
     next_db: usize,
     /// Entries whose rows are committed but not yet acknowledged, by database: they ride
     /// along with the next read of that database (one round trip for both).
-    unacked: BTreeMap<u8, Vec<(Vec<u8>, Vec<String>)>>,
+    unacked: BTreeMap<u8, Acks>,
     /// The last read found nothing: the next one may block.
     idle: bool,
+    /// Moving average of an entry's size in bytes, for the read budget.
+    avg_entry_bytes: usize,
     group: String,
 }
 
@@ -90,6 +96,7 @@ impl StreamSync {
             next_db: 0,
             unacked: BTreeMap::new(),
             idle: false,
+            avg_entry_bytes: 1024,
             group: String::new(),
         }
     }
@@ -383,13 +390,14 @@ impl StreamSync {
                 }
             })
             .collect();
+        let fit = READ_BYTES_BUDGET / self.avg_entry_bytes.max(1) / take.len().max(1);
         Some(ReadRequest {
             acks: self.unacked.remove(&db).unwrap_or_default(),
             settings: s.redis.clone(),
             db,
             group: s.consumer_group.clone(),
             consumer: s.consumer_name.clone(),
-            count: s.batch_size,
+            count: (fit.max(1) as u32).min(s.batch_size),
             block: (idle && !any_pending && dbs.len() == 1).then_some(s.poll_interval),
             streams,
         })
@@ -463,6 +471,10 @@ impl StreamSync {
         }
         let entries: usize = batches.iter().map(|b| b.ids.len()).sum();
         self.idle = entries == 0;
+        let bytes: usize = batches.iter().map(|b| b.copy.len()).sum();
+        if let Some(avg) = bytes.checked_div(entries) {
+            self.avg_entry_bytes = (self.avg_entry_bytes * 3 + avg) / 4;
+        }
         // Read ahead while this batch is written, when the next read cannot depend on it.
         if self.streams.iter().all(|t| t.cursor == Cursor::New) {
             if let Some(next) = self.next_request(s, self.idle) {
