@@ -30,6 +30,29 @@ fn pending(r: &mut redis::Connection, stream: &str, group: &str) -> i64 {
     }
 }
 
+/// Creates the worker's group on `stream` and reads `n` entries as `consumer` without
+/// acknowledging them: they sit in that consumer's pending list.
+fn read_without_ack(r: &mut redis::Connection, stream: &str, consumer: &str, n: usize) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("redis-pg-sync")
+        .arg("0")
+        .query(r)
+        .expect("XGROUP CREATE");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("redis-pg-sync")
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(n)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query(r)
+        .expect("XREADGROUP");
+}
+
 const FAST: &[(&str, &str)] = &[
     ("redis_sync.rate_limit", "0"),
     ("redis_sync.batch_size", "500"),
@@ -112,24 +135,7 @@ fn entries_read_but_not_acknowledged_are_delivered_first() {
     add_entries(&mut r, "pend", 25);
     // A previous life of the worker read these and died before acknowledging them: they sit
     // in its consumer's pending list, and `>` would never return them again.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("pend")
-        .arg("redis-pg-sync")
-        .arg("0")
-        .query(&mut r)
-        .expect("group");
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("redis-pg-sync")
-        .arg("redis-pg-sync-1")
-        .arg("COUNT")
-        .arg(25)
-        .arg("STREAMS")
-        .arg("pend")
-        .arg(">")
-        .query(&mut r)
-        .expect("read as the worker's consumer");
+    read_without_ack(&mut r, "pend", "redis-pg-sync-1", 25);
     assert_eq!(pending(&mut r, "pend", "redis-pg-sync"), 25);
     let pg = Cluster::start(&redis, FAST);
     pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'pend'", 25, T);
@@ -143,24 +149,7 @@ fn entries_of_a_dead_consumer_are_claimed() {
     let redis = Redis::start();
     let mut r = redis.client();
     add_entries(&mut r, "orphan", 20);
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("orphan")
-        .arg("redis-pg-sync")
-        .arg("0")
-        .query(&mut r)
-        .expect("group");
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("redis-pg-sync")
-        .arg("dead-one")
-        .arg("COUNT")
-        .arg(20)
-        .arg("STREAMS")
-        .arg("orphan")
-        .arg(">")
-        .query(&mut r)
-        .expect("read as another consumer");
+    read_without_ack(&mut r, "orphan", "dead-one", 20);
     let pg = Cluster::start(
         &redis,
         &[
