@@ -46,6 +46,7 @@ fn redis_sync_status() -> TableIterator<
         name!(last_error, Option<String>),
         name!(last_error_time, Option<TimestampWithTimeZone>),
         name!(started_at, Option<TimestampWithTimeZone>),
+        name!(key_value_passes, i64),
     ),
 > {
     let mode = gucs::MODE.get().as_str().to_owned();
@@ -69,6 +70,7 @@ fn redis_sync_status() -> TableIterator<
             Some(NOT_LOADED_HINT.to_owned()),
             None,
             None,
+            0,
         ));
     };
     let c = shmem::COUNTERS.get();
@@ -92,6 +94,7 @@ fn redis_sync_status() -> TableIterator<
         opt(s.last_error.as_str()),
         ts(s.last_error_time),
         ts(s.started_at),
+        count(&c.key_value_passes),
     ))
 }
 

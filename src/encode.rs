@@ -140,6 +140,77 @@ pub fn entry_id_millis(id: &str) -> Option<i64> {
     ms.parse::<u64>().ok().and_then(|v| i64::try_from(v).ok())
 }
 
+/// A Redis value as stored in the key-value table: `(redis_value, value_encoding)`.
+///
+/// * string: the text itself (`value_encoding` NULL), or, when not valid UTF-8 or holding
+///   NUL, the standard base64 of the bytes with `value_encoding = 'base64'`;
+/// * hash: a JSON object field -> value (names and values encoded as in stream `data`);
+/// * list: a JSON array of the elements in order;
+/// * set: a JSON array of the members, sorted bytewise (Redis returns them in no order);
+/// * zset: a JSON array of `[member, score]` pairs in Redis' order (by score, then member),
+///   the score a JSON number, or the string `"inf"`/`"-inf"`.
+pub enum Value<'a> {
+    String(&'a [u8]),
+    Hash(&'a [(Vec<u8>, Vec<u8>)]),
+    List(&'a [Vec<u8>]),
+    Set(&'a [Vec<u8>]),
+    ZSet(&'a [(Vec<u8>, Vec<u8>)]),
+}
+
+pub fn value_text(v: Value<'_>) -> (String, Option<&'static str>) {
+    match v {
+        Value::String(b) => match plain(b) {
+            Some(s) => (s.to_owned(), None),
+            None => (STANDARD.encode(b), Some("base64")),
+        },
+        Value::Hash(fields) => (entry_json(fields), None),
+        Value::List(items) => (json_array(items.iter().map(Vec::as_slice)), None),
+        Value::Set(members) => {
+            let mut sorted: Vec<&[u8]> = members.iter().map(Vec::as_slice).collect();
+            sorted.sort_unstable();
+            (json_array(sorted.into_iter()), None)
+        }
+        Value::ZSet(pairs) => {
+            let mut out = String::from("[");
+            for (i, (member, score)) in pairs.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push('[');
+                push_json_value(&mut out, member);
+                out.push(',');
+                push_score(&mut out, score);
+                out.push(']');
+            }
+            out.push(']');
+            (out, None)
+        }
+    }
+}
+
+fn json_array<'a>(items: impl Iterator<Item = &'a [u8]>) -> String {
+    let mut out = String::from("[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_value(&mut out, item);
+    }
+    out.push(']');
+    out
+}
+
+fn push_score(out: &mut String, score: &[u8]) {
+    let text = std::str::from_utf8(score).unwrap_or("");
+    match text.parse::<f64>() {
+        // Shortest text that reads back as the same f64: a valid JSON number.
+        Ok(f) if f.is_finite() => out.push_str(&f.to_string()),
+        Ok(f) if f > 0.0 => out.push_str("\"inf\""),
+        Ok(_) => out.push_str("\"-inf\""),
+        Err(_) => push_json_str(out, text),
+    }
+}
+
 /// Appends `s` as one field of COPY's text format (backslash, tab, newline, CR escaped).
 pub fn push_copy_field(out: &mut Vec<u8>, s: &str) {
     let mut start = 0;
@@ -292,6 +363,28 @@ pub mod tests {
         assert_eq!(f(951_782_400_000), "2000-02-29 00:00:00.000+00");
         assert_eq!(f(-1), "1969-12-31 23:59:59.999+00");
         assert_eq!(f(253_402_300_799_999), "9999-12-31 23:59:59.999+00");
+    }
+
+    #[test]
+    fn values_of_every_type() {
+        let v = |x: Value<'_>| value_text(x);
+        assert_eq!(v(Value::String(b"plain")), ("plain".into(), None));
+        assert_eq!(v(Value::String(b"\xff\x00")), ("/wA=".into(), Some("base64")));
+        let h = vec![(b"f".to_vec(), b"1".to_vec()), (b"g".to_vec(), b"\x00".to_vec())];
+        assert_eq!(v(Value::Hash(&h)).0, r#"{"f":"1","g":{"$b64":"AA=="}}"#);
+        let l = vec![b"b".to_vec(), b"a".to_vec(), b"b".to_vec()];
+        assert_eq!(v(Value::List(&l)).0, r#"["b","a","b"]"#);
+        let st = vec![b"b".to_vec(), b"c".to_vec(), b"a".to_vec()];
+        assert_eq!(v(Value::Set(&st)).0, r#"["a","b","c"]"#);
+        let z = vec![
+            (b"low".to_vec(), b"-inf".to_vec()),
+            (b"x".to_vec(), b"1.5".to_vec()),
+            (b"y".to_vec(), b"2".to_vec()),
+            (b"top".to_vec(), b"inf".to_vec()),
+        ];
+        assert_eq!(v(Value::ZSet(&z)).0, r#"[["low","-inf"],["x",1.5],["y",2],["top","inf"]]"#);
+        let parsed: serde_json::Value = serde_json::from_str(&v(Value::ZSet(&z)).0).expect("json");
+        assert!(parsed.is_array());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod encode;
 pub mod error;
 pub mod gucs;
+pub mod keys;
 pub mod parse;
 pub mod ratelimit;
 pub mod reader;

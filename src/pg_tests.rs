@@ -181,7 +181,7 @@ mod tests {
             Some(
                 "worker_pid,state,mode,redis_connected,redis_server,streams_tracked,messages_processed,\
                  key_values_processed,redis_ops,pg_ops,streams_discovered,errors,retries,dead_letters,\
-                 last_sync_time,last_error,last_error_time,started_at"
+                 last_sync_time,last_error,last_error_time,started_at,key_value_passes"
             )
         );
         // Nothing listens on port 1: the worker must be alive, not connected, with errors.

@@ -238,6 +238,7 @@ impl Redis {
     }
 
     fn query(&mut self, db: u8, name: &'static str, cmd: &::redis::Cmd) -> Result<Value> {
+        // (VerbatimString replies, e.g. INFO under RESP3, are read as plain text by as_string.)
         self.throttle();
         let c = self.conn(db)?;
         let reply = cmd.query::<Value>(&mut c.conn);
@@ -288,6 +289,113 @@ impl Redis {
             todo = next;
         }
         Ok(keys)
+    }
+
+    /// Runs the commands `build` adds against database `db` in one pipelined round trip on
+    /// the default connection (`SELECT db` first and back after); returns their replies.
+    fn pipeline_in(
+        &mut self,
+        db: u8,
+        name: &'static str,
+        build: impl FnOnce(&mut ::redis::Pipeline),
+    ) -> Result<Vec<Value>> {
+        let main = self.settings.db;
+        let mut pipe = ::redis::pipe();
+        if db != main {
+            pipe.cmd("SELECT").arg(db).ignore();
+        }
+        build(&mut pipe);
+        if db != main {
+            pipe.cmd("SELECT").arg(main).ignore();
+        }
+        self.throttle();
+        let c = self.conn(main)?;
+        let reply = pipe.query::<Vec<Value>>(&mut c.conn);
+        c.last_check = Instant::now();
+        reply.map_err(|e| command_error(name, &e))
+    }
+
+    /// One `SCAN` page of `db` (all types).
+    pub fn scan_page(
+        &mut self,
+        db: u8,
+        cursor: u64,
+        glob: &[u8],
+        count: u32,
+    ) -> Result<(u64, Vec<Vec<u8>>)> {
+        let mut replies = self.pipeline_in(db, "SCAN", |p| {
+            p.cmd("SCAN").arg(cursor).arg("MATCH").arg(glob).arg("COUNT").arg(count);
+        })?;
+        replies
+            .pop()
+            .and_then(parse_scan)
+            .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))
+    }
+
+    /// `TYPE` and `PEXPIRETIME` of every key, in one round trip. The expiry is the absolute
+    /// Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None` for none.
+    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.pipeline_in(db, "TYPE", |p| {
+            for k in keys {
+                p.cmd("TYPE").arg(k);
+                p.cmd("PEXPIRETIME").arg(k);
+            }
+        })?;
+        if replies.len() != keys.len() * 2 {
+            return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
+        }
+        Ok(replies
+            .chunks(2)
+            .map(|pair| {
+                let ty = as_string(&pair[0]).unwrap_or_default();
+                let exp = as_int(&pair[1]).filter(|v| *v >= 0);
+                (ty, exp)
+            })
+            .collect())
+    }
+
+    /// The values of keys of known types, in one round trip (`GET`, `HGETALL`, `LRANGE`,
+    /// `SMEMBERS`, `ZRANGE ... WITHSCORES`); `None` for a key of another type.
+    pub fn key_values(&mut self, db: u8, keys: &[(&[u8], &str)]) -> Result<Vec<Option<Value>>> {
+        let wanted: Vec<usize> = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, t))| value_command(t).is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(keys.iter().map(|_| None).collect());
+        }
+        let replies = self.pipeline_in(db, "GET", |p| {
+            for &i in &wanted {
+                let (k, t) = keys[i];
+                if let Some(args) = value_command(t) {
+                    p.cmd(args[0]).arg(k);
+                    for a in &args[1..] {
+                        p.arg(*a);
+                    }
+                }
+            }
+        })?;
+        if replies.len() != wanted.len() {
+            return Err(SyncError::protocol("GET", "unexpected number of replies"));
+        }
+        let mut out: Vec<Option<Value>> = keys.iter().map(|_| None).collect();
+        for (i, v) in wanted.into_iter().zip(replies) {
+            out[i] = Some(v);
+        }
+        Ok(out)
+    }
+
+    /// The server's run ID: a different one means Redis restarted.
+    pub fn run_id(&mut self) -> Result<String> {
+        let main = self.settings.db;
+        let reply = self.query(main, "INFO", ::redis::cmd("INFO").arg("server"))?;
+        let text = as_string(&reply).unwrap_or_default();
+        Ok(text.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim().to_owned())
     }
 
     /// Creates `group` on `key` reading from the start. `Ok(true)` when created, `Ok(false)`
@@ -402,6 +510,41 @@ impl SyncError {
     }
 }
 
+/// The command that reads a key of Redis type `ty`, with its arguments after the key.
+fn value_command(ty: &str) -> Option<&'static [&'static str]> {
+    match ty {
+        "string" => Some(&["GET"]),
+        "hash" => Some(&["HGETALL"]),
+        "list" => Some(&["LRANGE", "0", "-1"]),
+        "set" => Some(&["SMEMBERS"]),
+        "zset" => Some(&["ZRANGE", "0", "-1", "WITHSCORES"]),
+        _ => None,
+    }
+}
+
+/// A reply of bulk strings (array, set or map flattened), as byte strings.
+pub fn bulk_list(v: Value) -> Vec<Vec<u8>> {
+    match v {
+        Value::Array(items) | Value::Set(items) => {
+            items.into_iter().filter_map(into_bytes).collect()
+        }
+        Value::Map(pairs) => {
+            pairs.into_iter().flat_map(|(k, v)| [k, v]).filter_map(into_bytes).collect()
+        }
+        other => into_bytes(other).into_iter().collect(),
+    }
+}
+
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Double(d) => Some(d.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
 fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -411,7 +554,10 @@ fn as_bytes(v: &Value) -> Option<&[u8]> {
 }
 
 fn as_string(v: &Value) -> Option<String> {
-    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+    match v {
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        other => as_bytes(other).map(|b| String::from_utf8_lossy(b).into_owned()),
+    }
 }
 
 fn as_int(v: &Value) -> Option<i64> {

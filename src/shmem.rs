@@ -119,6 +119,8 @@ pub struct Counters {
     pub errors: AtomicU64,
     pub retries: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Complete key-value passes.
+    pub key_value_passes: AtomicU64,
 }
 
 unsafe impl PGRXSharedMemory for Counters {}

@@ -461,3 +461,218 @@ fn dead_letter_sql(schema: &str) -> String {
         quote_ident(DEAD_LETTER_TABLE),
     )
 }
+
+/// One key ready for the key-value table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRow {
+    /// Encoded as stream keys are (see `encode::encode_name`).
+    pub redis_key: String,
+    pub redis_value: String,
+    pub value_type: &'static str,
+    /// `Some("base64")` when a string value is stored as base64.
+    pub value_encoding: Option<&'static str>,
+    /// Absolute expiry in Unix milliseconds.
+    pub expires_ms: Option<i64>,
+}
+
+/// What the key-value statements were prepared for.
+#[derive(Clone, PartialEq, Debug)]
+pub struct KvTarget {
+    pub schema: String,
+    pub table: String,
+}
+
+/// The key-value table's writer: an upsert that leaves unchanged keys alone (they are
+/// filtered out before the INSERT, so they get no new row version, no lock, no WAL).
+#[derive(Default)]
+pub struct KvSink {
+    target: Option<KvTarget>,
+    upsert: Option<OwnedPreparedStatement>,
+}
+
+impl KvSink {
+    pub fn reset(&mut self) {
+        self.target = None;
+        self.upsert = None;
+    }
+
+    pub fn prepare(&mut self, target: &KvTarget) -> Result<()> {
+        if self.target.as_ref() == Some(target) && self.upsert.is_some() {
+            return Ok(());
+        }
+        self.reset();
+        let upsert = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                ensure_kv_table(client, target)?;
+                let types = [
+                    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
+                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                    PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+                ];
+                Ok(client
+                    .prepare_mut(kv_upsert_sql(target).as_str(), &types)
+                    .map_err(spi_err)?
+                    .keep())
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        self.upsert = Some(upsert);
+        self.target = Some(target.clone());
+        Ok(())
+    }
+
+    /// Writes the keys of `db` whose value, type or expiry differ from the table (or that are
+    /// new, or were marked deleted); returns how many rows were written.
+    pub fn upsert(&mut self, db: u8, rows: &[KeyRow]) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let stmt = self.upsert.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let keys: Vec<&str> = rows.iter().map(|r| r.redis_key.as_str()).collect();
+        let values: Vec<&str> = rows.iter().map(|r| r.redis_value.as_str()).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.value_type).collect();
+        let encodings: Vec<Option<&str>> = rows.iter().map(|r| r.value_encoding).collect();
+        let expires: Vec<Option<i64>> = rows.iter().map(|r| r.expires_ms).collect();
+        let written = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(
+                        stmt,
+                        None,
+                        &[
+                            (db as i32).into(),
+                            keys.into(),
+                            values.into(),
+                            types.into(),
+                            encodings.into(),
+                            expires.into(),
+                        ],
+                    )
+                    .map(|t| t.len())
+                    .map_err(spi_err)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(written)
+    }
+
+    /// Calls `f` with every live (not deleted) key of the table in databases `dbs`, a chunk
+    /// at a time, through a cursor (memory stays bounded whatever the table's size).
+    pub fn live_keys(&mut self, dbs: &[u8], mut f: impl FnMut(u8, &str)) -> Result<()> {
+        let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let sql = format!(
+            "SELECT redis_db, redis_key FROM {}.{} WHERE deleted_at IS NULL AND redis_db = ANY($1)",
+            quote_ident(&t.schema),
+            quote_ident(&t.table)
+        );
+        let dbs: Vec<i32> = dbs.iter().map(|d| *d as i32).collect();
+        let f = &mut f;
+        in_transaction(move || {
+            Spi::connect(|client| {
+                let mut cursor = client.open_cursor(sql.as_str(), &[dbs.into()]);
+                loop {
+                    let chunk = cursor.fetch(10_000).map_err(spi_err)?;
+                    if chunk.is_empty() {
+                        return Ok(());
+                    }
+                    for row in chunk {
+                        let db = row.get::<i32>(1).map_err(spi_err)?.unwrap_or(-1);
+                        let key = row.get::<&str>(2).map_err(spi_err)?.unwrap_or("");
+                        f(db.clamp(0, 255) as u8, key);
+                    }
+                }
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(())
+    }
+
+    /// Applies the deletion policy to keys gone from Redis: `mark` sets `deleted_at`,
+    /// `delete` removes the rows. Returns the rows touched.
+    pub fn gone(&mut self, db: u8, keys: &[String], delete: bool) -> Result<usize> {
+        let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
+        let sql = if delete {
+            format!("DELETE FROM {table} WHERE redis_db = $1 AND redis_key = ANY($2)")
+        } else {
+            format!(
+                "UPDATE {table} SET deleted_at = now(), \"timestamp\" = now()
+                  WHERE redis_db = $1 AND redis_key = ANY($2) AND deleted_at IS NULL"
+            )
+        };
+        let mut total = 0;
+        for chunk in keys.chunks(10_000) {
+            let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            total += in_transaction(|| {
+                Spi::connect_mut(|client| {
+                    client
+                        .update(sql.as_str(), None, &[(db as i32).into(), args.into()])
+                        .map(|t| t.len())
+                        .map_err(spi_err)
+                })
+            })?;
+            shmem::bump(|c| &c.pg_ops, 1);
+        }
+        Ok(total)
+    }
+}
+
+fn ensure_kv_table(client: &mut SpiClient<'_>, t: &KvTarget) -> Result<()> {
+    let schema = quote_ident(&t.schema);
+    let table = quote_ident(&t.table);
+    let exists = client
+        .select("SELECT to_regnamespace($1) IS NOT NULL", None, &[t.schema.as_str().into()])
+        .map_err(spi_err)?
+        .first()
+        .get_one::<bool>()
+        .map_err(spi_err)?
+        .unwrap_or(false);
+    if !exists {
+        client
+            .update(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"), None, &[])
+            .map_err(spi_err)?;
+    }
+    if !relation_exists(client, &t.schema, &t.table)? {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.{table} (
+                id bigserial PRIMARY KEY,
+                redis_key text NOT NULL,
+                redis_value text,
+                redis_db int NOT NULL,
+                value_type text NOT NULL,
+                value_encoding text,
+                expires_at timestamptz,
+                deleted_at timestamptz,
+                \"timestamp\" timestamptz NOT NULL DEFAULT now(),
+                UNIQUE (redis_db, redis_key));
+             CREATE INDEX IF NOT EXISTS {key_idx} ON {schema}.{table} (redis_key);
+             CREATE INDEX IF NOT EXISTS {db_idx} ON {schema}.{table} (redis_db);",
+            key_idx = quote_ident(&format!("{}_redis_key_idx", t.table)),
+            db_idx = quote_ident(&format!("{}_redis_db_idx", t.table)),
+        );
+        client.update(&sql, None, &[]).map_err(spi_err)?;
+    }
+    Ok(())
+}
+
+fn kv_upsert_sql(t: &KvTarget) -> String {
+    let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
+    let expires = "CASE WHEN u.ex IS NULL THEN NULL ELSE to_timestamp(u.ex::float8 / 1000) END";
+    format!(
+        "INSERT INTO {table} AS t
+                (redis_db, redis_key, redis_value, value_type, value_encoding, expires_at, deleted_at, \"timestamp\")
+         SELECT $1, u.k, u.v, u.ty, u.enc, {expires}, NULL, now()
+           FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS u(k, v, ty, enc, ex)
+           LEFT JOIN {table} AS cur ON cur.redis_db = $1 AND cur.redis_key = u.k
+          WHERE cur.id IS NULL OR cur.deleted_at IS NOT NULL
+             OR (cur.redis_value, cur.value_type, cur.value_encoding, cur.expires_at)
+                IS DISTINCT FROM (u.v, u.ty, u.enc, {expires})
+         ON CONFLICT (redis_db, redis_key) DO UPDATE
+            SET redis_value = EXCLUDED.redis_value, value_type = EXCLUDED.value_type,
+                value_encoding = EXCLUDED.value_encoding, expires_at = EXCLUDED.expires_at,
+                deleted_at = NULL, \"timestamp\" = now()"
+    )
+}

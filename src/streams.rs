@@ -57,6 +57,8 @@ pub struct StepOutcome {
 }
 
 pub struct StreamSync {
+    /// Set by the worker: a read may block for `poll_interval` when there is nothing to do.
+    pub may_block: bool,
     streams: Vec<Tracked>,
     index: HashMap<(u8, Vec<u8>), usize>,
     next_discovery: Instant,
@@ -88,6 +90,7 @@ pub fn stream_key_name(db: u8, default_db: u8, key: &[u8]) -> String {
 impl StreamSync {
     pub fn new() -> StreamSync {
         StreamSync {
+            may_block: true,
             streams: Vec::new(),
             index: HashMap::new(),
             next_discovery: Instant::now(),
@@ -398,7 +401,8 @@ impl StreamSync {
             group: s.consumer_group.clone(),
             consumer: s.consumer_name.clone(),
             count: (fit.max(1) as u32).min(s.batch_size),
-            block: (idle && !any_pending && dbs.len() == 1).then_some(s.poll_interval),
+            block: (idle && !any_pending && dbs.len() == 1 && self.may_block)
+                .then_some(s.poll_interval),
             streams,
         })
     }

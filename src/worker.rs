@@ -18,10 +18,11 @@ use pgrx::PgLogLevel;
 use crate::backoff::{Backoff, Jitter};
 use crate::error::SyncError;
 use crate::gucs::{LogLevel, Mode, Settings};
+use crate::keys::KeySync;
 use crate::reader::Reader;
 use crate::redis::Redis;
 use crate::shmem::{self, WorkerState};
-use crate::sink::Sink;
+use crate::sink::{KvSink, Sink};
 use crate::streams::StreamSync;
 
 /// How long the postmaster waits before starting the worker again after it exited.
@@ -205,6 +206,8 @@ struct Worker {
     sink: Sink,
     /// Started on first use; started again if it ever stops.
     reader: Option<Reader>,
+    keys: KeySync,
+    kv_sink: KvSink,
     /// `redis_sync_discover()` requests handled so far.
     discover_handled: u64,
     /// After a failure that left Redis connected (a Postgres error), no new round before this.
@@ -225,6 +228,8 @@ impl Worker {
             streams: StreamSync::new(),
             sink: Sink::default(),
             reader: None,
+            keys: KeySync::default(),
+            kv_sink: KvSink::default(),
             hold_until: Instant::now(),
             discover_handled: shmem::discovery_requests(),
             loop_cxt: unsafe {
@@ -306,6 +311,15 @@ impl Worker {
             || new.db_search_range != self.settings.db_search_range
             || new.stream_auto_discovery != self.settings.stream_auto_discovery
             || new.consumer_group != self.settings.consumer_group;
+        // A pass under way was started with the old key-value settings: start again.
+        if new.key_value_patterns != self.settings.key_value_patterns
+            || new.key_value_auto_discovery != self.settings.key_value_auto_discovery
+            || new.db_search_range != self.settings.db_search_range
+            || new.key_value_table != self.settings.key_value_table
+            || new.schema != self.settings.schema
+        {
+            self.keys.abandon();
+        }
         if rediscover {
             if let Link::Up(redis) = &mut self.link {
                 if let Some(reader) = self.reader.as_mut() {
@@ -388,28 +402,59 @@ impl Worker {
             self.streams.discover(redis, &self.settings, &|m| log.at(LogLevel::Info, m))?;
             self.discover_handled = requested;
         }
-        if self.streams.tracked() == 0 {
-            return Ok(self.streams.idle_wait());
+        let mut wait = self.streams.idle_wait();
+        if self.streams.tracked() > 0 {
+            if self.reader.is_none() {
+                self.reader = Some(Reader::start()?);
+            }
+            let Some(reader) = self.reader.as_mut() else { return Ok(MAX_WAIT) };
+            // While a key-value pass is under way, stream reads do not block.
+            self.streams.may_block = !self.keys.busy();
+            let log = &self.log;
+            let outcome = self.streams.step(
+                redis,
+                reader,
+                &mut self.sink,
+                &self.settings,
+                &|m| log.at(LogLevel::Warning, m),
+                &interrupts,
+            );
+            if outcome.as_ref().is_err_and(|e| e.to_string().contains("reader thread has stopped"))
+            {
+                self.reader = None;
+            }
+            outcome?;
+            // XREADGROUP already blocked for up to poll_interval when there was nothing.
+            wait = Duration::ZERO;
         }
-        if self.reader.is_none() {
-            self.reader = Some(Reader::start()?);
+        let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
+        match self.keys.step(redis, &mut self.kv_sink, &self.settings) {
+            Ok(Some(summary)) => self.log.at(
+                LogLevel::Debug,
+                &format!(
+                    "key-value pass: {} keys, {} rows written, {} gone{}",
+                    summary.keys,
+                    summary.written,
+                    summary.gone,
+                    if summary.complete {
+                        ""
+                    } else {
+                        " (Redis restarted during the pass: nothing marked)"
+                    }
+                ),
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                self.kv_sink.reset();
+                return Err(e);
+            }
         }
-        let Some(reader) = self.reader.as_mut() else { return Ok(MAX_WAIT) };
-        let log = &self.log;
-        let outcome = self.streams.step(
-            redis,
-            reader,
-            &mut self.sink,
-            &self.settings,
-            &|m| log.at(LogLevel::Warning, m),
-            &interrupts,
-        );
-        if outcome.as_ref().is_err_and(|e| e.to_string().contains("reader thread has stopped")) {
-            self.reader = None;
+        if self.keys.busy() {
+            wait = Duration::ZERO;
+        } else {
+            wait = wait.min(self.keys.until_next_pass());
         }
-        outcome?;
-        // XREADGROUP already blocked for up to poll_interval when there was nothing to read.
-        Ok(Duration::ZERO)
+        Ok(wait)
     }
 
     fn is_up(&self) -> bool {

@@ -1,0 +1,198 @@
+//! Key-value sync end to end: every Redis type mirrored, per database, changes landing,
+//! unchanged keys left alone, deletes and expiry under each policy, any bytes stored.
+
+use std::time::Duration;
+
+use redis::TypedCommands;
+use redis_pg_sync_e2e::*;
+
+const T: Duration = Duration::from_secs(60);
+
+const FAST: &[(&str, &str)] = &[
+    ("redis_sync.rate_limit", "0"),
+    ("redis_sync.sync_interval", "100ms"),
+    ("redis_sync.db_search_range", "0-1"),
+];
+
+fn passes(pg: &Cluster) -> i64 {
+    pg.status("key_value_passes").and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Waits until `n` more complete passes have run.
+fn wait_passes(pg: &Cluster, n: i64) {
+    let start = passes(pg);
+    wait_for("key-value passes", T, || (passes(pg) >= start + n).then_some(()));
+}
+
+fn row(pg: &Cluster, db: i32, key: &str) -> Option<String> {
+    pg.query_text(&format!(
+        "SELECT concat_ws('|', value_type, redis_value, value_encoding, expires_at IS NOT NULL, deleted_at IS NOT NULL)
+           FROM redis_key_values WHERE redis_db = {db} AND redis_key = '{}'",
+        key.replace('\'', "''")
+    ))
+}
+
+#[test]
+fn every_type_is_mirrored_with_its_value() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    r.set("s", "text").expect("SET");
+    let _: usize = r.hset_multiple("h", &[("a", "1"), ("b", "two")]).map(|_| 2).expect("HSET");
+    let _: usize = r.rpush("l", &["x", "y", "x"]).expect("RPUSH");
+    let _: usize = r.sadd("st", &["c", "a", "b"]).expect("SADD");
+    let _: usize = r.zadd_multiple("z", &[(2.5, "m2"), (1.0, "m1")]).expect("ZADD");
+    let _: String =
+        redis::cmd("XADD").arg("a-stream").arg("*").arg("f").arg("v").query(&mut r).expect("XADD");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 5, T);
+    assert_eq!(row(&pg, 0, "s").as_deref(), Some("string|text|f|f"));
+    assert_eq!(row(&pg, 0, "h").as_deref(), Some(r#"hash|{"a":"1","b":"two"}|f|f"#));
+    assert_eq!(row(&pg, 0, "l").as_deref(), Some(r#"list|["x","y","x"]|f|f"#));
+    assert_eq!(row(&pg, 0, "st").as_deref(), Some(r#"set|["a","b","c"]|f|f"#));
+    assert_eq!(row(&pg, 0, "z").as_deref(), Some(r#"zset|[["m1",1],["m2",2.5]]|f|f"#));
+    // The stream is left to stream sync.
+    assert_eq!(pg.number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'a-stream'"), 0);
+    // Values that are JSON are valid JSON.
+    assert_eq!(
+        pg.number("SELECT count(*) FROM redis_key_values WHERE value_type <> 'string' AND jsonb_typeof(redis_value::jsonb) IS NULL"),
+        0
+    );
+}
+
+#[test]
+fn the_same_name_in_two_databases_gives_two_rows() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    r.set("same", "in-0").expect("SET");
+    let _: () = redis::cmd("SELECT").arg(1).query(&mut r).expect("SELECT");
+    r.set("same", "in-1").expect("SET");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'same'", 2, T);
+    assert_eq!(row(&pg, 0, "same").as_deref(), Some("string|in-0|f|f"));
+    assert_eq!(row(&pg, 1, "same").as_deref(), Some("string|in-1|f|f"));
+}
+
+#[test]
+fn changes_land_and_unchanged_keys_are_not_rewritten() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for i in 0..50 {
+        r.set(format!("k{i}"), i).expect("SET");
+    }
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 50, T);
+    wait_passes(&pg, 1);
+    let versions = |pg: &Cluster| {
+        pg.query_text("SELECT string_agg(redis_key || ':' || xmin::text || ':' || ctid::text, ';' ORDER BY redis_key) FROM redis_key_values")
+    };
+    let before = versions(&pg);
+    let written = pg.status("key_values_processed");
+    wait_passes(&pg, 3);
+    assert_eq!(versions(&pg), before, "idle passes must not rewrite rows");
+    assert_eq!(pg.status("key_values_processed"), written);
+    r.set("k7", "changed").expect("SET");
+    wait_for("the change", T, || {
+        (row(&pg, 0, "k7").as_deref() == Some("string|changed|f|f")).then_some(())
+    });
+    // Only that row got a new version.
+    let after = versions(&pg).unwrap_or_default();
+    let changed: Vec<&str> = after
+        .split(';')
+        .zip(before.as_deref().unwrap_or("").split(';'))
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(changed[0].starts_with("k7:"), "{changed:?}");
+}
+
+#[test]
+fn deleted_and_expired_keys_follow_the_policy() {
+    for policy in ["mark", "delete", "ignore"] {
+        let redis = Redis::start();
+        let mut r = redis.client();
+        r.set("keep", "1").expect("SET");
+        r.set("drop", "1").expect("SET");
+        let _: () = redis::cmd("SET")
+            .arg("brief")
+            .arg("1")
+            .arg("PX")
+            .arg(6000)
+            .query(&mut r)
+            .expect("SET PX");
+        let pg =
+            Cluster::start(&redis, &[FAST, &[("redis_sync.key_value_deletes", policy)]].concat());
+        pg.wait_number("SELECT count(*) FROM redis_key_values", 3, T);
+        assert_eq!(row(&pg, 0, "brief").as_deref(), Some("string|1|t|f"));
+        let _: usize = r.del("drop").expect("DEL");
+        // "brief" expires by itself.
+        wait_for("brief to expire", T, || (!r.exists("brief").unwrap_or(true)).then_some(()));
+        wait_passes(&pg, 2);
+        let state = |k| row(&pg, 0, k);
+        match policy {
+            "mark" => {
+                assert_eq!(state("drop").as_deref(), Some("string|1|f|t"));
+                assert_eq!(state("brief").as_deref(), Some("string|1|t|t"));
+            }
+            "delete" => {
+                assert_eq!(state("drop"), None);
+                assert_eq!(state("brief"), None);
+            }
+            _ => {
+                assert_eq!(state("drop").as_deref(), Some("string|1|f|f"));
+                assert_eq!(state("brief").as_deref(), Some("string|1|t|f"));
+            }
+        }
+        assert_eq!(state("keep").as_deref(), Some("string|1|f|f"), "{policy}");
+        // A key that comes back is live again.
+        r.set("drop", "back").expect("SET");
+        wait_for("the key back", T, || {
+            (state("drop").as_deref() == Some("string|back|f|f")).then_some(())
+        });
+    }
+}
+
+#[test]
+fn binary_values_and_hostile_names_are_stored_as_data() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let names =
+        ["it's", "semi;colon", "new\nline", "back\\slash", "ünïcødé ✓", "$dollar", "\"quoted\""];
+    for n in names {
+        r.set(n, n).expect("SET");
+    }
+    let _: () = redis::cmd("SET")
+        .arg(&b"bin\xffkey"[..])
+        .arg(&b"\x00\x01\xfe"[..])
+        .query(&mut r)
+        .expect("SET");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_key_values", names.len() as i64 + 1, T);
+    for n in names {
+        let stored = if n.starts_with('$') { format!("${n}") } else { n.to_owned() };
+        assert_eq!(row(&pg, 0, &stored), Some(format!("string|{n}|f|f")), "{n:?}");
+    }
+    assert_eq!(
+        pg.query_text("SELECT redis_value || '|' || value_encoding FROM redis_key_values WHERE redis_key = '$b64:Ymlu/2tleQ=='").as_deref(),
+        Some("AAH+|base64")
+    );
+}
+
+#[test]
+fn a_hundred_thousand_keys() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for chunk in (0..100_000).collect::<Vec<u32>>().chunks(5000) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            p.cmd("SET").arg(format!("user:{i}")).arg(i).ignore();
+        }
+        let _: () = p.query(&mut r).expect("SET");
+    }
+    let pg = Cluster::start(
+        &redis,
+        &[("redis_sync.rate_limit", "0"), ("redis_sync.db_search_range", "0")],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 100_000, Duration::from_secs(180));
+    assert_eq!(pg.number("SELECT count(DISTINCT redis_value) FROM redis_key_values"), 100_000);
+}

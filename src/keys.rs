@@ -1,0 +1,325 @@
+//! Key-value sync: every key matching `key_value_patterns` in every database of
+//! `db_search_range` is mirrored into the key-value table, pass after pass, one SCAN page at
+//! a time (so stream sync keeps going during a long pass). Values of a page are fetched in
+//! two pipelined round trips (type and expiry, then values); only keys whose value, type or
+//! expiry changed are written. Keys gone from Redis are handled by `key_value_deletes`, and
+//! only after a complete pass against the same Redis server.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use ::redis::Value;
+
+use crate::encode::{decode_name, encode_name, value_text, Value as Val};
+use crate::error::Result;
+use crate::gucs::{KeyValueDeletes, Settings};
+use crate::parse::Pattern;
+use crate::redis::{bulk_list, Redis};
+use crate::shmem;
+use crate::sink::{KeyRow, KvSink, KvTarget};
+
+/// SCAN page size (keys asked per SCAN call; also the unit of one write).
+const SCAN_COUNT: u32 = 1000;
+
+/// One SCAN still to finish: database, glob, cursor (0 = not started or finished).
+#[derive(Debug, Clone)]
+struct ScanJob {
+    db: u8,
+    glob: usize,
+    cursor: u64,
+    started: bool,
+}
+
+struct Pass {
+    jobs: Vec<ScanJob>,
+    globs: Vec<Vec<u8>>,
+    patterns: Vec<Pattern>,
+    /// Keys seen in this pass, as 128-bit hashes of (db, stored name): ~20 bytes a key.
+    seen: HashSet<u128>,
+    run_id: String,
+    started: Instant,
+    written: usize,
+    keys: usize,
+}
+
+/// What a pass found, for the log and for tests.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PassSummary {
+    pub keys: usize,
+    pub written: usize,
+    pub gone: usize,
+    pub complete: bool,
+}
+
+pub struct KeySync {
+    pass: Option<Pass>,
+    next_pass: Instant,
+}
+
+pub fn seen_hash(db: u8, name: &str) -> u128 {
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (salt, db, name).hash(&mut h);
+        h.finish() as u128
+    };
+    half(0) << 64 | half(1)
+}
+
+impl Default for KeySync {
+    fn default() -> Self {
+        KeySync { pass: None, next_pass: Instant::now() }
+    }
+}
+
+impl KeySync {
+    /// Is a pass under way (the worker then does not block on stream reads)?
+    pub fn busy(&self) -> bool {
+        self.pass.is_some()
+    }
+
+    /// Time until the next pass starts.
+    pub fn until_next_pass(&self) -> Duration {
+        self.next_pass.saturating_duration_since(Instant::now())
+    }
+
+    /// Drops the pass under way (after an error, or new settings): nothing is marked
+    /// deleted from an incomplete pass.
+    pub fn abandon(&mut self) {
+        self.pass = None;
+    }
+
+    /// Does one page of work. Returns the summary when a pass finished.
+    pub fn step(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        s: &Settings,
+    ) -> Result<Option<PassSummary>> {
+        if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
+            self.pass = None;
+            return Ok(None);
+        }
+        if self.pass.is_none() {
+            if Instant::now() < self.next_pass {
+                return Ok(None);
+            }
+            self.start(redis, s)?;
+        }
+        sink.prepare(&KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() })?;
+        let outcome = self.page(redis, sink, s);
+        if outcome.is_err() {
+            self.pass = None;
+            self.next_pass = Instant::now() + s.sync_interval;
+        }
+        outcome
+    }
+
+    fn start(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
+        let patterns: Vec<Pattern> = s.key_value_patterns.iter().map(|p| Pattern::new(p)).collect();
+        let globs: Vec<Vec<u8>> = if patterns.iter().any(|p| p.as_str() == "*") {
+            vec![b"*".to_vec()]
+        } else {
+            patterns.iter().map(Pattern::to_redis_glob).collect()
+        };
+        let jobs = s
+            .db_search_range
+            .iter()
+            .flat_map(|&db| {
+                (0..globs.len()).map(move |glob| ScanJob { db, glob, cursor: 0, started: false })
+            })
+            .collect();
+        self.pass = Some(Pass {
+            jobs,
+            globs,
+            patterns,
+            seen: HashSet::new(),
+            run_id: redis.run_id()?,
+            started: Instant::now(),
+            written: 0,
+            keys: 0,
+        });
+        Ok(())
+    }
+
+    fn page(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        s: &Settings,
+    ) -> Result<Option<PassSummary>> {
+        let Some(pass) = self.pass.as_mut() else { return Ok(None) };
+        let Some(job) = pass.jobs.first().cloned() else {
+            return self.finish(redis, sink, s).map(Some);
+        };
+        let (next, keys) =
+            redis.scan_page(job.db, job.cursor, &pass.globs[job.glob], SCAN_COUNT)?;
+        // Confirm the pattern client-side and skip keys already seen (SCAN may repeat keys,
+        // and several globs may match one key).
+        let mut fresh = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !pass.patterns.iter().any(|p| p.matches(&key)) {
+                continue;
+            }
+            if pass.seen.contains(&seen_hash(job.db, &encode_name(&key))) {
+                continue;
+            }
+            fresh.push(key);
+        }
+        let meta = redis.key_meta(job.db, &fresh)?;
+        let typed: Vec<(&[u8], &str)> =
+            fresh.iter().zip(&meta).map(|(k, (t, _))| (k.as_slice(), t.as_str())).collect();
+        let values = redis.key_values(job.db, &typed)?;
+        let mut rows = Vec::with_capacity(fresh.len());
+        for ((key, (ty, expires)), value) in fresh.iter().zip(&meta).zip(values) {
+            // Streams belong to stream sync; "none" means the key vanished meanwhile.
+            let Some(value) = value else { continue };
+            let Some(row) = key_row(key, ty, *expires, value) else { continue };
+            pass.seen.insert(seen_hash(job.db, &row.redis_key));
+            rows.push(row);
+        }
+        pass.keys += rows.len();
+        let written = sink.upsert(job.db, &rows)?;
+        pass.written += written;
+        if written > 0 {
+            shmem::bump(|c| &c.key_values_processed, written as u64);
+            let now = shmem::now();
+            shmem::update(|st| st.last_sync_time = now);
+        }
+        if let Some(j) = pass.jobs.first_mut() {
+            j.cursor = next;
+            j.started = true;
+        }
+        if next == 0 {
+            pass.jobs.remove(0);
+        }
+        Ok(None)
+    }
+
+    /// The pass is complete: apply the deletion policy to keys it did not see, unless Redis
+    /// restarted during the pass (then the pass proves nothing about what is gone).
+    fn finish(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        s: &Settings,
+    ) -> Result<PassSummary> {
+        let Some(pass) = self.pass.take() else { return Ok(PassSummary::default()) };
+        self.next_pass = pass.started + s.sync_interval;
+        let same_server = redis.run_id()? == pass.run_id;
+        let mut summary =
+            PassSummary { keys: pass.keys, written: pass.written, gone: 0, complete: same_server };
+        if same_server && s.key_value_deletes != KeyValueDeletes::Ignore {
+            let mut missing: Vec<(u8, String)> = Vec::new();
+            sink.live_keys(&s.db_search_range, |db, name| {
+                if pass.seen.contains(&seen_hash(db, name)) {
+                    return;
+                }
+                // Only keys this pass was looking for: a key outside the patterns is not "gone".
+                let in_scope = decode_name(name)
+                    .is_some_and(|bytes| pass.patterns.iter().any(|p| p.matches(&bytes)));
+                if in_scope {
+                    missing.push((db, name.to_owned()));
+                }
+            })?;
+            missing.sort();
+            let delete = s.key_value_deletes == KeyValueDeletes::Delete;
+            let mut i = 0;
+            while i < missing.len() {
+                let db = missing[i].0;
+                let names: Vec<String> = missing[i..]
+                    .iter()
+                    .take_while(|(d, _)| *d == db)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                i += names.len();
+                summary.gone += sink.gone(db, &names, delete)?;
+            }
+            if summary.gone > 0 {
+                shmem::bump(|c| &c.key_values_processed, summary.gone as u64);
+            }
+        }
+        shmem::bump(|c| &c.key_value_passes, 1);
+        Ok(summary)
+    }
+}
+
+/// The row of one key, or `None` for a type that is not mirrored.
+pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
+    let (value_type, (text, encoding)) = match ty {
+        "string" => {
+            let bytes = match value {
+                Value::BulkString(b) => b,
+                Value::SimpleString(s) => s.into_bytes(),
+                // The key changed type or vanished between the two round trips.
+                _ => return None,
+            };
+            ("string", value_text(Val::String(&bytes)))
+        }
+        "hash" => {
+            let flat = bulk_list(value);
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = flat
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect();
+            ("hash", value_text(Val::Hash(&pairs)))
+        }
+        "list" => ("list", value_text(Val::List(&bulk_list(value)))),
+        "set" => ("set", value_text(Val::Set(&bulk_list(value)))),
+        "zset" => {
+            let flat = bulk_list(value);
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = flat
+                .chunks(2)
+                .filter(|c| c.len() == 2)
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect();
+            ("zset", value_text(Val::ZSet(&pairs)))
+        }
+        _ => return None,
+    };
+    Some(KeyRow {
+        redis_key: encode_name(key),
+        redis_value: text,
+        value_type,
+        value_encoding: encoding,
+        expires_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(b: &[u8]) -> Value {
+        Value::BulkString(b.to_vec())
+    }
+
+    #[test]
+    fn rows_of_each_type() {
+        let r = key_row(b"k", "string", Some(5), bulk(b"v")).expect("row");
+        assert_eq!(
+            (r.redis_value.as_str(), r.value_type, r.value_encoding, r.expires_ms),
+            ("v", "string", None, Some(5))
+        );
+        let h =
+            key_row(b"h", "hash", None, Value::Array(vec![bulk(b"a"), bulk(b"1")])).expect("row");
+        assert_eq!(h.redis_value, r#"{"a":"1"}"#);
+        let z =
+            key_row(b"z", "zset", None, Value::Array(vec![bulk(b"m"), bulk(b"2.5")])).expect("row");
+        assert_eq!(z.redis_value, r#"[["m",2.5]]"#);
+        assert!(key_row(b"s", "stream", None, Value::Nil).is_none());
+        assert!(key_row(b"gone", "string", None, Value::Nil).is_none());
+        assert_eq!(
+            key_row(b"$x", "set", None, Value::Array(vec![])).expect("row").redis_key,
+            "$$x"
+        );
+    }
+
+    #[test]
+    fn seen_hashes_separate_databases_and_names() {
+        assert_ne!(seen_hash(0, "a"), seen_hash(1, "a"));
+        assert_ne!(seen_hash(0, "a"), seen_hash(0, "b"));
+        assert_eq!(seen_hash(3, "x"), seen_hash(3, "x"));
+    }
+}
