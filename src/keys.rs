@@ -244,6 +244,60 @@ impl KeySync {
     }
 }
 
+impl KeySync {
+    /// Syncs keys named by keyspace notifications right away: changed ones are upserted,
+    /// ones Redis says no longer exist get the deletion policy. Returns the rows touched.
+    pub fn apply_events(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        s: &Settings,
+        mut events: Vec<(u8, Vec<u8>)>,
+    ) -> Result<usize> {
+        if !s.key_value_auto_discovery || events.is_empty() {
+            return Ok(0);
+        }
+        sink.prepare(&KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() })?;
+        let patterns: Vec<Pattern> = s.key_value_patterns.iter().map(|p| Pattern::new(p)).collect();
+        events.retain(|(db, key)| {
+            s.db_search_range.contains(db) && patterns.iter().any(|p| p.matches(key))
+        });
+        events.sort();
+        events.dedup();
+        let mut touched = 0;
+        let mut i = 0;
+        while i < events.len() {
+            let db = events[i].0;
+            let keys: Vec<Vec<u8>> =
+                events[i..].iter().take_while(|(d, _)| *d == db).map(|(_, k)| k.clone()).collect();
+            i += keys.len();
+            let meta = redis.key_meta(db, &keys)?;
+            let typed: Vec<(&[u8], &str)> =
+                keys.iter().zip(&meta).map(|(k, (t, _))| (k.as_slice(), t.as_str())).collect();
+            let values = redis.key_values(db, &typed)?;
+            let mut rows = Vec::new();
+            let mut gone = Vec::new();
+            for ((key, (ty, expires)), value) in keys.iter().zip(&meta).zip(values) {
+                if ty == "none" {
+                    gone.push(encode_name(key));
+                } else if let Some(row) = value.and_then(|v| key_row(key, ty, *expires, v)) {
+                    rows.push(row);
+                }
+            }
+            touched += sink.upsert(db, &rows)?;
+            if !gone.is_empty() && s.key_value_deletes != KeyValueDeletes::Ignore {
+                touched += sink.gone(db, &gone, s.key_value_deletes == KeyValueDeletes::Delete)?;
+            }
+        }
+        if touched > 0 {
+            shmem::bump(|c| &c.key_values_processed, touched as u64);
+            let now = shmem::now();
+            shmem::update(|st| st.last_sync_time = now);
+        }
+        Ok(touched)
+    }
+}
+
 /// The row of one key, or `None` for a type that is not mirrored.
 pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
     let (value_type, (text, encoding)) = match ty {

@@ -10,6 +10,7 @@ pub mod encode;
 pub mod error;
 pub mod gucs;
 pub mod keys;
+pub mod notify;
 pub mod parse;
 pub mod ratelimit;
 pub mod reader;

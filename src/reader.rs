@@ -63,7 +63,7 @@ pub struct Reader {
 }
 
 /// Runs `f` with every signal blocked, so a thread it spawns starts with them blocked.
-fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();

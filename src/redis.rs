@@ -62,35 +62,41 @@ fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
     SyncError::RedisCommand { command, detail: e.to_string(), code: e.code().map(str::to_owned) }
 }
 
+/// A plain connection to database `db` of the configured server, with timeouts set.
+pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Connection> {
+    let server = format!("{}:{}/{}", settings.host, settings.port, db);
+    if settings.tls {
+        return Err(SyncError::Config(
+            "redis_sync.redis_tls = on is not supported by this version yet; set it to off".into(),
+        ));
+    }
+    let mut redis = RedisConnectionInfo::default().set_db(db as i64);
+    if !settings.username.is_empty() {
+        redis = redis.set_username(&settings.username);
+    }
+    if !settings.password.is_empty() {
+        redis = redis.set_password(&settings.password);
+    }
+    let fail = |e: ::redis::RedisError| classify_connect(&e, &server, &settings.username);
+    let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
+        .into_connection_info()
+        .map_err(fail)?
+        .set_redis_settings(redis);
+    shmem::bump(|c| &c.redis_ops, 1);
+    let conn = ::redis::Client::open(info)
+        .map_err(fail)?
+        .get_connection_with_timeout(CONNECT_TIMEOUT)
+        .map_err(fail)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(fail)?;
+    Ok(conn)
+}
+
 impl RedisConn {
     pub fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
         let server = format!("{}:{}/{}", settings.host, settings.port, db);
-        if settings.tls {
-            return Err(SyncError::Config(
-                "redis_sync.redis_tls = on is not supported by this version yet; set it to off"
-                    .into(),
-            ));
-        }
-        let mut redis = RedisConnectionInfo::default().set_db(db as i64);
-        if !settings.username.is_empty() {
-            redis = redis.set_username(&settings.username);
-        }
-        if !settings.password.is_empty() {
-            redis = redis.set_password(&settings.password);
-        }
-        let fail = |e: ::redis::RedisError| classify_connect(&e, &server, &settings.username);
-        let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
-            .into_connection_info()
-            .map_err(fail)?
-            .set_redis_settings(redis);
-        shmem::bump(|c| &c.redis_ops, 1);
-        let conn = ::redis::Client::open(info)
-            .map_err(fail)?
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .map_err(fail)?;
-        conn.set_read_timeout(Some(IO_TIMEOUT))
-            .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
-            .map_err(fail)?;
+        let conn = open_connection(settings, db)?;
         let mut c = RedisConn { conn, last_check: Instant::now(), read_timeout: IO_TIMEOUT };
         // Prove the connection before calling it up.
         c.ping().map_err(|e| SyncError::RedisUnavailable { server, detail: e.to_string() })?;
@@ -388,6 +394,21 @@ impl Redis {
             out[i] = Some(v);
         }
         Ok(out)
+    }
+
+    /// The `notify-keyspace-events` setting, or `None` when it cannot be read (an ACL user
+    /// without CONFIG, a managed Redis).
+    pub fn notify_flags(&mut self) -> Option<String> {
+        let main = self.settings.db;
+        let reply = self
+            .query(
+                main,
+                "CONFIG GET",
+                ::redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events"),
+            )
+            .ok()?;
+        let items = bulk_list(reply);
+        items.get(1).map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
     /// The server's run ID: a different one means Redis restarted.

@@ -19,6 +19,7 @@ use crate::backoff::{Backoff, Jitter};
 use crate::error::SyncError;
 use crate::gucs::{LogLevel, Mode, Settings};
 use crate::keys::KeySync;
+use crate::notify::{flags_cover_changes, Notifier};
 use crate::reader::Reader;
 use crate::redis::Redis;
 use crate::shmem::{self, WorkerState};
@@ -208,6 +209,8 @@ struct Worker {
     reader: Option<Reader>,
     keys: KeySync,
     kv_sink: KvSink,
+    /// Listening to keyspace notifications, when Redis publishes them.
+    notifier: Option<Notifier>,
     /// `redis_sync_discover()` requests handled so far.
     discover_handled: u64,
     /// After a failure that left Redis connected (a Postgres error), no new round before this.
@@ -230,6 +233,7 @@ impl Worker {
             reader: None,
             keys: KeySync::default(),
             kv_sink: KvSink::default(),
+            notifier: None,
             hold_until: Instant::now(),
             discover_handled: shmem::discovery_requests(),
             loop_cxt: unsafe {
@@ -266,7 +270,13 @@ impl Worker {
                 );
             }
             let timeout = self.step();
-            wait(timeout);
+            match self.notifier.as_mut() {
+                // A changed key wakes the loop at once; signals are seen within 100 ms.
+                Some(n) => {
+                    n.wait(timeout.min(Duration::from_millis(100)));
+                }
+                None => wait(timeout),
+            }
         }
     }
 
@@ -319,6 +329,7 @@ impl Worker {
             || new.schema != self.settings.schema
         {
             self.keys.abandon();
+            self.notifier = None;
         }
         if rediscover {
             if let Link::Up(redis) = &mut self.link {
@@ -428,7 +439,38 @@ impl Worker {
             wait = Duration::ZERO;
         }
         let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
-        match self.keys.step(redis, &mut self.kv_sink, &self.settings) {
+        if let Some(n) = self.notifier.as_mut() {
+            let events = n.drain(10_000);
+            if let Err(e) = self.keys.apply_events(redis, &mut self.kv_sink, &self.settings, events)
+            {
+                self.kv_sink.reset();
+                return Err(e);
+            }
+        }
+        let pass = self.keys.step(redis, &mut self.kv_sink, &self.settings);
+        if matches!(pass, Ok(Some(_))) {
+            // Between passes: follow the server's notify-keyspace-events setting.
+            let want = self.settings.key_value_auto_discovery
+                && redis.notify_flags().is_some_and(|f| flags_cover_changes(&f));
+            let current = self.notifier.as_ref().is_some_and(|n| {
+                n.settings == self.settings.redis && n.dbs == self.settings.db_search_range
+            });
+            if want && !current {
+                self.notifier =
+                    Some(Notifier::start(&self.settings.redis, &self.settings.db_search_range)?);
+                self.log.at(
+                    LogLevel::Info,
+                    "Redis publishes keyspace notifications: changed keys are synced as they change",
+                );
+            } else if !want && self.notifier.is_some() {
+                self.notifier = None;
+                self.log.at(
+                    LogLevel::Info,
+                    "keyspace notifications are off: changes are found by scanning",
+                );
+            }
+        }
+        match pass {
             Ok(Some(summary)) => self.log.at(
                 LogLevel::Debug,
                 &format!(

@@ -196,3 +196,37 @@ fn a_hundred_thousand_keys() {
     pg.wait_number("SELECT count(*) FROM redis_key_values", 100_000, Duration::from_secs(180));
     assert_eq!(pg.number("SELECT count(DISTINCT redis_value) FROM redis_key_values"), 100_000);
 }
+
+#[test]
+fn keyspace_notifications_bring_changes_in_between_passes() {
+    let redis = Redis::start_with(&["--notify-keyspace-events", "KA"]);
+    let mut r = redis.client();
+    r.set("watched", "1").expect("SET");
+    r.set("doomed", "1").expect("SET");
+    // One pass at start, the next in an hour: only notifications can bring what follows.
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.sync_interval", "1h"),
+            ("redis_sync.db_search_range", "0"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 2, T);
+    wait_for("the notification listener", T, || {
+        pg.log().contains("Redis publishes keyspace notifications").then_some(())
+    });
+    r.set("watched", "2").expect("SET");
+    let _: usize = r.del("doomed").expect("DEL");
+    r.set("newcomer", "hello").expect("SET");
+    wait_for("the change", T, || {
+        (row(&pg, 0, "watched").as_deref() == Some("string|2|f|f")).then_some(())
+    });
+    wait_for("the delete", T, || {
+        (row(&pg, 0, "doomed").as_deref() == Some("string|1|f|t")).then_some(())
+    });
+    wait_for("the new key", T, || {
+        (row(&pg, 0, "newcomer").as_deref() == Some("string|hello|f|f")).then_some(())
+    });
+    assert_eq!(passes(&pg), 1, "no second pass should have run");
+}
