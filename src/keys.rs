@@ -41,7 +41,19 @@ struct Pass {
     started: Instant,
     written: usize,
     keys: usize,
+    /// Set once every SCAN is done and Redis is still the same server: the table's live keys
+    /// are then walked a chunk per step to find the ones the pass did not see.
+    finishing: Option<Finish>,
 }
+
+struct Finish {
+    db_index: usize,
+    after: Option<String>,
+    missing: Vec<(u8, String)>,
+}
+
+/// Live keys read from the table per step of the deletion check.
+const CHECK_CHUNK: i64 = 10_000;
 
 /// What a pass found, for the log and for tests.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -138,6 +150,7 @@ impl KeySync {
             started: Instant::now(),
             written: 0,
             keys: 0,
+            finishing: None,
         });
         Ok(())
     }
@@ -150,7 +163,8 @@ impl KeySync {
     ) -> Result<Option<PassSummary>> {
         let Some(pass) = self.pass.as_mut() else { return Ok(None) };
         let Some(job) = pass.jobs.first().cloned() else {
-            return self.finish(redis, sink, s).map(Some);
+            let summary = self.finish(redis, sink, s)?;
+            return Ok(self.pass.is_none().then_some(summary));
         };
         let (next, keys) =
             redis.scan_page(job.db, job.cursor, &pass.globs[job.glob], SCAN_COUNT)?;
@@ -166,15 +180,13 @@ impl KeySync {
             }
             fresh.push(key);
         }
-        let meta = redis.key_meta(job.db, &fresh)?;
-        let typed: Vec<(&[u8], &str)> =
-            fresh.iter().zip(&meta).map(|(k, (t, _))| (k.as_slice(), t.as_str())).collect();
-        let values = redis.key_values(job.db, &typed)?;
+        let values = fetch(redis, job.db, &fresh)?;
         let mut rows = Vec::with_capacity(fresh.len());
-        for ((key, (ty, expires)), value) in fresh.iter().zip(&meta).zip(values) {
+        for (key, (ty, expires, value)) in fresh.iter().zip(values) {
+            let ty = ty.as_str();
             // Streams belong to stream sync; "none" means the key vanished meanwhile.
             let Some(value) = value else { continue };
-            let Some(row) = key_row(key, ty, *expires, value) else { continue };
+            let Some(row) = key_row(key, ty, expires, value) else { continue };
             pass.seen.insert(seen_hash(job.db, &row.redis_key));
             rows.push(row);
         }
@@ -196,51 +208,62 @@ impl KeySync {
         Ok(None)
     }
 
-    /// The pass is complete: apply the deletion policy to keys it did not see, unless Redis
-    /// restarted during the pass (then the pass proves nothing about what is gone).
-    fn finish(
-        &mut self,
-        redis: &mut Redis,
-        sink: &mut KvSink,
-        s: &Settings,
-    ) -> Result<PassSummary> {
-        let Some(pass) = self.pass.take() else { return Ok(PassSummary::default()) };
-        self.next_pass = pass.started + s.sync_interval;
-        let same_server = redis.run_id()? == pass.run_id;
-        let mut summary =
-            PassSummary { keys: pass.keys, written: pass.written, gone: 0, complete: same_server };
-        if same_server && s.key_value_deletes != KeyValueDeletes::Ignore {
-            let mut missing: Vec<(u8, String)> = Vec::new();
-            sink.live_keys(&s.db_search_range, |db, name| {
+    /// Every SCAN is done. Check that Redis is the same server as at the start (a restart
+    /// during the pass proves nothing about what is gone), then walk the table's live keys a
+    /// chunk per step, and finally apply the deletion policy to keys the pass did not see.
+    fn finish(&mut self, redis: &mut Redis, sink: &mut KvSink, s: &Settings) -> Result<PassSummary> {
+        let Some(pass) = self.pass.as_mut() else { return Ok(PassSummary::default()) };
+        if pass.finishing.is_none() {
+            let same_server = redis.run_id()? == pass.run_id;
+            if !same_server || s.key_value_deletes == KeyValueDeletes::Ignore {
+                return Ok(self.close(s, same_server, 0));
+            }
+            pass.finishing = Some(Finish { db_index: 0, after: None, missing: Vec::new() });
+        }
+        let Some(fin) = pass.finishing.as_mut() else { return Ok(PassSummary::default()) };
+        if let Some(&db) = s.db_search_range.get(fin.db_index) {
+            let names = sink.live_keys_chunk(db, fin.after.as_deref(), CHECK_CHUNK)?;
+            for name in &names {
                 if pass.seen.contains(&seen_hash(db, name)) {
-                    return;
+                    continue;
                 }
                 // Only keys this pass was looking for: a key outside the patterns is not "gone".
                 let in_scope = decode_name(name)
                     .is_some_and(|bytes| pass.patterns.iter().any(|p| p.matches(&bytes)));
                 if in_scope {
-                    missing.push((db, name.to_owned()));
+                    fin.missing.push((db, name.clone()));
                 }
-            })?;
-            missing.sort();
-            let delete = s.key_value_deletes == KeyValueDeletes::Delete;
-            let mut i = 0;
-            while i < missing.len() {
-                let db = missing[i].0;
-                let names: Vec<String> = missing[i..]
-                    .iter()
-                    .take_while(|(d, _)| *d == db)
-                    .map(|(_, n)| n.clone())
-                    .collect();
-                i += names.len();
-                summary.gone += sink.gone(db, &names, delete)?;
             }
-            if summary.gone > 0 {
-                shmem::bump(|c| &c.key_values_processed, summary.gone as u64);
+            if (names.len() as i64) < CHECK_CHUNK {
+                fin.db_index += 1;
+                fin.after = None;
+            } else {
+                fin.after = names.last().cloned();
             }
+            return Ok(PassSummary::default());
         }
+        let missing = std::mem::take(&mut fin.missing);
+        let delete = s.key_value_deletes == KeyValueDeletes::Delete;
+        let mut gone = 0;
+        let mut i = 0;
+        while i < missing.len() {
+            let db = missing[i].0;
+            let names: Vec<String> =
+                missing[i..].iter().take_while(|(d, _)| *d == db).map(|(_, n)| n.clone()).collect();
+            i += names.len();
+            gone += sink.gone(db, &names, delete)?;
+        }
+        if gone > 0 {
+            shmem::bump(|c| &c.key_values_processed, gone as u64);
+        }
+        Ok(self.close(s, true, gone))
+    }
+
+    fn close(&mut self, s: &Settings, complete: bool, gone: usize) -> PassSummary {
+        let Some(pass) = self.pass.take() else { return PassSummary::default() };
+        self.next_pass = pass.started + s.sync_interval;
         shmem::bump(|c| &c.key_value_passes, 1);
-        Ok(summary)
+        PassSummary { keys: pass.keys, written: pass.written, gone, complete }
     }
 }
 
@@ -271,16 +294,13 @@ impl KeySync {
             let keys: Vec<Vec<u8>> =
                 events[i..].iter().take_while(|(d, _)| *d == db).map(|(_, k)| k.clone()).collect();
             i += keys.len();
-            let meta = redis.key_meta(db, &keys)?;
-            let typed: Vec<(&[u8], &str)> =
-                keys.iter().zip(&meta).map(|(k, (t, _))| (k.as_slice(), t.as_str())).collect();
-            let values = redis.key_values(db, &typed)?;
+            let values = fetch(redis, db, &keys)?;
             let mut rows = Vec::new();
             let mut gone = Vec::new();
-            for ((key, (ty, expires)), value) in keys.iter().zip(&meta).zip(values) {
+            for (key, (ty, expires, value)) in keys.iter().zip(values) {
                 if ty == "none" {
                     gone.push(encode_name(key));
-                } else if let Some(row) = value.and_then(|v| key_row(key, ty, *expires, v)) {
+                } else if let Some(row) = value.and_then(|v| key_row(key, &ty, expires, v)) {
                     rows.push(row);
                 }
             }
@@ -296,6 +316,26 @@ impl KeySync {
         }
         Ok(touched)
     }
+}
+
+/// Type, expiry and value of each key: strings in one round trip, other types in a second.
+fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>, Option<Value>)>> {
+    let mut meta = redis.key_meta(db, keys)?;
+    let others: Vec<usize> = meta
+        .iter()
+        .enumerate()
+        .filter(|(_, (t, _, _))| matches!(t.as_str(), "hash" | "list" | "set" | "zset"))
+        .map(|(i, _)| i)
+        .collect();
+    if !others.is_empty() {
+        let typed: Vec<(&[u8], &str)> =
+            others.iter().map(|&i| (keys[i].as_slice(), meta[i].0.as_str())).collect();
+        let values = redis.key_values(db, &typed)?;
+        for (i, v) in others.into_iter().zip(values) {
+            meta[i].2 = v;
+        }
+    }
+    Ok(meta)
 }
 
 /// The row of one key, or `None` for a type that is not mirrored.

@@ -338,29 +338,45 @@ impl Redis {
             .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))
     }
 
-    /// `TYPE` and `PEXPIRETIME` of every key, in one round trip. The expiry is the absolute
-    /// Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None` for none.
-    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>)>> {
+    /// `TYPE`, `PEXPIRETIME` and (speculatively) `GET` of every key, in one round trip: most
+    /// keys are strings, whose value then needs no second round trip. The expiry is the
+    /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
+    /// for none; the value is `None` unless the key is a string.
+    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>, Option<Value>)>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = self.pipeline_in(db, "TYPE", |p| {
-            for k in keys {
-                p.cmd("TYPE").arg(k);
-                p.cmd("PEXPIRETIME").arg(k);
-            }
-        })?;
-        if replies.len() != keys.len() * 2 {
+        let main = self.settings.db;
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        if db != main {
+            pipe.cmd("SELECT").arg(db).ignore();
+        }
+        for k in keys {
+            pipe.cmd("TYPE").arg(k);
+            pipe.cmd("PEXPIRETIME").arg(k);
+            pipe.cmd("GET").arg(k);
+        }
+        if db != main {
+            pipe.cmd("SELECT").arg(main).ignore();
+        }
+        self.throttle();
+        let c = self.conn(main)?;
+        let reply = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut c.conn);
+        c.last_check = Instant::now();
+        let replies = reply.map_err(|e| command_error("TYPE", &e))?;
+        if replies.len() != keys.len() * 3 {
             return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
         }
-        Ok(replies
-            .chunks(2)
-            .map(|pair| {
-                let ty = as_string(&pair[0]).unwrap_or_default();
-                let exp = as_int(&pair[1]).filter(|v| *v >= 0);
-                (ty, exp)
-            })
-            .collect())
+        let mut out = Vec::with_capacity(keys.len());
+        let mut it = replies.into_iter();
+        while let (Some(ty), Some(exp), Some(val)) = (it.next(), it.next(), it.next()) {
+            let ty = ty.ok().as_ref().and_then(as_string).unwrap_or_default();
+            let exp = exp.ok().as_ref().and_then(as_int).filter(|v| *v >= 0);
+            let val = if ty == "string" { val.ok() } else { None };
+            out.push((ty, exp, val));
+        }
+        Ok(out)
     }
 
     /// The values of keys of known types, in one round trip (`GET`, `HGETALL`, `LRANGE`,

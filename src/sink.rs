@@ -559,35 +559,30 @@ impl KvSink {
         Ok(written)
     }
 
-    /// Calls `f` with every live (not deleted) key of the table in databases `dbs`, a chunk
-    /// at a time, through a cursor (memory stays bounded whatever the table's size).
-    pub fn live_keys(&mut self, dbs: &[u8], mut f: impl FnMut(u8, &str)) -> Result<()> {
+    /// Up to `limit` live (not deleted) keys of database `db` after `after`, in key order
+    /// (keyset pagination on the unique index: each call is short, memory stays bounded).
+    pub fn live_keys_chunk(&mut self, db: u8, after: Option<&str>, limit: i64) -> Result<Vec<String>> {
         let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let sql = format!(
-            "SELECT redis_db, redis_key FROM {}.{} WHERE deleted_at IS NULL AND redis_db = ANY($1)",
+            "SELECT redis_key FROM {}.{} WHERE redis_db = $1 AND deleted_at IS NULL
+                AND ($2::text IS NULL OR redis_key > $2) ORDER BY redis_key LIMIT $3",
             quote_ident(&t.schema),
             quote_ident(&t.table)
         );
-        let dbs: Vec<i32> = dbs.iter().map(|d| *d as i32).collect();
-        let f = &mut f;
-        in_transaction(move || {
+        let keys = in_transaction(|| {
             Spi::connect(|client| {
-                let mut cursor = client.open_cursor(sql.as_str(), &[dbs.into()]);
-                loop {
-                    let chunk = cursor.fetch(10_000).map_err(spi_err)?;
-                    if chunk.is_empty() {
-                        return Ok(());
-                    }
-                    for row in chunk {
-                        let db = row.get::<i32>(1).map_err(spi_err)?.unwrap_or(-1);
-                        let key = row.get::<&str>(2).map_err(spi_err)?.unwrap_or("");
-                        f(db.clamp(0, 255) as u8, key);
-                    }
+                let rows = client
+                    .select(sql.as_str(), None, &[(db as i32).into(), after.into(), limit.into()])
+                    .map_err(spi_err)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    out.push(row.get::<String>(1).map_err(spi_err)?.unwrap_or_default());
                 }
+                Ok(out)
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
-        Ok(())
+        Ok(keys)
     }
 
     /// Applies the deletion policy to keys gone from Redis: `mark` sets `deleted_at`,
@@ -666,7 +661,13 @@ fn kv_upsert_sql(t: &KvTarget) -> String {
                 (redis_db, redis_key, redis_value, value_type, value_encoding, expires_at, deleted_at, \"timestamp\")
          SELECT $1, u.k, u.v, u.ty, u.enc, {expires}, NULL, now()
            FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::int8[]) AS u(k, v, ty, enc, ex)
-           LEFT JOIN {table} AS cur ON cur.redis_db = $1 AND cur.redis_key = u.k
+           -- One unique-index probe per key (LATERAL ... LIMIT 1 keeps the planner from
+           -- hashing the whole table for a page of keys).
+           LEFT JOIN LATERAL (
+                SELECT c.id, c.redis_value, c.value_type, c.value_encoding, c.expires_at, c.deleted_at
+                  FROM {table} AS c
+                 WHERE c.redis_db = $1 AND c.redis_key = u.k
+                 LIMIT 1) AS cur ON true
           WHERE cur.id IS NULL OR cur.deleted_at IS NOT NULL
              OR (cur.redis_value, cur.value_type, cur.value_encoding, cur.expires_at)
                 IS DISTINCT FROM (u.v, u.ty, u.enc, {expires})

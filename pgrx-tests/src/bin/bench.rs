@@ -204,6 +204,178 @@ fn latency(
     (pct(0.5), pct(0.99), lat_ms.last().copied().unwrap_or(f64::NAN), lat_ms.len())
 }
 
+struct KvFigures {
+    keys: usize,
+    rate: f64,
+    secs: f64,
+    copy_rate: f64,
+    peak_rss_kb: u64,
+    idle_pass_secs: f64,
+    idle_rows_written: i64,
+    scan_delay_ms: Vec<f64>,
+    notify_ms: (f64, f64, f64, usize),
+}
+
+fn counter(pg: &Cluster, col: &str) -> i64 {
+    pg.try_query_text(&format!("SELECT {col} FROM redis_sync_status()"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Milliseconds until `key` reads `value` in the key-value table (polled every `every`).
+fn visible_after(
+    pg: &mut postgres::Client,
+    key: &str,
+    value: &str,
+    start: Instant,
+    every: Duration,
+) -> f64 {
+    loop {
+        let row = pg
+            .query_opt(
+                "SELECT redis_value FROM redis_key_values WHERE redis_db = 0 AND redis_key = $1",
+                &[&key],
+            )
+            .expect("poll");
+        if row.map(|r| r.get::<_, String>(0)).as_deref() == Some(value) {
+            return start.elapsed().as_secs_f64() * 1000.0;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{key} never became {value}");
+        std::thread::sleep(every);
+    }
+}
+
+fn bench_keys(total: usize) -> KvFigures {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    eprintln!("[bench] filling {total} string keys");
+    for start in (0..total).step_by(10_000) {
+        let mut p = redis::pipe();
+        for i in start..(start + 10_000).min(total) {
+            p.cmd("SET").arg(format!("key:{i}")).arg(format!("value-{i}")).ignore();
+        }
+        let _: () = p.query(&mut r).expect("SET");
+    }
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.enabled", "off"),
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_auto_discovery", "off"),
+            ("redis_sync.db_search_range", "0"),
+            ("redis_sync.sync_interval", "1s"),
+            ("shared_buffers", "512MB"),
+            ("max_wal_size", "4GB"),
+        ],
+    );
+    eprintln!("[bench] key-value initial sync");
+    let pid = wait_for("worker", Duration::from_secs(30), || pg.worker_pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mem = watch_memory(pid, stop.clone());
+    let t0 = Instant::now();
+    pg.set("redis_sync.enabled", "on");
+    while (counter(&pg, "key_values_processed") as usize) < total {
+        assert!(t0.elapsed() < Duration::from_secs(1800), "initial sync too slow");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak_rss_kb = mem.join().unwrap_or(0);
+    assert_eq!(pg.number("SELECT count(*) FROM redis_key_values"), total as i64);
+    eprintln!(
+        "[bench]   {:.0} rows/s ({secs:.1}s), peak RssAnon {peak_rss_kb} KiB",
+        total as f64 / secs
+    );
+
+    let dump = pg.data_dir().join("bench_kv.copy");
+    let dump = dump.to_string_lossy();
+    let cols = "redis_key, redis_value, redis_db, value_type, value_encoding, expires_at, deleted_at, \"timestamp\"";
+    pg.execute(&format!("COPY (SELECT {cols} FROM redis_key_values) TO '{dump}'"));
+    pg.execute("CREATE TABLE kv_copy (LIKE redis_key_values INCLUDING ALL)");
+    pg.execute("CHECKPOINT");
+    let t = Instant::now();
+    pg.execute(&format!("COPY kv_copy ({cols}) FROM '{dump}'"));
+    let copy_rate = total as f64 / t.elapsed().as_secs_f64();
+    pg.execute("DROP TABLE kv_copy");
+    eprintln!("[bench]   COPY {copy_rate:.0} rows/s");
+
+    eprintln!("[bench] idle passes");
+    let writes = |pg: &Cluster| {
+        pg.number("SELECT n_tup_ins + n_tup_upd + n_tup_del + n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'redis_key_values'")
+    };
+    // Let the statistics settle, then time two whole passes over unchanged keys.
+    let p0 = counter(&pg, "key_value_passes");
+    wait_for("a pass", Duration::from_secs(600), || {
+        (counter(&pg, "key_value_passes") > p0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let w0 = writes(&pg);
+    let processed0 = counter(&pg, "key_values_processed");
+    let p1 = counter(&pg, "key_value_passes");
+    wait_for("a pass", Duration::from_secs(600), || {
+        (counter(&pg, "key_value_passes") > p1).then_some(())
+    });
+    let t1 = Instant::now();
+    wait_for("a pass", Duration::from_secs(600), || {
+        (counter(&pg, "key_value_passes") > p1 + 1).then_some(())
+    });
+    let idle_pass_secs = t1.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(700));
+    let idle_rows_written =
+        (writes(&pg) - w0) + (counter(&pg, "key_values_processed") - processed0);
+    eprintln!("[bench]   one idle pass {idle_pass_secs:.2}s (sync_interval 1s), rows written {idle_rows_written}");
+
+    eprintln!("[bench] one changed key, scanning alone");
+    let mut c = pg.client();
+    let mut scan_delay_ms = Vec::new();
+    for trial in 0..3 {
+        let key = format!("key:{}", (trial * 337_129 + 4242) % total);
+        let value = format!("changed-{trial}");
+        let start = Instant::now();
+        let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut r).expect("SET");
+        scan_delay_ms.push(visible_after(&mut c, &key, &value, start, Duration::from_millis(10)));
+    }
+    eprintln!("[bench]   {scan_delay_ms:?} ms");
+
+    eprintln!("[bench] one changed key, with keyspace notifications");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("KA")
+        .query(&mut r)
+        .expect("CONFIG SET");
+    wait_for("the listener", Duration::from_secs(600), || {
+        pg.log().contains("Redis publishes keyspace notifications").then_some(())
+    });
+    let mut lat = Vec::new();
+    for trial in 0..200usize {
+        let key = format!("key:{}", (trial * 7919 + 17) % total);
+        let value = format!("notified-{trial}");
+        let start = Instant::now();
+        let _: () = redis::cmd("SET").arg(&key).arg(&value).query(&mut r).expect("SET");
+        lat.push(visible_after(&mut c, &key, &value, start, Duration::from_micros(500)));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let notify_ms = (pct(0.5), pct(0.99), lat[lat.len() - 1], lat.len());
+    eprintln!(
+        "[bench]   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        notify_ms.0, notify_ms.1, notify_ms.2
+    );
+    KvFigures {
+        keys: total,
+        rate: total as f64 / secs,
+        secs,
+        copy_rate,
+        peak_rss_kb,
+        idle_pass_secs,
+        idle_rows_written,
+        scan_delay_ms,
+        notify_ms,
+    }
+}
+
 fn main() {
     let total = env_num("BENCH_ENTRIES", 1_000_000) as usize;
     let lat_secs = env_num("BENCH_LATENCY_SECS", 10);
@@ -315,6 +487,8 @@ fn main() {
         lat.push((label, p50, p99, max, n));
     }
 
+    let kv = bench_keys(env_num("BENCH_KEYS", 1_000_000) as usize);
+
     let ratio = fast.rows_per_s / copy_rate;
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -370,9 +544,32 @@ fn main() {
     for (label, p50, p99, max, n) in &lat {
         let _ = writeln!(md, "| latency XADD -> row visible at 5,000 entries/s ({label}), {n} rows | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (target p99 < 50 ms) |");
     }
+    let _ = writeln!(md, "\n## Key-value sync: {} string keys\n", kv.keys);
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ =
+        writeln!(md, "| initial sync (rate_limit=0) | {:.0} rows/s ({:.1} s) |", kv.rate, kv.secs);
     let _ = writeln!(
         md,
-        "\nReproduce: `make bench` (BENCH_ENTRIES and BENCH_LATENCY_SECS change the sizes)."
+        "| COPY of the same rows into an identical empty table | {:.0} rows/s |",
+        kv.copy_rate
+    );
+    let _ = writeln!(
+        md,
+        "| **initial sync / COPY** | **{:.2}** (target >= 0.3) |",
+        kv.rate / kv.copy_rate
+    );
+    let _ = writeln!(
+        md,
+        "| worker peak RssAnon during the initial sync | {:.1} MiB |",
+        kv.peak_rss_kb as f64 / 1024.0
+    );
+    let _ = writeln!(md, "| one idle pass over all keys | {:.2} s |", kv.idle_pass_secs);
+    let _ = writeln!(md, "| rows written by idle passes | {} (target 0) |", kv.idle_rows_written);
+    let _ = writeln!(md, "| one changed key visible, scanning alone (sync_interval=1s), 3 trials | {} ms (target < 2000 ms) |", kv.scan_delay_ms.iter().map(|d| format!("{d:.0}")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(md, "| one changed key visible with keyspace notifications, {} changes | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms) |", kv.notify_ms.3, kv.notify_ms.0, kv.notify_ms.1, kv.notify_ms.2);
+    let _ = writeln!(
+        md,
+        "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes)."
     );
     print!("{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
