@@ -15,7 +15,7 @@ use crate::encode::{decode_name, encode_name, value_text, Value as Val};
 use crate::error::Result;
 use crate::gucs::{KeyValueDeletes, Settings};
 use crate::parse::Pattern;
-use crate::redis::{bulk_list, Redis};
+use crate::redis::{bulk_list, KeyMeta, Redis};
 use crate::shmem;
 use crate::sink::{KeyRow, KvSink, KvTarget};
 
@@ -211,7 +211,12 @@ impl KeySync {
     /// Every SCAN is done. Check that Redis is the same server as at the start (a restart
     /// during the pass proves nothing about what is gone), then walk the table's live keys a
     /// chunk per step, and finally apply the deletion policy to keys the pass did not see.
-    fn finish(&mut self, redis: &mut Redis, sink: &mut KvSink, s: &Settings) -> Result<PassSummary> {
+    fn finish(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        s: &Settings,
+    ) -> Result<PassSummary> {
         let Some(pass) = self.pass.as_mut() else { return Ok(PassSummary::default()) };
         if pass.finishing.is_none() {
             let same_server = redis.run_id()? == pass.run_id;
@@ -319,7 +324,7 @@ impl KeySync {
 }
 
 /// Type, expiry and value of each key: strings in one round trip, other types in a second.
-fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>, Option<Value>)>> {
+fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
     let mut meta = redis.key_meta(db, keys)?;
     let others: Vec<usize> = meta
         .iter()

@@ -39,6 +39,10 @@ impl RawEntry {
     }
 }
 
+/// What one round trip tells about a key: its type, absolute expiry in Unix milliseconds,
+/// and its value when it is a string.
+pub type KeyMeta = (String, Option<i64>, Option<Value>);
+
 /// What XINFO says about one stream and our group.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamInfo {
@@ -342,7 +346,7 @@ impl Redis {
     /// keys are strings, whose value then needs no second round trip. The expiry is the
     /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
     /// for none; the value is `None` unless the key is a string.
-    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<(String, Option<i64>, Option<Value>)>> {
+    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }

@@ -561,7 +561,12 @@ impl KvSink {
 
     /// Up to `limit` live (not deleted) keys of database `db` after `after`, in key order
     /// (keyset pagination on the unique index: each call is short, memory stays bounded).
-    pub fn live_keys_chunk(&mut self, db: u8, after: Option<&str>, limit: i64) -> Result<Vec<String>> {
+    pub fn live_keys_chunk(
+        &mut self,
+        db: u8,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<String>> {
         let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let sql = format!(
             "SELECT redis_key FROM {}.{} WHERE redis_db = $1 AND deleted_at IS NULL

@@ -230,3 +230,44 @@ fn keyspace_notifications_bring_changes_in_between_passes() {
     });
     assert_eq!(passes(&pg), 1, "no second pass should have run");
 }
+
+#[test]
+fn passes_cut_short_by_a_redis_restart_mark_nothing() {
+    // With AOF the keys survive the restarts: any row marked deleted would be a pass that
+    // inferred "gone" from a partial view.
+    let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut r = redis.client();
+    for chunk in (0..30_000).collect::<Vec<u32>>().chunks(5000) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            p.cmd("SET").arg(format!("durable:{i}")).arg(i).ignore();
+        }
+        let _: () = p.query(&mut r).expect("SET");
+    }
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.sync_interval", "10ms"),
+            ("redis_sync.db_search_range", "0"),
+            ("redis_sync.key_value_deletes", "mark"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 30_000, T);
+    wait_passes(&pg, 1);
+    let marked = |pg: &Cluster| {
+        pg.try_query_text("SELECT count(*) FROM redis_key_values WHERE deleted_at IS NOT NULL")
+    };
+    for _ in 0..3 {
+        // Passes run back to back, so each restart lands in the middle of one.
+        std::thread::sleep(Duration::from_millis(150));
+        redis.restart();
+        assert_eq!(marked(&pg).as_deref(), Some("0"));
+    }
+    wait_passes(&pg, 2);
+    assert_eq!(marked(&pg).as_deref(), Some("0"));
+    assert!(
+        pg.status("errors").and_then(|e| e.parse::<i64>().ok()).unwrap_or(0) > 0,
+        "the restarts were noticed"
+    );
+}

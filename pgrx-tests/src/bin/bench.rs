@@ -393,6 +393,7 @@ fn main() {
             ("redis_sync.batch_size", "1000"),
             ("redis_sync.rate_limit", "0"),
             ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+            ("redis_sync.key_value_auto_discovery", "off"),
             ("shared_buffers", "512MB"),
             ("max_wal_size", "4GB"),
         ],
