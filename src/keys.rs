@@ -343,6 +343,16 @@ fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
     Ok(meta)
 }
 
+/// `[a, 1, b, 2]` -> `[(a, 1), (b, 2)]` (hash fields, sorted-set members with scores).
+fn pairs(flat: Vec<Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut it = flat.into_iter();
+    let mut out = Vec::new();
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        out.push((a, b));
+    }
+    out
+}
+
 /// The row of one key, or `None` for a type that is not mirrored.
 pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
     let (value_type, (text, encoding)) = match ty {
@@ -355,26 +365,10 @@ pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> O
             };
             ("string", value_text(Val::String(&bytes)))
         }
-        "hash" => {
-            let flat = bulk_list(value);
-            let pairs: Vec<(Vec<u8>, Vec<u8>)> = flat
-                .chunks(2)
-                .filter(|c| c.len() == 2)
-                .map(|c| (c[0].clone(), c[1].clone()))
-                .collect();
-            ("hash", value_text(Val::Hash(&pairs)))
-        }
+        "hash" => ("hash", value_text(Val::Hash(&pairs(bulk_list(value))))),
         "list" => ("list", value_text(Val::List(&bulk_list(value)))),
         "set" => ("set", value_text(Val::Set(&bulk_list(value)))),
-        "zset" => {
-            let flat = bulk_list(value);
-            let pairs: Vec<(Vec<u8>, Vec<u8>)> = flat
-                .chunks(2)
-                .filter(|c| c.len() == 2)
-                .map(|c| (c[0].clone(), c[1].clone()))
-                .collect();
-            ("zset", value_text(Val::ZSet(&pairs)))
-        }
+        "zset" => ("zset", value_text(Val::ZSet(&pairs(bulk_list(value))))),
         _ => return None,
     };
     Some(KeyRow {

@@ -374,11 +374,11 @@ impl Sink {
     }
 }
 
-fn ensure_tables(client: &mut SpiClient<'_>, t: &Target) -> Result<()> {
-    let schema = quote_ident(&t.schema);
-    let table = quote_ident(&t.stream_table);
+/// Creates the schema when it does not exist (and only then: a role that may use an existing
+/// schema need not be allowed to create one).
+fn ensure_schema(client: &mut SpiClient<'_>, schema: &str) -> Result<()> {
     let exists = client
-        .select("SELECT to_regnamespace($1) IS NOT NULL", None, &[t.schema.as_str().into()])
+        .select("SELECT to_regnamespace($1) IS NOT NULL", None, &[schema.into()])
         .map_err(spi_err)?
         .first()
         .get_one::<bool>()
@@ -386,9 +386,16 @@ fn ensure_tables(client: &mut SpiClient<'_>, t: &Target) -> Result<()> {
         .unwrap_or(false);
     if !exists {
         client
-            .update(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"), None, &[])
+            .update(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)), None, &[])
             .map_err(spi_err)?;
     }
+    Ok(())
+}
+
+fn ensure_tables(client: &mut SpiClient<'_>, t: &Target) -> Result<()> {
+    let schema = quote_ident(&t.schema);
+    let table = quote_ident(&t.stream_table);
+    ensure_schema(client, &t.schema)?;
     if !relation_exists(client, &t.schema, &t.stream_table)? {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {schema}.{table} (
@@ -623,18 +630,7 @@ impl KvSink {
 fn ensure_kv_table(client: &mut SpiClient<'_>, t: &KvTarget) -> Result<()> {
     let schema = quote_ident(&t.schema);
     let table = quote_ident(&t.table);
-    let exists = client
-        .select("SELECT to_regnamespace($1) IS NOT NULL", None, &[t.schema.as_str().into()])
-        .map_err(spi_err)?
-        .first()
-        .get_one::<bool>()
-        .map_err(spi_err)?
-        .unwrap_or(false);
-    if !exists {
-        client
-            .update(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"), None, &[])
-            .map_err(spi_err)?;
-    }
+    ensure_schema(client, &t.schema)?;
     if !relation_exists(client, &t.schema, &t.table)? {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {schema}.{table} (
