@@ -74,12 +74,30 @@ CONF
       temperature 36.$i device_id dev-1 quality good >/dev/null
   done
   redis-cli -p "$REDIS_PORT" SET device:1:name "bedside monitor" >/dev/null
+  redis-cli -p "$REDIS_PORT" HSET device:1:config rate 250 unit bpm >/dev/null
 
   say "waiting for the worker: SELECT redis_sync_wait_until_running('30s')"
   psql_demo -At -c "SELECT redis_sync_wait_until_running('30s')" | grep -q t || {
     echo "the worker did not reach running; see $DEMO_DIR/postgres.log" >&2; exit 1; }
   say "SELECT * FROM redis_sync_status();"
   psql_demo -x -c "SELECT * FROM redis_sync_status()"
+  say "waiting for the demo entries to land"
+  for _ in $(seq 100); do
+    n=$(psql_demo -At -c "SELECT count(*) FROM pg_tables WHERE tablename = 'redis_streams'" 2>/dev/null)
+    [ "$n" = 1 ] && [ "$(psql_demo -At -c 'SELECT count(*) FROM redis_streams')" -ge 5 ] && break
+    sleep 0.2
+  done
+  say "SELECT stream_key, message_id, data FROM redis_streams;"
+  psql_demo -c "SELECT stream_key, message_id, data FROM redis_streams ORDER BY id"
+  say "SELECT stream_key, state, last_id, messages_synced, pending, length FROM redis_sync_streams();"
+  psql_demo -c "SELECT stream_key, state, last_id, messages_synced, pending, length FROM redis_sync_streams()"
+  say "SELECT redis_key, value_type, redis_value FROM redis_key_values;"
+  for _ in $(seq 50); do
+    n=$(psql_demo -At -c "SELECT count(*) FROM pg_tables WHERE tablename = 'redis_key_values'" 2>/dev/null)
+    [ "$n" = 1 ] && [ "$(psql_demo -At -c 'SELECT count(*) FROM redis_key_values')" -ge 2 ] && break
+    sleep 0.2
+  done
+  psql_demo -c "SELECT redis_db, redis_key, value_type, redis_value FROM redis_key_values ORDER BY redis_key"
   say "the worker in pg_stat_activity:"
   psql_demo -c "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'"
   cat <<MSG
@@ -88,7 +106,9 @@ The demo is running:
   psql:       $BIN/psql -h $DEMO_DIR -p $PG_PORT -U postgres
   redis-cli:  redis-cli -p $REDIS_PORT
   server log: $DEMO_DIR/postgres.log
-Try: ALTER SYSTEM SET redis_sync.enabled = off; SELECT pg_reload_conf();  -- state becomes paused
+Try: redis-cli -p $REDIS_PORT XADD biosignal-stream '*' heart_rate 80   (then SELECT * FROM redis_streams)
+     redis-cli -p $REDIS_PORT SET device:1:name "new name"         (then SELECT * FROM redis_key_values)
+     ALTER SYSTEM SET redis_sync.enabled = off; SELECT pg_reload_conf();  -- state becomes paused
 Stop and remove everything with: make demo-stop
 MSG
 }

@@ -240,6 +240,8 @@ impl StreamSync {
         self.reindex();
         let in_use: std::collections::BTreeSet<u8> = self.streams.iter().map(|t| t.db).collect();
         redis.retain_connections(&in_use);
+        // Slots first (a new stream gets a fresh slot), then the figures that go in them.
+        self.publish_all();
         self.refresh_info(redis, s)?;
         self.claim(redis, s)?;
         // The safety net: anything left in our pending list (a read whose reply was lost)
