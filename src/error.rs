@@ -23,6 +23,10 @@ pub enum SyncError {
     #[error("COPY cannot be used on the stream table")]
     CopyUnusable,
 
+    /// A helper thread of the worker (reader, notification listener) is gone.
+    #[error("the {0} thread has stopped")]
+    ThreadStopped(&'static str),
+
     /// A statement of the worker failed in Postgres.
     #[error("{message}")]
     Postgres { sqlstate: PgSqlErrorCode, message: String },
@@ -40,6 +44,7 @@ impl SyncError {
             SyncError::RedisCommand { .. } => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             SyncError::Config(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::CopyUnusable => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::ThreadStopped(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             SyncError::Postgres { sqlstate, .. } => *sqlstate,
         }
     }
@@ -50,7 +55,10 @@ impl SyncError {
         match self {
             SyncError::RedisUnavailable { .. } | SyncError::RedisAuth { .. } => true,
             SyncError::RedisCommand { code, .. } => code.is_none(),
-            SyncError::Config(_) | SyncError::CopyUnusable | SyncError::Postgres { .. } => false,
+            SyncError::Config(_)
+            | SyncError::CopyUnusable
+            | SyncError::ThreadStopped(_)
+            | SyncError::Postgres { .. } => false,
         }
     }
 

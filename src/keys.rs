@@ -95,6 +95,11 @@ impl KeySync {
         self.next_pass.saturating_duration_since(Instant::now())
     }
 
+    /// Starts the next pass now (events may have been missed).
+    pub fn pass_now(&mut self) {
+        self.next_pass = Instant::now();
+    }
+
     /// Drops the pass under way (after an error, or new settings): nothing is marked
     /// deleted from an incomplete pass.
     pub fn abandon(&mut self) {

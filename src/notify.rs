@@ -48,15 +48,18 @@ pub struct Notifier {
 impl Notifier {
     pub fn start(settings: &RedisSettings, dbs: &[u8]) -> Result<Notifier> {
         let (tx, rx) = sync_channel(QUEUE);
+        let (ready_tx, ready_rx) = sync_channel(1);
         let stop = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicBool::new(false));
         let (s, d, st, ov) = (settings.clone(), dbs.to_vec(), stop.clone(), overflowed.clone());
         let thread = with_signals_blocked(|| {
             std::thread::Builder::new()
                 .name("redis_pg_sync notifications".into())
-                .spawn(move || listen(s, d, tx, st, ov))
+                .spawn(move || listen(s, d, tx, ready_tx, st, ov))
         })
         .map_err(|e| SyncError::Config(format!("cannot start the notification thread: {e}")))?;
+        // Subscribed before we say so (it retries by itself if Redis is not there now).
+        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
         Ok(Notifier {
             events: rx,
             stop,
@@ -105,6 +108,7 @@ fn listen(
     settings: RedisSettings,
     dbs: Vec<u8>,
     tx: SyncSender<(u8, Vec<u8>)>,
+    ready: SyncSender<()>,
     stop: Arc<AtomicBool>,
     overflowed: Arc<AtomicBool>,
 ) {
@@ -124,8 +128,9 @@ fn listen(
             continue;
         }
         delay = Duration::from_millis(100);
-        // Anything changed while we were not subscribed is found by the next scan pass.
+        // Anything changed while we were not subscribed: the worker runs a pass now.
         overflowed.store(true, Ordering::Relaxed);
+        let _ = ready.try_send(());
         loop {
             if stop.load(Ordering::Relaxed) {
                 return;

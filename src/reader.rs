@@ -94,9 +94,7 @@ impl Reader {
     }
 
     pub fn send(&mut self, req: ReadRequest) -> Result<()> {
-        self.requests
-            .send(req)
-            .map_err(|_| SyncError::Config("the reader thread has stopped".into()))?;
+        self.requests.send(req).map_err(|_| SyncError::ThreadStopped("reader"))?;
         self.in_flight += 1;
         Ok(())
     }
@@ -112,7 +110,7 @@ impl Reader {
                 }
                 Err(RecvTimeoutError::Timeout) => tick(),
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SyncError::Config("the reader thread has stopped".into()))
+                    return Err(SyncError::ThreadStopped("reader"))
                 }
             }
         }

@@ -495,12 +495,14 @@ pub struct KvTarget {
 pub struct KvSink {
     target: Option<KvTarget>,
     upsert: Option<OwnedPreparedStatement>,
+    live_chunk: Option<OwnedPreparedStatement>,
+    mark_gone: Option<OwnedPreparedStatement>,
+    delete_gone: Option<OwnedPreparedStatement>,
 }
 
 impl KvSink {
     pub fn reset(&mut self) {
-        self.target = None;
-        self.upsert = None;
+        *self = KvSink::default();
     }
 
     pub fn prepare(&mut self, target: &KvTarget) -> Result<()> {
@@ -508,23 +510,52 @@ impl KvSink {
             return Ok(());
         }
         self.reset();
-        let upsert = in_transaction(|| {
+        let table = format!("{}.{}", quote_ident(&target.schema), quote_ident(&target.table));
+        let int4 = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
+        let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+        let texts = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+        let int8 = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+        let (upsert, live, mark, delete) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_kv_table(client, target)?;
-                let types = [
-                    PgOid::BuiltIn(PgBuiltInOids::INT4OID),
-                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                    PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
-                ];
-                Ok(client
-                    .prepare_mut(kv_upsert_sql(target).as_str(), &types)
-                    .map_err(spi_err)?
-                    .keep())
+                let prep = |sql: &str, types: &[PgOid]| {
+                    client.prepare_mut(sql, types).map(|p| p.keep()).map_err(spi_err)
+                };
+                let upsert = prep(
+                    &kv_upsert_sql(target),
+                    &[
+                        int4,
+                        texts,
+                        texts,
+                        texts,
+                        texts,
+                        PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
+                    ],
+                )?;
+                let live = prep(
+                    &format!(
+                        "SELECT redis_key FROM {table} WHERE redis_db = $1 AND deleted_at IS NULL
+                            AND ($2::text IS NULL OR redis_key > $2) ORDER BY redis_key LIMIT $3"
+                    ),
+                    &[int4, text, int8],
+                )?;
+                let mark = prep(
+                    &format!(
+                        "UPDATE {table} SET deleted_at = now(), \"timestamp\" = now()
+                          WHERE redis_db = $1 AND redis_key = ANY($2) AND deleted_at IS NULL"
+                    ),
+                    &[int4, texts],
+                )?;
+                let delete = prep(
+                    &format!("DELETE FROM {table} WHERE redis_db = $1 AND redis_key = ANY($2)"),
+                    &[int4, texts],
+                )?;
+                Ok((upsert, live, mark, delete))
             })
         })?;
+        self.live_chunk = Some(live);
+        self.mark_gone = Some(mark);
+        self.delete_gone = Some(delete);
         shmem::bump(|c| &c.pg_ops, 1);
         self.upsert = Some(upsert);
         self.target = Some(target.clone());
@@ -574,17 +605,12 @@ impl KvSink {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<String>> {
-        let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
-        let sql = format!(
-            "SELECT redis_key FROM {}.{} WHERE redis_db = $1 AND deleted_at IS NULL
-                AND ($2::text IS NULL OR redis_key > $2) ORDER BY redis_key LIMIT $3",
-            quote_ident(&t.schema),
-            quote_ident(&t.table)
-        );
+        let stmt =
+            self.live_chunk.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let keys = in_transaction(|| {
             Spi::connect(|client| {
                 let rows = client
-                    .select(sql.as_str(), None, &[(db as i32).into(), after.into(), limit.into()])
+                    .select(stmt, None, &[(db as i32).into(), after.into(), limit.into()])
                     .map_err(spi_err)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
@@ -600,23 +626,15 @@ impl KvSink {
     /// Applies the deletion policy to keys gone from Redis: `mark` sets `deleted_at`,
     /// `delete` removes the rows. Returns the rows touched.
     pub fn gone(&mut self, db: u8, keys: &[String], delete: bool) -> Result<usize> {
-        let t = self.target.clone().ok_or_else(|| SyncError::Config("not prepared".into()))?;
-        let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
-        let sql = if delete {
-            format!("DELETE FROM {table} WHERE redis_db = $1 AND redis_key = ANY($2)")
-        } else {
-            format!(
-                "UPDATE {table} SET deleted_at = now(), \"timestamp\" = now()
-                  WHERE redis_db = $1 AND redis_key = ANY($2) AND deleted_at IS NULL"
-            )
-        };
+        let stmt = if delete { &self.delete_gone } else { &self.mark_gone };
+        let stmt = stmt.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
         let mut total = 0;
         for chunk in keys.chunks(10_000) {
             let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
             total += in_transaction(|| {
                 Spi::connect_mut(|client| {
                     client
-                        .update(sql.as_str(), None, &[(db as i32).into(), args.into()])
+                        .update(stmt, None, &[(db as i32).into(), args.into()])
                         .map(|t| t.len())
                         .map_err(spi_err)
                 })

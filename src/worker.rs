@@ -430,8 +430,7 @@ impl Worker {
                 &|m| log.at(LogLevel::Warning, m),
                 &interrupts,
             );
-            if outcome.as_ref().is_err_and(|e| e.to_string().contains("reader thread has stopped"))
-            {
+            if matches!(outcome, Err(SyncError::ThreadStopped(_))) {
                 self.reader = None;
             }
             outcome?;
@@ -440,6 +439,10 @@ impl Worker {
         }
         let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
         if let Some(n) = self.notifier.as_mut() {
+            if n.overflowed.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                // Notifications were missed (just subscribed, or the queue was full).
+                self.keys.pass_now();
+            }
             let events = n.drain(10_000);
             if let Err(e) = self.keys.apply_events(redis, &mut self.kv_sink, &self.settings, events)
             {
