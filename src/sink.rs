@@ -495,7 +495,8 @@ pub struct KvTarget {
 pub struct KvSink {
     target: Option<KvTarget>,
     upsert: Option<OwnedPreparedStatement>,
-    live_chunk: Option<OwnedPreparedStatement>,
+    live_first: Option<OwnedPreparedStatement>,
+    live_next: Option<OwnedPreparedStatement>,
     mark_gone: Option<OwnedPreparedStatement>,
     delete_gone: Option<OwnedPreparedStatement>,
 }
@@ -532,10 +533,19 @@ impl KvSink {
                         PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID),
                     ],
                 )?;
-                let live = prep(
+                // Two statements rather than "$2 IS NULL OR redis_key > $2", so that every
+                // chunk is a range scan of the unique index, not a scan from the start.
+                let live_first = prep(
                     &format!(
                         "SELECT redis_key FROM {table} WHERE redis_db = $1 AND deleted_at IS NULL
-                            AND ($2::text IS NULL OR redis_key > $2) ORDER BY redis_key LIMIT $3"
+                          ORDER BY redis_key LIMIT $2"
+                    ),
+                    &[int4, int8],
+                )?;
+                let live_next = prep(
+                    &format!(
+                        "SELECT redis_key FROM {table} WHERE redis_db = $1 AND redis_key > $2
+                            AND deleted_at IS NULL ORDER BY redis_key LIMIT $3"
                     ),
                     &[int4, text, int8],
                 )?;
@@ -550,10 +560,11 @@ impl KvSink {
                     &format!("DELETE FROM {table} WHERE redis_db = $1 AND redis_key = ANY($2)"),
                     &[int4, texts],
                 )?;
-                Ok((upsert, live, mark, delete))
+                Ok((upsert, (live_first, live_next), mark, delete))
             })
         })?;
-        self.live_chunk = Some(live);
+        self.live_first = Some(live.0);
+        self.live_next = Some(live.1);
         self.mark_gone = Some(mark);
         self.delete_gone = Some(delete);
         shmem::bump(|c| &c.pg_ops, 1);
@@ -605,13 +616,24 @@ impl KvSink {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<String>> {
-        let stmt =
-            self.live_chunk.as_ref().ok_or_else(|| SyncError::Config("not prepared".into()))?;
+        let first = self.live_first.as_ref();
+        let next = self.live_next.as_ref();
         let keys = in_transaction(|| {
             Spi::connect(|client| {
-                let rows = client
-                    .select(stmt, None, &[(db as i32).into(), after.into(), limit.into()])
-                    .map_err(spi_err)?;
+                let not_prepared = || SyncError::Config("not prepared".into());
+                let rows = match after {
+                    None => client.select(
+                        first.ok_or_else(not_prepared)?,
+                        None,
+                        &[(db as i32).into(), limit.into()],
+                    ),
+                    Some(after) => client.select(
+                        next.ok_or_else(not_prepared)?,
+                        None,
+                        &[(db as i32).into(), after.into(), limit.into()],
+                    ),
+                }
+                .map_err(spi_err)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in rows {
                     out.push(row.get::<String>(1).map_err(spi_err)?.unwrap_or_default());
