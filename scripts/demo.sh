@@ -14,6 +14,14 @@ PGVER=$("$PG_CONFIG" --version | sed -E 's/[^0-9]*([0-9]+).*/\1/')
 say() { printf '\033[1;34m[demo]\033[0m %s\n' "$*"; }
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 psql_demo() { "$BIN/psql" -X -h "$DEMO_DIR" -p "$PG_PORT" -U postgres -d postgres "$@"; }
+# Waits (up to ~10 s) until table $1 exists and holds at least $2 rows.
+wait_rows() {
+  for _ in $(seq 50); do
+    n=$(psql_demo -At -c "SELECT count(*) FROM pg_tables WHERE tablename = '$1'" 2>/dev/null)
+    [ "$n" = 1 ] && [ "$(psql_demo -At -c "SELECT count(*) FROM $1")" -ge "$2" ] && return 0
+    sleep 0.2
+  done
+}
 redis_up() { [ -f "$DEMO_DIR/redis.pid" ] && kill -0 "$(cat "$DEMO_DIR/redis.pid")" 2>/dev/null; }
 pg_up() { [ -d "$DEMO_DIR/data" ] && as_pg "$BIN/pg_ctl" -D "$DEMO_DIR/data" status >/dev/null 2>&1; }
 
@@ -82,21 +90,13 @@ CONF
   say "SELECT * FROM redis_sync_status();"
   psql_demo -x -c "SELECT * FROM redis_sync_status()"
   say "waiting for the demo entries to land"
-  for _ in $(seq 100); do
-    n=$(psql_demo -At -c "SELECT count(*) FROM pg_tables WHERE tablename = 'redis_streams'" 2>/dev/null)
-    [ "$n" = 1 ] && [ "$(psql_demo -At -c 'SELECT count(*) FROM redis_streams')" -ge 5 ] && break
-    sleep 0.2
-  done
+  wait_rows redis_streams 5
   say "SELECT stream_key, message_id, data FROM redis_streams;"
   psql_demo -c "SELECT stream_key, message_id, data FROM redis_streams ORDER BY id"
   say "SELECT stream_key, state, last_id, messages_synced, pending, length FROM redis_sync_streams();"
   psql_demo -c "SELECT stream_key, state, last_id, messages_synced, pending, length FROM redis_sync_streams()"
   say "SELECT redis_key, value_type, redis_value FROM redis_key_values;"
-  for _ in $(seq 50); do
-    n=$(psql_demo -At -c "SELECT count(*) FROM pg_tables WHERE tablename = 'redis_key_values'" 2>/dev/null)
-    [ "$n" = 1 ] && [ "$(psql_demo -At -c 'SELECT count(*) FROM redis_key_values')" -ge 2 ] && break
-    sleep 0.2
-  done
+  wait_rows redis_key_values 2
   psql_demo -c "SELECT redis_db, redis_key, value_type, redis_value FROM redis_key_values ORDER BY redis_key"
   say "the worker in pg_stat_activity:"
   psql_demo -c "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'"

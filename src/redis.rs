@@ -28,17 +28,6 @@ pub struct RawEntry {
     pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-impl RawEntry {
-    /// Rough size in bytes, for memory accounting.
-    pub fn size(&self) -> usize {
-        self.id.len()
-            + self
-                .fields
-                .as_ref()
-                .map_or(0, |f| f.iter().map(|(n, v)| n.len() + v.len() + 16).sum())
-    }
-}
-
 /// What one round trip tells about a key: its type, absolute expiry in Unix milliseconds,
 /// and its value when it is a string.
 pub type KeyMeta = (String, Option<i64>, Option<Value>);
@@ -192,10 +181,6 @@ impl Redis {
             bucket: TokenBucket::new(rate_limit, Instant::now()),
             sleep,
         })
-    }
-
-    pub fn settings(&self) -> &RedisSettings {
-        &self.settings
     }
 
     pub fn set_rate_limit(&mut self, rate: u32) {

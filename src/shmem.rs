@@ -154,10 +154,6 @@ pub fn update(f: impl FnOnce(&mut WorkerStatus)) {
     }
 }
 
-pub fn set_state(state: WorkerState) {
-    update(|s| s.state = state);
-}
-
 /// Records an error for `last_error`, counts it.
 pub fn record_error(message: &str) {
     bump(|c| &c.errors, 1);

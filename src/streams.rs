@@ -50,12 +50,6 @@ struct Tracked {
     group_consumers: i64,
 }
 
-/// What one step did, for the worker's status.
-#[derive(Debug, Default)]
-pub struct StepOutcome {
-    pub entries: usize,
-}
-
 pub struct StreamSync {
     /// Set by the worker: a read may block for `poll_interval` when there is nothing to do.
     pub may_block: bool,
@@ -139,10 +133,6 @@ impl StreamSync {
 
     pub fn discovery_due(&self) -> bool {
         Instant::now() >= self.next_discovery
-    }
-
-    pub fn next_discovery(&self) -> Instant {
-        self.next_discovery
     }
 
     /// Finds the streams to sync: the configured ones plus, with discovery on, every stream
@@ -421,7 +411,7 @@ impl StreamSync {
         s: &Settings,
         warn: &dyn Fn(&str),
         tick: &dyn Fn(),
-    ) -> Result<StepOutcome> {
+    ) -> Result<usize> {
         let target = Target {
             schema: s.schema.clone(),
             stream_table: s.stream_table.clone(),
@@ -435,7 +425,7 @@ impl StreamSync {
         }
         if !reader.in_flight() {
             let Some(req) = self.next_request(s, self.idle) else {
-                return Ok(StepOutcome::default());
+                return Ok(0);
             };
             redis.take_token();
             reader.send(req)?;
@@ -453,7 +443,7 @@ impl StreamSync {
                     .filter_map(|r| self.index.get(&(db, r.key.clone())).copied())
                     .collect();
                 self.recreate_groups(redis, db, &idx, s, warn)?;
-                return Ok(StepOutcome::default());
+                return Ok(0);
             }
             Err(e) => {
                 reader.discard(tick);
@@ -489,7 +479,7 @@ impl StreamSync {
             }
         }
         match self.land(sink, db, batches) {
-            Ok(n) => Ok(StepOutcome { entries: n }),
+            Ok(n) => Ok(n),
             Err(e) => {
                 reader.discard(tick);
                 self.restart_from_pending();
