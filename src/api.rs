@@ -148,6 +148,8 @@ fn redis_sync_streams() -> TableIterator<
         name!(consumers, i64),
         name!(last_sync_time, Option<TimestampWithTimeZone>),
         name!(last_error, Option<String>),
+        name!(groups, i64),
+        name!(health, Option<String>),
     ),
 > {
     if !shmem::preloaded() {
@@ -175,6 +177,8 @@ fn redis_sync_streams() -> TableIterator<
                     s.consumers,
                     ts(s.last_sync_time),
                     opt(s.last_error.as_str()),
+                    s.groups,
+                    opt(s.health.as_str()),
                 )
             })
             .collect()

@@ -40,10 +40,15 @@ impl Backoff {
     /// Records a failure and returns how long to wait before the next try. `unit` is a
     /// random number in `[0, 1)`; the delay is drawn from `[d/2, d]` ("equal jitter"), so a
     /// fleet of workers does not retry in lock-step yet never retries faster than half the
-    /// schedule.
-    pub fn next_delay(&mut self, unit: f64) -> Duration {
-        let d = self.delay_for(self.failures);
+    /// schedule. After `max_retries` failures in a row the schedule is over: every further
+    /// try waits the full `max` (no jitter), until a success resets the count.
+    pub fn next_delay(&mut self, unit: f64, max_retries: u32) -> Duration {
+        let exhausted = self.failures >= max_retries.max(1);
         self.failures = self.failures.saturating_add(1);
+        if exhausted {
+            return self.max;
+        }
+        let d = self.delay_for(self.failures - 1);
         let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
         d / 2 + d.mul_f64(0.5 * unit)
     }
@@ -95,22 +100,33 @@ mod tests {
     #[test]
     fn jitter_stays_in_the_upper_half() {
         let mut b = Backoff::new(ms(1000), ms(8000));
-        assert_eq!(b.next_delay(0.0), ms(500));
-        assert_eq!(b.next_delay(1.0), ms(2000));
-        assert_eq!(b.next_delay(0.5), ms(3000));
+        assert_eq!(b.next_delay(0.0, 10), ms(500));
+        assert_eq!(b.next_delay(1.0, 10), ms(2000));
+        assert_eq!(b.next_delay(0.5, 10), ms(3000));
         assert_eq!(b.failures(), 3);
         b.reset();
         assert_eq!(b.failures(), 0);
-        assert_eq!(b.next_delay(f64::NAN), ms(500));
+        assert_eq!(b.next_delay(f64::NAN, 10), ms(500));
     }
 
     #[test]
     fn reconfigure_keeps_the_count() {
         let mut b = Backoff::new(ms(1000), ms(30_000));
-        b.next_delay(0.0);
-        b.next_delay(0.0);
+        b.next_delay(0.0, 5);
+        b.next_delay(0.0, 5);
         b.reconfigure(ms(10), ms(50));
         assert_eq!(b.delay_for(b.failures()), ms(40));
+    }
+
+    #[test]
+    fn after_max_retries_every_try_waits_the_maximum() {
+        let mut b = Backoff::new(ms(100), ms(60_000));
+        let got: Vec<u64> = (0..6).map(|_| b.next_delay(1.0, 3).as_millis() as u64).collect();
+        assert_eq!(got, vec![100, 200, 400, 60_000, 60_000, 60_000]);
+        // Even with the smallest jitter draw: the cap is not jittered.
+        assert_eq!(b.next_delay(0.0, 3), ms(60_000));
+        b.reset();
+        assert_eq!(b.next_delay(1.0, 3), ms(100));
     }
 
     #[test]

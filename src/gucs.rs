@@ -103,6 +103,7 @@ pub static STREAM_DISCOVERY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new
 pub static CLAIM_MIN_IDLE_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static SYNC_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MONITOR_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static KEY_VALUE_VERIFY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 pub static QUERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
 const HOUR_S: i32 = 3600;
@@ -386,6 +387,16 @@ pub fn init() {
         none,
     );
     int(
+        c"redis_sync.key_value_verify_interval",
+        c"How often a key-value pass compares every key with the table instead of trusting \
+          what the worker remembers of unchanged keys (0: every pass).",
+        &KEY_VALUE_VERIFY_INTERVAL_S,
+        0,
+        DAY_S,
+        GucContext::Sighup,
+        s,
+    );
+    int(
         c"redis_sync.monitor_interval",
         c"How often monitor mode reports stream health.",
         &MONITOR_INTERVAL_S,
@@ -575,6 +586,7 @@ pub struct Settings {
     pub key_value_patterns: Vec<String>,
     pub sync_interval: Duration,
     pub key_value_deletes: KeyValueDeletes,
+    pub key_value_verify_interval: Duration,
     pub monitor_interval: Duration,
     pub schema: String,
     pub stream_table: String,
@@ -655,6 +667,7 @@ impl Settings {
             key_value_patterns: parse::parse_list(&text(&KEY_VALUE_PATTERNS)),
             sync_interval: ms(&SYNC_INTERVAL_MS),
             key_value_deletes: KEY_VALUE_DELETES.get(),
+            key_value_verify_interval: secs(&KEY_VALUE_VERIFY_INTERVAL_S),
             monitor_interval: secs(&MONITOR_INTERVAL_S),
             schema: text(&SCHEMA),
             stream_table: text(&STREAM_TABLE),

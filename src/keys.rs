@@ -1,12 +1,21 @@
 //! Key-value sync: every key matching `key_value_patterns` in every database of
 //! `db_search_range` is mirrored into the key-value table, pass after pass, one SCAN page at
 //! a time (so stream sync keeps going during a long pass). Values of a page are fetched in
-//! two pipelined round trips (type and expiry, then values); only keys whose value, type or
-//! expiry changed are written. Keys gone from Redis are handled by `key_value_deletes`, and
-//! only after a complete pass against the same Redis server.
+//! pipelined round trips (an `MGET` and the expiries, then the other types); only keys whose
+//! value, type or expiry changed are written. Keys gone from Redis are handled by
+//! `key_value_deletes`, and only after a complete pass against the same Redis server.
+//!
+//! Between passes the worker remembers a fingerprint of every key it mirrored (about 25
+//! bytes a key). A key whose fingerprint is unchanged is not sent to Postgres at all, and
+//! when every remembered key was seen again no deletion check is needed: an idle pass costs
+//! the Redis reads and nothing else. The memory is trusted only while the Redis server
+//! (its run ID), the table (its oid and relfilenode: a TRUNCATE or a re-created table voids
+//! it) and the scope are those it was built with, and at least every
+//! `key_value_verify_interval` a pass compares every key with the table again.
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
@@ -15,29 +24,75 @@ use crate::encode::{decode_name, encode_name, value_text, Value as Val};
 use crate::error::Result;
 use crate::gucs::{KeyValueDeletes, Settings};
 use crate::parse::Pattern;
-use crate::redis::{bulk_list, KeyMeta, Redis};
+use crate::redis::{bulk_list, Redis};
+use crate::scanner::{fetch, Scanner, SCAN_COUNT};
 use crate::shmem;
 use crate::sink::{KeyRow, KvSink, KvTarget};
 
-/// SCAN page size (keys asked per SCAN call; also the unit of one write).
-const SCAN_COUNT: u32 = 1000;
+/// Live keys read from the table per step of the deletion check.
+const CHECK_CHUNK: i64 = 10_000;
 
-/// One SCAN still to finish: database, glob, cursor (0 = not started or finished).
-#[derive(Debug, Clone)]
-struct ScanJob {
-    db: u8,
-    glob: usize,
-    cursor: u64,
-    started: bool,
+/// A key in memory: a 128-bit keyed hash of its database and name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct KeyId(u64, u64);
+
+impl Hash for KeyId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: its first half is a good bucket index as it is.
+        state.write_u64(self.0);
+    }
+}
+
+/// The hasher of [`KeyId`]s: passes the first half through.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Per key: a 48-bit fingerprint of what the table holds for it, and the 16-bit number of
+/// the last pass that saw it (packed in one word to keep a million keys near 25 MB).
+type Memory = HashMap<KeyId, u64, BuildHasherDefault<IdHasher>>;
+
+fn pack(fingerprint: u64, pass: u16) -> u64 {
+    fingerprint << 16 | u64::from(pass)
+}
+
+fn pass_of(v: u64) -> u16 {
+    v as u16
+}
+
+fn fingerprint_of(v: u64) -> u64 {
+    v >> 16
+}
+
+/// What the memory was built against: when any of it differs, the memory is void.
+#[derive(Clone, PartialEq, Debug)]
+struct Basis {
+    run_id: String,
+    table: (i64, i64),
 }
 
 struct Pass {
-    jobs: Vec<ScanJob>,
-    globs: Vec<Vec<u8>>,
+    /// Fetches the pages of every SCAN of the pass; `None` once all arrived.
+    scanner: Option<Scanner>,
     patterns: Vec<Pattern>,
-    /// Keys seen in this pass, as 128-bit hashes of (db, stored name): ~20 bytes a key.
-    seen: HashSet<u128>,
-    run_id: String,
+    /// This pass's number: a key whose memory carries it was seen by this pass.
+    number: u16,
+    /// Unchanged fingerprints may skip Postgres (false on a verifying pass).
+    trusted: bool,
+    basis: Basis,
     started: Instant,
     written: usize,
     keys: usize,
@@ -52,9 +107,6 @@ struct Finish {
     missing: Vec<(u8, String)>,
 }
 
-/// Live keys read from the table per step of the deletion check.
-const CHECK_CHUNK: i64 = 10_000;
-
 /// What a pass found, for the log and for tests.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PassSummary {
@@ -67,24 +119,35 @@ pub struct PassSummary {
 pub struct KeySync {
     pass: Option<Pass>,
     next_pass: Instant,
-}
-
-pub fn seen_hash(db: u8, name: &str) -> u128 {
-    let half = |salt: u8| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (salt, db, name).hash(&mut h);
-        h.finish() as u128
-    };
-    half(0) << 64 | half(1)
+    memory: Memory,
+    /// Set when a complete pass left `memory` holding every live key of the table in scope.
+    basis: Option<Basis>,
+    /// Number of the last pass started.
+    number: u16,
+    /// Start of the last pass that compared every key with the table.
+    verified: Option<Instant>,
+    ids: RandomState,
 }
 
 impl Default for KeySync {
     fn default() -> Self {
-        KeySync { pass: None, next_pass: Instant::now() }
+        KeySync {
+            pass: None,
+            next_pass: Instant::now(),
+            memory: Memory::default(),
+            basis: None,
+            number: 0,
+            verified: None,
+            ids: RandomState::new(),
+        }
     }
 }
 
 impl KeySync {
+    fn key_id(&self, db: u8, name: &[u8]) -> KeyId {
+        KeyId(self.ids.hash_one((0u8, db, name)), self.ids.hash_one((1u8, db, name)))
+    }
+
     /// Is a pass under way (the worker then does not block on stream reads)?
     pub fn busy(&self) -> bool {
         self.pass.is_some()
@@ -100,39 +163,71 @@ impl KeySync {
         self.next_pass = Instant::now();
     }
 
-    /// Drops the pass under way (after an error, or new settings): nothing is marked
-    /// deleted from an incomplete pass.
+    /// Drops the pass under way and what is remembered (new settings: another scope or
+    /// table): nothing is marked deleted from an incomplete pass.
     pub fn abandon(&mut self) {
         self.pass = None;
+        self.basis = None;
+        self.memory = Memory::default();
     }
 
-    /// Does one page of work. Returns the summary when a pass finished.
+    /// Does one page of work. Returns the summary when a pass finished. `tick` is called
+    /// every 100 ms while waiting for the scanner thread.
     pub fn step(
         &mut self,
         redis: &mut Redis,
         sink: &mut KvSink,
         s: &Settings,
+        tick: &dyn Fn(),
     ) -> Result<Option<PassSummary>> {
         if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
             self.pass = None;
             return Ok(None);
         }
-        if self.pass.is_none() {
-            if Instant::now() < self.next_pass {
-                return Ok(None);
-            }
-            self.start(redis, s)?;
+        if self.pass.is_none() && Instant::now() < self.next_pass {
+            return Ok(None);
         }
-        sink.prepare(&KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() })?;
-        let outcome = self.page(redis, sink, s);
+        let target = KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() };
+        sink.prepare(&target)?;
+        let outcome = match self.pass {
+            None => self.start(redis, sink, &target, s).map(|()| None),
+            Some(_) => self.page(redis, sink, s, tick),
+        };
         if outcome.is_err() {
+            // What was written stays remembered; what failed was not recorded as written.
             self.pass = None;
             self.next_pass = Instant::now() + s.sync_interval;
         }
         outcome
     }
 
-    fn start(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
+    fn start(
+        &mut self,
+        redis: &mut Redis,
+        sink: &mut KvSink,
+        target: &KvTarget,
+        s: &Settings,
+    ) -> Result<()> {
+        let mut table = sink.table_identity()?;
+        if table.is_none() {
+            // Dropped since the statements were prepared: create it again.
+            sink.reset();
+            sink.prepare(target)?;
+            table = sink.table_identity()?;
+        }
+        let basis = Basis { run_id: redis.run_id()?, table: table.unwrap_or_default() };
+        let verify_due = self.verified.is_none_or(|t| t.elapsed() >= s.key_value_verify_interval);
+        self.number = self.number.wrapping_add(1);
+        if self.number == 0 {
+            // Pass numbers wrapped: an old mark could pass for this pass's.
+            self.basis = None;
+            self.number = 1;
+        }
+        let trusted = !verify_due && self.basis.as_ref() == Some(&basis);
+        if self.basis.as_ref() != Some(&basis) {
+            self.memory = Memory::default();
+            self.basis = None;
+        }
         let patterns: Vec<Pattern> = s.key_value_patterns.iter().map(|p| Pattern::new(p)).collect();
         let globs: Vec<Vec<u8>> = if patterns.iter().any(|p| p.as_str() == "*") {
             vec![b"*".to_vec()]
@@ -142,16 +237,15 @@ impl KeySync {
         let jobs = s
             .db_search_range
             .iter()
-            .flat_map(|&db| {
-                (0..globs.len()).map(move |glob| ScanJob { db, glob, cursor: 0, started: false })
-            })
+            .flat_map(|&db| globs.iter().map(move |g| (db, g.clone())))
             .collect();
+        let scanner = Scanner::start(&s.redis, jobs, patterns.clone())?;
         self.pass = Some(Pass {
-            jobs,
-            globs,
+            scanner: Some(scanner),
             patterns,
-            seen: HashSet::new(),
-            run_id: redis.run_id()?,
+            number: self.number,
+            trusted,
+            basis,
             started: Instant::now(),
             written: 0,
             keys: 0,
@@ -165,85 +259,114 @@ impl KeySync {
         redis: &mut Redis,
         sink: &mut KvSink,
         s: &Settings,
+        tick: &dyn Fn(),
     ) -> Result<Option<PassSummary>> {
         let Some(pass) = self.pass.as_mut() else { return Ok(None) };
-        let Some(job) = pass.jobs.first().cloned() else {
+        let page = match pass.scanner.as_mut() {
+            Some(scanner) => scanner.next(tick)?,
+            None => None,
+        };
+        let Some(page) = page else {
+            pass.scanner = None;
             let summary = self.finish(redis, sink, s)?;
             return Ok(self.pass.is_none().then_some(summary));
         };
-        let (next, keys) =
-            redis.scan_page(job.db, job.cursor, &pass.globs[job.glob], SCAN_COUNT)?;
-        // Confirm the pattern client-side and skip keys already seen (SCAN may repeat keys,
-        // and several globs may match one key).
-        let mut fresh = Vec::with_capacity(keys.len());
-        for key in keys {
-            if !pass.patterns.iter().any(|p| p.matches(&key)) {
-                continue;
-            }
-            if pass.seen.contains(&seen_hash(job.db, &encode_name(&key))) {
-                continue;
-            }
-            fresh.push(key);
+        // The scanner made these round trips without the rate limit: pay for them here.
+        for _ in 0..page.round_trips {
+            redis.take_token();
         }
-        let values = fetch(redis, job.db, &fresh)?;
-        let mut rows = Vec::with_capacity(fresh.len());
-        for (key, (ty, expires, value)) in fresh.iter().zip(values) {
-            let ty = ty.as_str();
-            // Streams belong to stream sync; "none" means the key vanished meanwhile.
+        let db = page.db;
+        let number = pass.number;
+        let trusted = pass.trusted;
+        let mut rows = Vec::new();
+        let mut pending = Vec::new();
+        let mut keys = 0;
+        for (key, (ty, expires, value)) in page.keys.iter().zip(page.metas) {
+            // Streams belong to stream sync; no value means the key vanished meanwhile.
             let Some(value) = value else { continue };
-            let Some(row) = key_row(key, ty, expires, value) else { continue };
-            pass.seen.insert(seen_hash(job.db, &row.redis_key));
+            let fingerprint = fingerprint(&ty, expires, &value);
+            let id = self.key_id(db, key);
+            // One lookup per key: the memory of a million keys does not fit in a CPU cache,
+            // so every lookup is a cache miss.
+            if let Some(v) = self.memory.get_mut(&id) {
+                if trusted && fingerprint_of(*v) == fingerprint {
+                    *v = pack(fingerprint, number);
+                    keys += 1;
+                    continue;
+                }
+            }
+            let Some(row) = key_row(key, &ty, expires, value) else { continue };
+            keys += 1;
             rows.push(row);
+            pending.push((id, fingerprint));
         }
-        pass.keys += rows.len();
-        let written = sink.upsert(job.db, &rows)?;
+        let Some(pass) = self.pass.as_mut() else { return Ok(None) };
+        pass.keys += keys;
+        let written = sink.upsert(db, &rows)?;
+        // Only now, with the rows committed, does the memory vouch for them.
+        for (id, fingerprint) in pending {
+            self.memory.insert(id, pack(fingerprint, number));
+        }
         pass.written += written;
         if written > 0 {
             shmem::bump(|c| &c.key_values_processed, written as u64);
             let now = shmem::now();
             shmem::update(|st| st.last_sync_time = now);
         }
-        if let Some(j) = pass.jobs.first_mut() {
-            j.cursor = next;
-            j.started = true;
-        }
-        if next == 0 {
-            pass.jobs.remove(0);
-        }
         Ok(None)
     }
 
     /// Every SCAN is done. Check that Redis is the same server as at the start (a restart
-    /// during the pass proves nothing about what is gone), then walk the table's live keys a
-    /// chunk per step, and finally apply the deletion policy to keys the pass did not see.
+    /// during the pass proves nothing about what is gone). If every key remembered from the
+    /// last complete pass was seen again, nothing can be gone; otherwise walk the table's
+    /// live keys a chunk per step, and apply the deletion policy to keys the pass did not
+    /// see and that Redis confirms are gone.
     fn finish(
         &mut self,
         redis: &mut Redis,
         sink: &mut KvSink,
         s: &Settings,
     ) -> Result<PassSummary> {
-        let Some(pass) = self.pass.as_mut() else { return Ok(PassSummary::default()) };
+        let Some(pass) = self.pass.as_ref() else { return Ok(PassSummary::default()) };
+        let number = pass.number;
         if pass.finishing.is_none() {
-            let same_server = redis.run_id()? == pass.run_id;
-            if !same_server || s.key_value_deletes == KeyValueDeletes::Ignore {
-                return Ok(self.close(s, same_server, 0));
+            let same_server = redis.run_id()? == pass.basis.run_id;
+            if !same_server {
+                self.basis = None;
+                return Ok(self.close(s, false, 0));
             }
-            pass.finishing = Some(Finish { db_index: 0, after: None, missing: Vec::new() });
+            let unseen = self.memory.values().filter(|v| pass_of(**v) != number).count();
+            let walk =
+                s.key_value_deletes != KeyValueDeletes::Ignore && !(pass.trusted && unseen == 0);
+            if !walk {
+                return Ok(self.close(s, true, 0));
+            }
+            if let Some(p) = self.pass.as_mut() {
+                p.finishing = Some(Finish { db_index: 0, after: None, missing: Vec::new() });
+            }
         }
-        let Some(fin) = pass.finishing.as_mut() else { return Ok(PassSummary::default()) };
+        let Some(pass) = self.pass.as_ref() else { return Ok(PassSummary::default()) };
+        let Some(fin) = pass.finishing.as_ref() else { return Ok(PassSummary::default()) };
         if let Some(&db) = s.db_search_range.get(fin.db_index) {
             let names = sink.live_keys_chunk(db, fin.after.as_deref(), CHECK_CHUNK)?;
+            let mut missing = Vec::new();
             for name in &names {
-                if pass.seen.contains(&seen_hash(db, name)) {
+                // Only keys this pass was looking for: a key outside the patterns is not
+                // "gone" (nor is a name this extension did not write).
+                let Some(bytes) = decode_name(name) else { continue };
+                if !pass.patterns.iter().any(|p| p.matches(&bytes)) {
                     continue;
                 }
-                // Only keys this pass was looking for: a key outside the patterns is not "gone".
-                let in_scope = decode_name(name)
-                    .is_some_and(|bytes| pass.patterns.iter().any(|p| p.matches(&bytes)));
-                if in_scope {
-                    fin.missing.push((db, name.clone()));
+                let id = self.key_id(db, &bytes);
+                if self.memory.get(&id).is_some_and(|v| pass_of(*v) == number) {
+                    continue;
                 }
+                missing.push((db, name.clone()));
             }
+            let Some(fin) = self.pass.as_mut().and_then(|p| p.finishing.as_mut()) else {
+                return Ok(PassSummary::default());
+            };
+            fin.missing.extend(missing);
             if (names.len() as i64) < CHECK_CHUNK {
                 fin.db_index += 1;
                 fin.after = None;
@@ -252,15 +375,30 @@ impl KeySync {
             }
             return Ok(PassSummary::default());
         }
-        let missing = std::mem::take(&mut fin.missing);
+        let missing = self
+            .pass
+            .as_mut()
+            .and_then(|p| p.finishing.as_mut())
+            .map(|f| std::mem::take(&mut f.missing))
+            .unwrap_or_default();
         let delete = s.key_value_deletes == KeyValueDeletes::Delete;
         let mut gone = 0;
         let mut i = 0;
         while i < missing.len() {
             let db = missing[i].0;
-            let names: Vec<String> =
-                missing[i..].iter().take_while(|(d, _)| *d == db).map(|(_, n)| n.clone()).collect();
+            let names: Vec<String> = missing[i..]
+                .iter()
+                .take_while(|(d, _)| *d == db)
+                .take(SCAN_COUNT as usize)
+                .map(|(_, n)| n.clone())
+                .collect();
             i += names.len();
+            // A key created after SCAN went past its slot is not gone: ask Redis.
+            let bytes: Vec<Vec<u8>> =
+                names.iter().map(|n| decode_name(n).unwrap_or_default()).collect();
+            let exists = redis.exist(db, &bytes)?;
+            let names: Vec<String> =
+                names.into_iter().zip(exists).filter(|(_, e)| !e).map(|(n, _)| n).collect();
             gone += sink.gone(db, &names, delete)?;
         }
         if gone > 0 {
@@ -273,6 +411,16 @@ impl KeySync {
         let Some(pass) = self.pass.take() else { return PassSummary::default() };
         self.next_pass = pass.started + s.sync_interval;
         shmem::bump(|c| &c.key_value_passes, 1);
+        if complete {
+            // Keys not seen are gone (or out of scope): forget them. The memory now holds
+            // every live key of the table in scope.
+            let number = pass.number;
+            self.memory.retain(|_, v| pass_of(*v) == number);
+            self.basis = Some(pass.basis);
+            if !pass.trusted {
+                self.verified = Some(pass.started);
+            }
+        }
         PassSummary { keys: pass.keys, written: pass.written, gone, complete }
     }
 }
@@ -297,6 +445,12 @@ impl KeySync {
         });
         events.sort();
         events.dedup();
+        // A key first met here is not "seen" by the pass under way (if any): should it go
+        // away again, the pass's deletion check must find it.
+        let unseen = match &self.pass {
+            Some(p) => p.number.wrapping_sub(1),
+            None => self.number,
+        };
         let mut touched = 0;
         let mut i = 0;
         while i < events.len() {
@@ -306,15 +460,27 @@ impl KeySync {
             i += keys.len();
             let values = fetch(redis, db, &keys)?;
             let mut rows = Vec::new();
+            let mut pending = Vec::new();
             let mut gone = Vec::new();
             for (key, (ty, expires, value)) in keys.iter().zip(values) {
+                let id = self.key_id(db, key);
                 if ty == "none" {
                     gone.push(encode_name(key));
-                } else if let Some(row) = value.and_then(|v| key_row(key, &ty, expires, v)) {
+                    self.memory.remove(&id);
+                    continue;
+                }
+                let Some(value) = value else { continue };
+                let fingerprint = fingerprint(&ty, expires, &value);
+                if let Some(row) = key_row(key, &ty, expires, value) {
                     rows.push(row);
+                    pending.push((id, fingerprint));
                 }
             }
             touched += sink.upsert(db, &rows)?;
+            for (id, fingerprint) in pending {
+                let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
+                self.memory.insert(id, pack(fingerprint, number));
+            }
             if !gone.is_empty() && s.key_value_deletes != KeyValueDeletes::Ignore {
                 touched += sink.gone(db, &gone, s.key_value_deletes == KeyValueDeletes::Delete)?;
             }
@@ -328,24 +494,33 @@ impl KeySync {
     }
 }
 
-/// Type, expiry and value of each key: strings in one round trip, other types in a second.
-fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
-    let mut meta = redis.key_meta(db, keys)?;
-    let others: Vec<usize> = meta
-        .iter()
-        .enumerate()
-        .filter(|(_, (t, _, _))| matches!(t.as_str(), "hash" | "list" | "set" | "zset"))
-        .map(|(i, _)| i)
-        .collect();
-    if !others.is_empty() {
-        let typed: Vec<(&[u8], &str)> =
-            others.iter().map(|&i| (keys[i].as_slice(), meta[i].0.as_str())).collect();
-        let values = redis.key_values(db, &typed)?;
-        for (i, v) in others.into_iter().zip(values) {
-            meta[i].2 = v;
+/// A 48-bit fingerprint of a key's type, expiry and value as Redis sent them.
+fn fingerprint(ty: &str, expires_ms: Option<i64>, value: &Value) -> u64 {
+    fn feed(v: &Value, h: &mut std::collections::hash_map::DefaultHasher) {
+        match v {
+            Value::BulkString(b) => (0u8, b).hash(h),
+            Value::SimpleString(s) => (1u8, s).hash(h),
+            Value::Int(i) => (2u8, i).hash(h),
+            Value::Double(d) => (3u8, d.to_bits()).hash(h),
+            Value::Array(items) | Value::Set(items) => {
+                (4u8, items.len()).hash(h);
+                items.iter().for_each(|i| feed(i, h));
+            }
+            Value::Map(pairs) => {
+                (5u8, pairs.len()).hash(h);
+                pairs.iter().for_each(|(k, v)| {
+                    feed(k, h);
+                    feed(v, h);
+                });
+            }
+            Value::Nil => 6u8.hash(h),
+            other => (7u8, format!("{other:?}")).hash(h),
         }
     }
-    Ok(meta)
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (ty, expires_ms).hash(&mut h);
+    feed(value, &mut h);
+    h.finish() >> 16
 }
 
 /// `[a, 1, b, 2]` -> `[(a, 1), (b, 2)]` (hash fields, sorted-set members with scores).
@@ -415,9 +590,35 @@ mod tests {
     }
 
     #[test]
-    fn seen_hashes_separate_databases_and_names() {
-        assert_ne!(seen_hash(0, "a"), seen_hash(1, "a"));
-        assert_ne!(seen_hash(0, "a"), seen_hash(0, "b"));
-        assert_eq!(seen_hash(3, "x"), seen_hash(3, "x"));
+    fn key_ids_separate_databases_and_names() {
+        let k = KeySync::default();
+        assert!(k.key_id(0, b"a") != k.key_id(1, b"a"));
+        assert!(k.key_id(0, b"a") != k.key_id(0, b"b"));
+        assert!(k.key_id(3, b"x") == k.key_id(3, b"x"));
+    }
+
+    #[test]
+    fn fingerprints_follow_type_expiry_and_value() {
+        let v = bulk(b"v");
+        let base = fingerprint("string", None, &v);
+        assert_eq!(base, fingerprint("string", None, &bulk(b"v")));
+        assert_ne!(base, fingerprint("string", Some(1), &v));
+        assert_ne!(base, fingerprint("string", None, &bulk(b"w")));
+        let list = |items: &[&[u8]]| Value::Array(items.iter().map(|b| bulk(b)).collect());
+        assert_ne!(
+            fingerprint("list", None, &list(&[b"ab", b"c"])),
+            fingerprint("list", None, &list(&[b"a", b"bc"]))
+        );
+        assert_ne!(
+            fingerprint("list", None, &list(&[b"v"])),
+            fingerprint("set", None, &list(&[b"v"]))
+        );
+        assert!(base < 1 << 48);
+    }
+
+    #[test]
+    fn memory_word_keeps_fingerprint_and_pass() {
+        let w = pack((1 << 48) - 1, 7);
+        assert_eq!((fingerprint_of(w), pass_of(w)), ((1 << 48) - 1, 7));
     }
 }

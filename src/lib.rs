@@ -16,6 +16,7 @@ pub mod ratelimit;
 pub mod reader;
 pub mod redact;
 pub mod redis;
+pub mod scanner;
 pub mod shmem;
 pub mod sink;
 pub mod streams;

@@ -6,6 +6,26 @@ pub const MAX_REDIS_DB: u8 = 15;
 
 /// Parses a database search range such as `0-15` or `0,2,5-7` into a sorted, de-duplicated
 /// list. The error text is the "accepted form" shown to the DBA in the GUC error's DETAIL.
+/// `[0, 1, 2, 3, 5]` -> `0-3,5`: the short form of a set of databases, for the log.
+pub fn format_db_range(dbs: &[u8]) -> String {
+    let mut sorted = dbs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        i += 1;
+    }
+    parts.join(",")
+}
+
 pub fn parse_db_range(input: &str) -> Result<Vec<u8>, String> {
     let mut dbs = Vec::new();
     let trimmed = input.trim();
@@ -331,5 +351,17 @@ mod tests {
         assert_eq!(g("x^y"), "x^y");
         assert_eq!(g("[!^]"), "[^\\^]");
         assert_eq!(g("é*"), "é*");
+    }
+
+    #[test]
+    fn db_ranges_print_short() {
+        assert_eq!(format_db_range(&[0, 1, 2, 3, 5]), "0-3,5");
+        assert_eq!(format_db_range(&[7]), "7");
+        assert_eq!(format_db_range(&[3, 1, 2, 2]), "1-3");
+        assert_eq!(format_db_range(&[]), "");
+        for text in ["0-15", "0,2,4", "1-3,7-9"] {
+            let dbs = parse_db_range(text).expect("valid");
+            assert_eq!(format_db_range(&dbs), text);
+        }
     }
 }

@@ -29,6 +29,7 @@ mod tests {
         ("redis_sync.key_value_deletes", "mark", "sighup", ""),
         ("redis_sync.key_value_patterns", "*", "sighup", ""),
         ("redis_sync.key_value_table", "redis_key_values", "sighup", ""),
+        ("redis_sync.key_value_verify_interval", "600", "sighup", "s"),
         ("redis_sync.log_level", "info", "sighup", ""),
         ("redis_sync.max_retries", "5", "sighup", ""),
         ("redis_sync.mode", "sync", "sighup", ""),

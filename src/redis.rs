@@ -43,6 +43,11 @@ pub struct StreamInfo {
     pub lag: Option<i64>,
     pub consumers: i64,
     pub group_exists: bool,
+    /// Consumer groups of the stream (all of them, not only ours).
+    pub groups: i64,
+    /// With consumers asked for: the consumer of our group idle longest while holding
+    /// pending entries, as (name, idle ms, pending).
+    pub stalled_consumer: Option<(String, i64, i64)>,
 }
 
 pub struct RedisConn {
@@ -163,6 +168,7 @@ pub struct Redis {
     conns: BTreeMap<u8, RedisConn>,
     bucket: TokenBucket,
     sleep: fn(Duration),
+    round_trips: u64,
 }
 
 impl Redis {
@@ -180,6 +186,7 @@ impl Redis {
             conns,
             bucket: TokenBucket::new(rate_limit, Instant::now()),
             sleep,
+            round_trips: 0,
         })
     }
 
@@ -200,7 +207,13 @@ impl Redis {
     /// Waits for a token and counts the round trip about to be made.
     fn throttle(&mut self) {
         self.take_token();
+        self.round_trips += 1;
         shmem::bump(|c| &c.redis_ops, 1);
+    }
+
+    /// Round trips made through this value so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips
     }
 
     fn conn(&mut self, db: u8) -> Result<&mut RedisConn> {
@@ -294,20 +307,10 @@ impl Redis {
         name: &'static str,
         build: impl FnOnce(&mut ::redis::Pipeline),
     ) -> Result<Vec<Value>> {
-        let main = self.settings.db;
-        let mut pipe = ::redis::pipe();
-        if db != main {
-            pipe.cmd("SELECT").arg(db).ignore();
-        }
-        build(&mut pipe);
-        if db != main {
-            pipe.cmd("SELECT").arg(main).ignore();
-        }
-        self.throttle();
-        let c = self.conn(main)?;
-        let reply = pipe.query::<Vec<Value>>(&mut c.conn);
-        c.last_check = Instant::now();
-        reply.map_err(|e| command_error(name, &e))
+        self.pipeline_in_lenient(db, name, build)?
+            .into_iter()
+            .map(|r| r.map_err(|e| command_error(name, &e)))
+            .collect()
     }
 
     /// One `SCAN` page of `db` (all types).
@@ -327,45 +330,118 @@ impl Redis {
             .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))
     }
 
-    /// `TYPE`, `PEXPIRETIME` and (speculatively) `GET` of every key, in one round trip: most
-    /// keys are strings, whose value then needs no second round trip. The expiry is the
+    /// Type, expiry and (for strings) value of every key. One pipelined round trip carries
+    /// an `MGET` of all the keys and a `PEXPIRETIME` of each: most keys are strings, whose
+    /// value and expiry are then known (one command for a page of values, which is what
+    /// makes a pass over a million keys cheap for Redis). Keys `MGET` had no value for
+    /// (other types, or gone) get a `TYPE` in a second round trip. The expiry is the
     /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
     /// for none; the value is `None` unless the key is a string.
     pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let replies = self.pipeline_in_lenient(db, "MGET", |p| {
+            p.cmd("MGET");
+            for k in keys {
+                p.arg(k);
+            }
+            for k in keys {
+                p.cmd("PEXPIRETIME").arg(k);
+            }
+        })?;
+        if replies.len() != keys.len() + 1 {
+            return Err(SyncError::protocol("MGET", "unexpected number of replies"));
+        }
+        let mut it = replies.into_iter();
+        let values = match it.next() {
+            Some(Ok(Value::Array(values))) if values.len() == keys.len() => values,
+            Some(Err(e)) => return Err(command_error("MGET", &e)),
+            _ => return Err(SyncError::protocol("MGET", "unexpected reply shape")),
+        };
+        let mut out: Vec<KeyMeta> = values
+            .into_iter()
+            .zip(it)
+            .map(|(value, exp)| {
+                let exp = exp.ok().as_ref().and_then(as_int).filter(|v| *v >= 0);
+                match value {
+                    Value::Nil => (String::new(), exp, None),
+                    v => ("string".to_owned(), exp, Some(v)),
+                }
+            })
+            .collect();
+        let untyped: Vec<usize> =
+            out.iter().enumerate().filter(|(_, m)| m.2.is_none()).map(|(i, _)| i).collect();
+        if !untyped.is_empty() {
+            let types = self.pipeline_in_lenient(db, "TYPE", |p| {
+                for &i in &untyped {
+                    p.cmd("TYPE").arg(&keys[i]);
+                }
+            })?;
+            if types.len() != untyped.len() {
+                return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
+            }
+            for (i, ty) in untyped.into_iter().zip(types) {
+                // (A key that became a string after the MGET gets its value with the others.)
+                out[i].0 = ty.ok().as_ref().and_then(as_string).unwrap_or_default();
+            }
+        }
+        Ok(out)
+    }
+
+    /// As [`Redis::pipeline_in`], but a command's error reply is returned in its place
+    /// rather than failing the whole round trip (a failed `SELECT` still fails it: the
+    /// commands would have run against another database).
+    fn pipeline_in_lenient(
+        &mut self,
+        db: u8,
+        name: &'static str,
+        build: impl FnOnce(&mut ::redis::Pipeline),
+    ) -> Result<Vec<::redis::RedisResult<Value>>> {
         let main = self.settings.db;
+        let switch = db != main;
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
-        if db != main {
-            pipe.cmd("SELECT").arg(db).ignore();
+        if switch {
+            pipe.cmd("SELECT").arg(db);
         }
-        for k in keys {
-            pipe.cmd("TYPE").arg(k);
-            pipe.cmd("PEXPIRETIME").arg(k);
-            pipe.cmd("GET").arg(k);
-        }
-        if db != main {
-            pipe.cmd("SELECT").arg(main).ignore();
+        build(&mut pipe);
+        if switch {
+            pipe.cmd("SELECT").arg(main);
         }
         self.throttle();
         let c = self.conn(main)?;
         let reply = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut c.conn);
         c.last_check = Instant::now();
-        let replies = reply.map_err(|e| command_error("TYPE", &e))?;
-        if replies.len() != keys.len() * 3 {
-            return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
+        let mut replies = reply.map_err(|e| command_error(name, &e))?;
+        if switch {
+            let back = replies.pop();
+            let first = if replies.is_empty() { None } else { Some(replies.remove(0)) };
+            for select in [first, back] {
+                match select {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(command_error("SELECT", &e)),
+                    None => return Err(SyncError::protocol("SELECT", "missing reply")),
+                }
+            }
         }
-        let mut out = Vec::with_capacity(keys.len());
-        let mut it = replies.into_iter();
-        while let (Some(ty), Some(exp), Some(val)) = (it.next(), it.next(), it.next()) {
-            let ty = ty.ok().as_ref().and_then(as_string).unwrap_or_default();
-            let exp = exp.ok().as_ref().and_then(as_int).filter(|v| *v >= 0);
-            let val = if ty == "string" { val.ok() } else { None };
-            out.push((ty, exp, val));
+        Ok(replies)
+    }
+
+    /// Which of `keys` exist in database `db` (one `EXISTS` each, one round trip).
+    pub fn exist(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let replies = self.pipeline_in(db, "EXISTS", |p| {
+            for k in keys {
+                p.cmd("EXISTS").arg(k);
+            }
+        })?;
+        if replies.len() != keys.len() {
+            return Err(SyncError::protocol("EXISTS", "unexpected number of replies"));
+        }
+        Ok(replies.iter().map(|r| as_int(r).unwrap_or(0) > 0).collect())
     }
 
     /// The values of keys of known types, in one round trip (`GET`, `HGETALL`, `LRANGE`,
@@ -506,14 +582,30 @@ impl Redis {
         group: &str,
         keys: &[&[u8]],
     ) -> Result<Vec<Option<StreamInfo>>> {
+        self.stream_health(db, group, keys, false)
+    }
+
+    /// As [`Redis::stream_info`]; with `consumers`, also `XINFO CONSUMERS` of our group
+    /// (monitor mode looks for consumers that sit on pending entries).
+    pub fn stream_health(
+        &mut self,
+        db: u8,
+        group: &str,
+        keys: &[&[u8]],
+        consumers: bool,
+    ) -> Result<Vec<Option<StreamInfo>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let per_key = if consumers { 3 } else { 2 };
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
         for k in keys {
             pipe.cmd("XINFO").arg("STREAM").arg(*k);
             pipe.cmd("XINFO").arg("GROUPS").arg(*k);
+            if consumers {
+                pipe.cmd("XINFO").arg("CONSUMERS").arg(*k).arg(group);
+            }
         }
         self.throttle();
         let c = self.conn(db)?;
@@ -521,9 +613,15 @@ impl Redis {
         c.last_check = Instant::now();
         let reply = reply.map_err(|e| command_error("XINFO", &e))?;
         Ok(reply
-            .chunks(2)
-            .map(|pair| match pair {
-                [Ok(stream), Ok(groups)] => Some(parse_info(stream, groups, group)),
+            .chunks(per_key)
+            .map(|part| match part {
+                [Ok(stream), Ok(groups), rest @ ..] => {
+                    let mut info = parse_info(stream, groups, group);
+                    if let [Ok(consumers)] = rest {
+                        info.stalled_consumer = stalled_consumer(consumers);
+                    }
+                    Some(info)
+                }
                 _ => None,
             })
             .collect())
@@ -699,6 +797,21 @@ fn entry_id_of(v: &Value) -> Option<String> {
     }
 }
 
+/// The consumer idle longest among those holding pending entries.
+fn stalled_consumer(consumers: &Value) -> Option<(String, i64, i64)> {
+    let Value::Array(list) = consumers else { return None };
+    list.iter()
+        .filter_map(|c| {
+            let pairs = info_pairs(c);
+            let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+            let pending = get("pending").and_then(as_int).unwrap_or(0);
+            let idle = get("idle").and_then(as_int).unwrap_or(0);
+            let name = get("name").and_then(as_string).unwrap_or_default();
+            (pending > 0).then_some((name, idle, pending))
+        })
+        .max_by_key(|(_, idle, _)| *idle)
+}
+
 fn parse_info(stream: &Value, groups: &Value, group: &str) -> StreamInfo {
     let mut info = StreamInfo::default();
     for (k, v) in info_pairs(stream) {
@@ -710,6 +823,7 @@ fn parse_info(stream: &Value, groups: &Value, group: &str) -> StreamInfo {
         }
     }
     if let Value::Array(groups) = groups {
+        info.groups = groups.len() as i64;
         for g in groups {
             let pairs = info_pairs(g);
             let name = pairs.iter().find(|(k, _)| k == "name").and_then(|(_, v)| as_string(v));

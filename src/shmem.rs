@@ -193,6 +193,8 @@ pub enum StreamState {
     /// The consumer group is missing and `auto_create_consumer_groups` is off.
     NoGroup,
     Error,
+    /// Monitor mode: watched, not synced.
+    Monitored,
 }
 
 impl StreamState {
@@ -201,6 +203,7 @@ impl StreamState {
             StreamState::Active => "active",
             StreamState::NoGroup => "waiting_for_group",
             StreamState::Error => "error",
+            StreamState::Monitored => "monitored",
         }
     }
 }
@@ -221,14 +224,28 @@ pub struct StreamSlot {
     pub first_entry_id: FixedStr<48>,
     pub last_entry_id: FixedStr<48>,
     pub consumers: i64,
+    pub groups: i64,
     pub last_sync_time: i64,
     pub last_error: FixedStr<256>,
+    /// Monitor mode's verdict ("" = healthy or not judged).
+    pub health: FixedStr<256>,
     /// Set by the discovery pass numbered `found_gen` / that first found it (`added_gen`).
     pub found_gen: u64,
     pub added_gen: u64,
 }
 
 impl StreamSlot {
+    /// Takes in what XINFO said about the stream.
+    pub fn set_info(&mut self, info: &crate::redis::StreamInfo) {
+        self.pending = info.pending;
+        self.lag = info.lag.unwrap_or(-1);
+        self.length = info.length;
+        self.first_entry_id.set(info.first_entry_id.as_deref().unwrap_or(""));
+        self.last_entry_id.set(info.last_entry_id.as_deref().unwrap_or(""));
+        self.consumers = info.consumers;
+        self.groups = info.groups;
+    }
+
     pub const EMPTY: StreamSlot = StreamSlot {
         used: false,
         key: FixedStr::empty(),
@@ -243,8 +260,10 @@ impl StreamSlot {
         first_entry_id: FixedStr::empty(),
         last_entry_id: FixedStr::empty(),
         consumers: 0,
+        groups: 0,
         last_sync_time: 0,
         last_error: FixedStr::empty(),
+        health: FixedStr::empty(),
         found_gen: 0,
         added_gen: 0,
     };

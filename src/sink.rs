@@ -4,6 +4,7 @@
 //! always quoted.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -33,7 +34,6 @@ pub struct Target {
     pub schema: String,
     pub stream_table: String,
     pub overwrite: bool,
-    pub query_timeout_ms: u64,
 }
 
 /// After a batch met rows already stored, this many batches go straight to the
@@ -112,13 +112,56 @@ fn caught(e: CaughtError) -> SyncError {
     }
 }
 
+/// `redis_sync.query_timeout` in milliseconds (0 = none), set by the worker after each
+/// reload and applied to every transaction of [`in_transaction`].
+static QUERY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+// utils/timeout.h, which pgrx does not bind. `STATEMENT_TIMEOUT` is the fourth member of
+// `TimeoutId` in every supported major version (13 to 18).
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    fn get_timeout_indicator(id: std::ffi::c_int, reset_indicator: bool) -> bool;
+}
+
+/// Called from the worker's SIGINT handler: Postgres' statement-timeout handler signals
+/// the process with SIGINT, and the worker (which ignores plain cancel requests) turns it
+/// into a query cancel only when the statement timeout is what fired.
+///
+/// # Safety
+/// Signal-handler context: reads a flag of the timeout module and sets two flags.
+pub unsafe fn cancel_if_timed_out() -> bool {
+    unsafe {
+        if get_timeout_indicator(STATEMENT_TIMEOUT, false) {
+            pg_sys::QueryCancelPending = 1;
+            pg_sys::InterruptPending = 1;
+            return true;
+        }
+    }
+    false
+}
+
+pub fn set_query_timeout(timeout: std::time::Duration) {
+    QUERY_TIMEOUT_MS.store(timeout.as_millis() as u64, Ordering::Relaxed);
+}
+
 /// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes
 /// back as `Err` with its SQLSTATE; the worker carries on.
+///
+/// The transaction runs under `redis_sync.query_timeout`. A background worker has no
+/// `statement_timeout` of its own (only a client backend arms it, per statement), so the
+/// timer is armed here: a write stuck on a lock or a slow trigger is cancelled with SQLSTATE
+/// 57014, rolled back and retried, instead of stalling the worker.
 pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let timeout_ms = QUERY_TIMEOUT_MS.load(Ordering::Relaxed).min(i32::MAX as u64) as i32;
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        if timeout_ms > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms);
+        }
     }
     let f = AssertUnwindSafe(f);
     let outcome = PgTryBuilder::new(move || {
@@ -139,6 +182,14 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     .execute();
     if outcome.is_err() && unsafe { pg_sys::IsTransactionState() } {
         unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    if timeout_ms > 0 {
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            // A timer that fired after the last interrupt check must not cancel whatever
+            // the worker does next (nothing else of the worker uses a query cancel).
+            pg_sys::QueryCancelPending = 0;
+        }
     }
     if outcome.is_ok() {
         report_stat();
@@ -194,14 +245,6 @@ impl Sink {
         let (insert, dead_letter) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_tables(client, target)?;
-                // The worker's statement_timeout, for the whole session.
-                client
-                    .update(
-                        "SELECT set_config('statement_timeout', $1, false)",
-                        None,
-                        &[format!("{}ms", target.query_timeout_ms).into()],
-                    )
-                    .map_err(spi_err)?;
                 let insert = client
                     .prepare_mut(insert_sql(target).as_str(), &insert_types())
                     .map_err(spi_err)?
@@ -606,6 +649,35 @@ impl KvSink {
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
         Ok(written)
+    }
+
+    /// The table's identity as `(oid, relfilenode)`, or `None` when it does not exist: a
+    /// different value means the table was dropped, truncated or rewritten since the last
+    /// look, so what the worker remembers about its rows is void.
+    pub fn table_identity(&self) -> Result<Option<(i64, i64)>> {
+        let Some(t) = self.target.as_ref() else { return Ok(None) };
+        let name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.table));
+        let found = in_transaction(|| {
+            Spi::connect(|client| {
+                let rows = client
+                    .select(
+                        "SELECT oid::int8, relfilenode::int8 FROM pg_catalog.pg_class
+                          WHERE oid = pg_catalog.to_regclass($1)",
+                        Some(1),
+                        &[name.as_str().into()],
+                    )
+                    .map_err(spi_err)?;
+                let mut out = None;
+                for row in rows {
+                    let oid = row.get::<i64>(1).map_err(spi_err)?.unwrap_or_default();
+                    let file = row.get::<i64>(2).map_err(spi_err)?.unwrap_or_default();
+                    out = Some((oid, file));
+                }
+                Ok(out)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(found)
     }
 
     /// Up to `limit` live (not deleted) keys of database `db` after `after`, in key order

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::encode::encode_name;
 use crate::error::Result;
-use crate::gucs::Settings;
+use crate::gucs::{Mode, Settings};
 use crate::parse::Pattern;
 use crate::reader::{Acks, ReadRequest, ReadStream, Reader, StreamBatch};
 use crate::redis::Redis;
@@ -48,6 +48,69 @@ struct Tracked {
     /// Group pending count and consumers from the last XINFO, to decide on claiming.
     group_pending: i64,
     group_consumers: i64,
+    /// Monitor mode: what the previous checks saw, to tell a trend.
+    trend: Trend,
+}
+
+/// Checks in a row a figure must rise before monitor mode calls it a trend.
+const RISING_CHECKS: u32 = 3;
+
+/// What monitor mode remembers of a stream between checks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Trend {
+    pending: Option<i64>,
+    lag: Option<i64>,
+    pending_rising: u32,
+    lag_rising: u32,
+    /// The warning in force ("" when healthy).
+    pub warning: String,
+}
+
+impl Trend {
+    /// Takes in one check's figures and returns the warning they add up to ("" = none):
+    /// pending entries rising check after check, lag rising check after check, or a
+    /// consumer sitting on pending entries for longer than `stall_ms`.
+    pub fn judge(&mut self, info: &crate::redis::StreamInfo, stall_ms: i64) -> String {
+        let rising = |before: Option<i64>, now: i64, count: u32| match before {
+            Some(b) if now > b => count + 1,
+            _ => 0,
+        };
+        self.pending_rising = rising(self.pending, info.pending, self.pending_rising);
+        self.pending = Some(info.pending);
+        match info.lag {
+            Some(lag) => {
+                self.lag_rising = rising(self.lag, lag, self.lag_rising);
+                self.lag = Some(lag);
+            }
+            None => {
+                self.lag_rising = 0;
+                self.lag = None;
+            }
+        }
+        let mut found = Vec::new();
+        if self.pending_rising >= RISING_CHECKS {
+            found.push(format!(
+                "pending entries rising for {} checks in a row (now {})",
+                self.pending_rising, info.pending
+            ));
+        }
+        if self.lag_rising >= RISING_CHECKS {
+            found.push(format!(
+                "lag rising for {} checks in a row (now {} entries not yet delivered)",
+                self.lag_rising,
+                info.lag.unwrap_or(0)
+            ));
+        }
+        if let Some((name, idle, pending)) = &info.stalled_consumer {
+            if *idle >= stall_ms {
+                found.push(format!(
+                    "consumer \"{name}\" idle for {} s with {pending} pending entries",
+                    idle / 1000
+                ));
+            }
+        }
+        found.join("; ")
+    }
 }
 
 pub struct StreamSync {
@@ -70,6 +133,10 @@ pub struct StreamSync {
     /// Moving average of an entry's size in bytes, for the read budget.
     avg_entry_bytes: usize,
     group: String,
+    /// The last "Searching Redis databases ..." line logged (logged again when it changes).
+    last_search: String,
+    /// Monitor mode: when the next health check is due.
+    next_monitor: Instant,
 }
 
 /// The name a stream is stored under.
@@ -95,6 +162,8 @@ impl StreamSync {
             idle: false,
             avg_entry_bytes: 1024,
             group: String::new(),
+            last_search: String::new(),
+            next_monitor: Instant::now(),
         }
     }
 
@@ -131,6 +200,11 @@ impl StreamSync {
         self.publish_all();
     }
 
+    /// Makes discovery due now (`redis_sync_discover()`).
+    pub fn discover_now(&mut self) {
+        self.next_discovery = Instant::now();
+    }
+
     pub fn discovery_due(&self) -> bool {
         Instant::now() >= self.next_discovery
     }
@@ -155,6 +229,15 @@ impl StreamSync {
             } else {
                 patterns.iter().map(Pattern::to_redis_glob).collect()
             };
+            let search = format!(
+                "Searching Redis databases {} for streams matching {}",
+                crate::parse::format_db_range(&s.db_search_range),
+                s.stream_discovery_patterns.join(", ")
+            );
+            if search != self.last_search {
+                log(&search);
+                self.last_search = search;
+            }
             for (db, key) in redis.scan_streams(&s.db_search_range, &globs, SCAN_COUNT)? {
                 // Confirm client-side: fnmatch semantics are the contract.
                 if patterns.iter().any(|p| p.matches(&key)) {
@@ -194,6 +277,7 @@ impl StreamSync {
                 last_sync_time: 0,
                 group_pending: 0,
                 group_consumers: 0,
+                trend: Trend::default(),
             });
         }
         self.reindex();
@@ -209,6 +293,16 @@ impl StreamSync {
         }
         if removed > 0 {
             log(&format!("{removed} stream(s) no longer exist and are no longer tracked"));
+        }
+        if s.mode == Mode::Monitor {
+            // Look, do not touch: no groups created, nothing claimed or read.
+            for t in &mut self.streams {
+                t.state = StreamState::Monitored;
+            }
+            self.reindex();
+            self.discovery_gen += 1;
+            self.publish_all();
+            return Ok(());
         }
         // Groups for the new ones (and for any stream still waiting for its group).
         let mut gone = Vec::new();
@@ -303,12 +397,7 @@ impl StreamSync {
             shmem::update_streams(|tbl| {
                 for (i, info) in &slots {
                     if let Some(slot) = tbl.slots.get_mut(*i) {
-                        slot.pending = info.pending;
-                        slot.lag = info.lag.unwrap_or(-1);
-                        slot.length = info.length;
-                        slot.first_entry_id.set(info.first_entry_id.as_deref().unwrap_or(""));
-                        slot.last_entry_id.set(info.last_entry_id.as_deref().unwrap_or(""));
-                        slot.consumers = info.consumers;
+                        slot.set_info(info);
                     }
                 }
             });
@@ -416,7 +505,6 @@ impl StreamSync {
             schema: s.schema.clone(),
             stream_table: s.stream_table.clone(),
             overwrite: s.stream_conflict_overwrite,
-            query_timeout_ms: s.query_timeout.as_millis() as u64,
         };
         if let Err(e) = sink.prepare(&target) {
             reader.discard(tick);
@@ -635,6 +723,76 @@ impl StreamSync {
         shmem::update(|st| st.streams_tracked = n as i64);
     }
 
+    /// Monitor mode: no reads through the group, no acknowledgements, no writes. Discovery
+    /// runs as usual; every `monitor_interval` each stream's figures are refreshed (length,
+    /// first and last IDs, groups, consumers, pending, lag) and judged, a change of verdict
+    /// is logged (WARNING when trouble starts, LOG when it clears) and shown in
+    /// `redis_sync_streams().health`. Returns how long the loop may wait.
+    pub fn monitor(
+        &mut self,
+        redis: &mut Redis,
+        s: &Settings,
+        info: &dyn Fn(&str),
+        debug: &dyn Fn(&str),
+        warn: &dyn Fn(&str),
+    ) -> Result<Duration> {
+        if self.discovery_due() {
+            self.discover(redis, s, info)?;
+            self.next_monitor = Instant::now();
+        }
+        let now = Instant::now();
+        if now < self.next_monitor {
+            return Ok(self.next_monitor.min(self.next_discovery) - now);
+        }
+        self.next_monitor = now + s.monitor_interval;
+        let stall_ms = (s.monitor_interval * 3).max(s.claim_min_idle).as_millis() as i64;
+        let mut dbs: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
+        for (i, t) in self.streams.iter().enumerate() {
+            dbs.entry(t.db).or_default().push(i);
+        }
+        for (db, idx) in dbs {
+            let keys: Vec<&[u8]> = idx.iter().map(|&i| self.streams[i].key.as_slice()).collect();
+            let infos = redis.stream_health(db, &s.consumer_group, &keys, true)?;
+            let mut slots = Vec::new();
+            for (&i, found) in idx.iter().zip(infos) {
+                // A stream gone since discovery: the next discovery drops it.
+                let Some(found) = found else { continue };
+                let t = &mut self.streams[i];
+                let verdict = t.trend.judge(&found, stall_ms);
+                debug(&format!(
+                    "stream {}: length {}, entries {}..{}, {} group(s), {} consumer(s) in \"{}\", {} pending, lag {}",
+                    t.stream_key,
+                    found.length,
+                    found.first_entry_id.as_deref().unwrap_or("-"),
+                    found.last_entry_id.as_deref().unwrap_or("-"),
+                    found.groups,
+                    found.consumers,
+                    s.consumer_group,
+                    found.pending,
+                    found.lag.map_or("unknown".to_owned(), |l| l.to_string()),
+                ));
+                if verdict != t.trend.warning {
+                    if verdict.is_empty() {
+                        info(&format!("stream {}: healthy again", t.stream_key));
+                    } else {
+                        warn(&format!("stream {}: {verdict}", t.stream_key));
+                    }
+                    t.trend.warning = verdict;
+                }
+                slots.push((i, found, t.trend.warning.clone()));
+            }
+            shmem::update_streams(|tbl| {
+                for (i, found, warning) in &slots {
+                    if let Some(slot) = tbl.slots.get_mut(*i) {
+                        slot.set_info(found);
+                        slot.health.set(warning);
+                    }
+                }
+            });
+        }
+        Ok(s.monitor_interval.min(self.next_discovery.saturating_duration_since(Instant::now())))
+    }
+
     /// Time until discovery is due, for the latch wait when there is nothing to read.
     pub fn idle_wait(&self) -> Duration {
         self.next_discovery.saturating_duration_since(Instant::now())
@@ -657,5 +815,30 @@ mod tests {
         assert_eq!(stream_key_name(3, 0, b"s"), "db3:s");
         assert_eq!(stream_key_name(0, 2, b"s"), "db0:s");
         assert_eq!(stream_key_name(1, 0, b"\xff"), "db1:$b64:/w==");
+    }
+
+    #[test]
+    fn monitor_calls_a_trend_after_three_rising_checks() {
+        use crate::redis::StreamInfo;
+        let mut t = Trend::default();
+        let check = |t: &mut Trend, pending: i64, lag: Option<i64>| {
+            t.judge(&StreamInfo { pending, lag, ..Default::default() }, 60_000)
+        };
+        assert_eq!(check(&mut t, 5, Some(1)), "");
+        assert_eq!(check(&mut t, 6, Some(2)), "");
+        assert_eq!(check(&mut t, 7, Some(3)), "");
+        assert_eq!(
+            check(&mut t, 8, Some(4)),
+            "pending entries rising for 3 checks in a row (now 8); lag rising for 3 checks in a row (now 4 entries not yet delivered)"
+        );
+        // A flat check ends the trend.
+        assert_eq!(check(&mut t, 8, Some(4)), "");
+        let stalled =
+            StreamInfo { stalled_consumer: Some(("old".into(), 90_000, 3)), ..Default::default() };
+        assert_eq!(
+            t.judge(&stalled, 60_000),
+            "consumer \"old\" idle for 90 s with 3 pending entries"
+        );
+        assert_eq!(t.judge(&stalled, 120_000), "");
     }
 }

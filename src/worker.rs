@@ -5,7 +5,8 @@
 //! the process if the postmaster dies. SIGTERM uses Postgres' own `die`, so a terminate
 //! interrupts even a long statement and the worker exits with code 1, which makes the
 //! postmaster start it again after the restart time (exit 0 would unregister it for good).
-//! SIGINT (`pg_cancel_backend`) only sets a flag: nothing the worker does is worth cancelling.
+//! SIGINT (`pg_cancel_backend`) only sets a flag: nothing the worker does is worth cancelling
+//! (except a write past `redis_sync.query_timeout`, whose timer also arrives as SIGINT).
 
 use std::ffi::{c_int, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,7 +74,11 @@ unsafe extern "C-unwind" fn handle_sigterm(_signo: c_int) {
 
 unsafe extern "C-unwind" fn handle_sigint(_signo: c_int) {
     let saved = unsafe { *libc::__errno_location() };
-    CANCEL_REQUESTED.store(true, Ordering::SeqCst);
+    // redis_sync.query_timeout fired (Postgres' timeout handler sends SIGINT): cancel the
+    // write; it is rolled back and retried. Any other SIGINT is a user's cancel request.
+    if !unsafe { crate::sink::cancel_if_timed_out() } {
+        CANCEL_REQUESTED.store(true, Ordering::SeqCst);
+    }
     unsafe {
         pg_sys::SetLatch(pg_sys::MyLatch);
         *libc::__errno_location() = saved;
@@ -215,11 +220,16 @@ struct Worker {
     discover_handled: u64,
     /// After a failure that left Redis connected (a Postgres error), no new round before this.
     hold_until: Instant,
+    /// The next attempt is a retry (counted in `retries`).
+    retry_due: bool,
+    /// What pg_stat_activity shows now.
+    activity: String,
     loop_cxt: pg_sys::MemoryContext,
 }
 
 impl Worker {
     fn new(settings: Settings) -> Worker {
+        crate::sink::set_query_timeout(settings.query_timeout);
         let backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
         let seed = (unsafe { pg_sys::MyProcPid } as u64) << 32 ^ shmem::now() as u64;
         Worker {
@@ -235,6 +245,8 @@ impl Worker {
             kv_sink: KvSink::default(),
             notifier: None,
             hold_until: Instant::now(),
+            retry_due: false,
+            activity: String::new(),
             discover_handled: shmem::discovery_requests(),
             loop_cxt: unsafe {
                 pg_sys::AllocSetContextCreateInternal(
@@ -288,6 +300,7 @@ impl Worker {
             return;
         }
         self.log = Log { level: new.log_level };
+        crate::sink::set_query_timeout(new.query_timeout);
         self.backoff.reconfigure(new.backoff_base, new.backoff_max);
         if new.redis != self.settings.redis {
             self.log.at(
@@ -320,13 +333,16 @@ impl Worker {
             || new.stream_discovery_patterns != self.settings.stream_discovery_patterns
             || new.db_search_range != self.settings.db_search_range
             || new.stream_auto_discovery != self.settings.stream_auto_discovery
-            || new.consumer_group != self.settings.consumer_group;
+            || new.consumer_group != self.settings.consumer_group
+            || new.mode != self.settings.mode;
         // A pass under way was started with the old key-value settings: start again.
         if new.key_value_patterns != self.settings.key_value_patterns
             || new.key_value_auto_discovery != self.settings.key_value_auto_discovery
             || new.db_search_range != self.settings.db_search_range
             || new.key_value_table != self.settings.key_value_table
             || new.schema != self.settings.schema
+            || new.key_value_deletes != self.settings.key_value_deletes
+            || new.mode != self.settings.mode
         {
             self.keys.abandon();
             self.notifier = None;
@@ -380,11 +396,12 @@ impl Worker {
                 if now < self.hold_until {
                     return self.hold_until - now;
                 }
-                if self.settings.mode == Mode::Monitor {
-                    self.publish_running();
-                    return next_check.saturating_duration_since(Instant::now());
-                }
-                match self.sync_streams() {
+                self.count_retry();
+                let round = match self.settings.mode {
+                    Mode::Monitor => self.monitor_streams(),
+                    Mode::Sync => self.sync_streams(),
+                };
+                match round {
                     Ok(wait) => {
                         if self.backoff.failures() > 0 {
                             self.log.at(LogLevel::Info, "syncing again after errors");
@@ -397,6 +414,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Monitor mode's round: discovery when due (or asked for) and the health checks.
+    fn monitor_streams(&mut self) -> Result<Duration, SyncError> {
+        let Link::Up(redis) = &mut self.link else { return Ok(MAX_WAIT) };
+        let requested = shmem::discovery_requests();
+        if requested != self.discover_handled {
+            self.streams.discover_now();
+            self.discover_handled = requested;
+        }
+        let log = &self.log;
+        self.streams.monitor(
+            redis,
+            &self.settings,
+            &|m| log.at(LogLevel::Info, m),
+            &|m| log.at(LogLevel::Debug, m),
+            &|m| log.at(LogLevel::Warning, m),
+        )
     }
 
     /// Discovery when due (or asked for), then one read-write-ack round. Returns how long
@@ -450,7 +485,7 @@ impl Worker {
                 return Err(e);
             }
         }
-        let pass = self.keys.step(redis, &mut self.kv_sink, &self.settings);
+        let pass = self.keys.step(redis, &mut self.kv_sink, &self.settings, &interrupts);
         if matches!(pass, Ok(Some(_))) {
             // Between passes: follow the server's notify-keyspace-events setting.
             let want = self.settings.key_value_auto_discovery
@@ -502,6 +537,13 @@ impl Worker {
         Ok(wait)
     }
 
+    /// Counts the attempt about to be made if it follows a failure.
+    fn count_retry(&mut self) {
+        if std::mem::take(&mut self.retry_due) {
+            shmem::bump(|c| &c.retries, 1);
+        }
+    }
+
     fn is_up(&self) -> bool {
         matches!(self.link, Link::Up(_))
     }
@@ -509,9 +551,7 @@ impl Worker {
     fn connect(&mut self) -> Duration {
         let server = self.settings.redis.server();
         self.enter(WorkerState::Connecting, &format!("connecting to Redis {server}"), false);
-        if self.backoff.failures() > 0 {
-            shmem::bump(|c| &c.retries, 1);
-        }
+        self.count_retry();
         match Redis::connect(&self.settings.redis, self.settings.rate_limit, throttle_sleep) {
             Ok(conn) => {
                 let was_failing = self.backoff.failures() > 0;
@@ -533,15 +573,23 @@ impl Worker {
     }
 
     /// Records a failure, drops the connection and schedules the next try with backoff.
+    /// Logged when trouble starts and once more when `max_retries` failures in a row end
+    /// the backoff schedule (from then on every try waits `backoff_max`), not once per try.
     fn fail(&mut self, err: SyncError) -> Duration {
-        let delay = self.backoff.next_delay(self.jitter.unit());
+        let max_retries = self.settings.max_retries;
+        let delay = self.backoff.next_delay(self.jitter.unit(), max_retries);
         let failures = self.backoff.failures();
-        // One log line when trouble starts, then one every max_retries tries, not one per try.
-        if failures == 1 || failures.is_multiple_of(self.settings.max_retries) {
+        self.retry_due = true;
+        if failures == 1 {
             self.log.error(&err);
+            self.log.at(LogLevel::Info, &format!("retrying in {} ms", delay.as_millis()));
+        } else if failures == max_retries.max(1) + 1 {
             self.log.at(
-                LogLevel::Info,
-                &format!("retrying in {} ms (failure {failures} in a row)", delay.as_millis()),
+                LogLevel::Warning,
+                &format!(
+                    "{max_retries} retries failed in a row; retrying every {} ms (redis_sync.backoff_max) until it works. Last error: {err}",
+                    delay.as_millis()
+                ),
             );
         }
         shmem::record_error(&err.to_string());
@@ -564,23 +612,33 @@ impl Worker {
         delay
     }
 
+    /// State `running` (or `monitoring`), and what the worker is doing for
+    /// pg_stat_activity: "syncing 3 streams", "syncing 3 streams, key-value pass", ...
     fn publish_running(&mut self) {
-        let (state, what) = match self.settings.mode {
-            Mode::Sync => (WorkerState::Running, "running"),
-            Mode::Monitor => (WorkerState::Monitoring, "monitoring"),
+        let n = self.streams.tracked();
+        let streams = format!("{n} stream{}", if n == 1 { "" } else { "s" });
+        let (state, text) = match self.settings.mode {
+            Mode::Sync if self.keys.busy() => {
+                (WorkerState::Running, format!("syncing {streams}, key-value pass"))
+            }
+            Mode::Sync => (WorkerState::Running, format!("syncing {streams}")),
+            Mode::Monitor => (WorkerState::Monitoring, format!("monitoring {streams}")),
         };
-        let text = format!("{what}: connected to Redis {}", self.settings.redis.server());
         self.enter(state, &text, true);
     }
 
-    fn enter(&self, state: WorkerState, activity: &str, connected: bool) {
+    /// Publishes the state, and the activity text when it changed.
+    fn enter(&mut self, state: WorkerState, activity: &str, connected: bool) {
         let changed = shmem::snapshot().map(|s| s.state != state || s.redis_connected != connected);
         if changed.unwrap_or(true) {
             shmem::update(|s| {
                 s.state = state;
                 s.redis_connected = connected;
             });
+        }
+        if activity != self.activity {
             report_activity(activity);
+            self.activity = activity.to_owned();
         }
     }
 }

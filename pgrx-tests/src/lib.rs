@@ -125,7 +125,23 @@ impl Redis {
     /// Stops the server (SIGTERM, by PID) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // A frozen server would not act on the SIGTERM.
+            send_signal(c.id(), libc::SIGCONT);
             stop_child(&mut c, libc::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn freeze(&self) {
+        if let Some(pid) = self.pid() {
+            assert!(send_signal(pid, libc::SIGSTOP), "SIGSTOP {pid}");
+        }
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(pid) = self.pid() {
+            assert!(send_signal(pid, libc::SIGCONT), "SIGCONT {pid}");
         }
     }
 
@@ -382,6 +398,15 @@ impl Cluster {
         self.launch();
     }
 
+    /// Immediate shutdown (SIGQUIT to the postmaster, what `pg_ctl stop -m immediate`
+    /// sends: no checkpoint, crash recovery at the next start), then a start.
+    pub fn crash_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(30));
+        }
+        self.launch();
+    }
+
     pub fn postmaster_pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -507,5 +532,36 @@ impl Drop for Cluster {
             // Immediate shutdown: the postmaster takes its children down with it.
             stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(10));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stream helpers shared by the suites
+
+/// Adds `n` entries `{n: i, s: <stream>}` to `stream`, pipelined in chunks.
+pub fn add_entries(r: &mut redis::Connection, stream: &str, n: usize) {
+    add_numbered(r, stream, 0..n);
+}
+
+/// Adds an entry `{n: i, s: <stream>}` to `stream` for each `i` of `range`.
+pub fn add_numbered(r: &mut redis::Connection, stream: &str, range: std::ops::Range<usize>) {
+    for chunk in range.collect::<Vec<_>>().chunks(1000) {
+        let mut p = redis::pipe();
+        for i in chunk {
+            p.cmd("XADD").arg(stream).arg("*").arg("n").arg(*i).arg("s").arg(stream).ignore();
+        }
+        let _: () = p.query(r).expect("XADD");
+    }
+}
+
+/// Entries pending in `group` of `stream` (-1 when Redis says something unexpected).
+pub fn pending(r: &mut redis::Connection, stream: &str, group: &str) -> i64 {
+    let v: redis::Value = redis::cmd("XPENDING").arg(stream).arg(group).query(r).expect("XPENDING");
+    match v {
+        redis::Value::Array(parts) => match parts.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
     }
 }

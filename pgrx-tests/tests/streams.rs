@@ -8,28 +8,6 @@ use redis_pg_sync_e2e::*;
 
 const T: Duration = Duration::from_secs(60);
 
-/// Adds `n` entries `{n: i, s: <stream>}` to `stream`, pipelined in chunks.
-fn add_entries(r: &mut redis::Connection, stream: &str, n: usize) {
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut p = redis::pipe();
-        for i in chunk {
-            p.cmd("XADD").arg(stream).arg("*").arg("n").arg(*i).arg("s").arg(stream).ignore();
-        }
-        let _: () = p.query(r).expect("XADD");
-    }
-}
-
-fn pending(r: &mut redis::Connection, stream: &str, group: &str) -> i64 {
-    let v: redis::Value = redis::cmd("XPENDING").arg(stream).arg(group).query(r).expect("XPENDING");
-    match v {
-        redis::Value::Array(parts) => match parts.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => -1,
-        },
-        _ => -1,
-    }
-}
-
 /// Creates the worker's group on `stream` and reads `n` entries as `consumer` without
 /// acknowledging them: they sit in that consumer's pending list.
 fn read_without_ack(r: &mut redis::Connection, stream: &str, consumer: &str, n: usize) {
