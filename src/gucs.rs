@@ -68,6 +68,9 @@ text!(REDIS_HOST, Some(c"localhost"));
 text!(REDIS_USERNAME, Some(c""));
 text!(REDIS_PASSWORD, Some(c""));
 text!(REDIS_TLS_CA_FILE, Some(c""));
+text!(REDIS_TLS_CERT_FILE, Some(c""));
+text!(REDIS_TLS_KEY_FILE, Some(c""));
+text!(REDIS_PASSWORD_FILE, Some(c""));
 text!(DB_SEARCH_RANGE, Some(c"0-15"));
 text!(STREAMS, Some(c""));
 text!(CONSUMER_GROUP, Some(c"redis-pg-sync"));
@@ -207,13 +210,38 @@ pub fn init() {
         GucContext::Sighup,
         none,
     );
+    string(
+        c"redis_sync.redis_password_file",
+        c"File holding the Redis password (readable by the server's OS user only); \
+          instead of redis_sync.redis_password.",
+        &REDIS_PASSWORD_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+        None,
+    );
     bool_(c"redis_sync.redis_tls", c"Connect to Redis over TLS.", &REDIS_TLS, GucContext::Sighup);
     string(
         c"redis_sync.redis_tls_ca_file",
-        c"CA certificate file used to verify the Redis server with TLS.",
+        c"CA certificates (PEM) that verify the Redis server with TLS; empty: the system's.",
         &REDIS_TLS_CA_FILE,
         GucContext::Sighup,
         none,
+        None,
+    );
+    string(
+        c"redis_sync.redis_tls_cert_file",
+        c"Client certificate (PEM) for Redis with tls-auth-clients; empty: none.",
+        &REDIS_TLS_CERT_FILE,
+        GucContext::Sighup,
+        none,
+        None,
+    );
+    string(
+        c"redis_sync.redis_tls_key_file",
+        c"Private key (PEM) of the client certificate.",
+        &REDIS_TLS_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
         None,
     );
     string(
@@ -602,8 +630,11 @@ pub struct RedisSettings {
     pub db: u8,
     pub username: String,
     pub password: String,
+    pub password_file: String,
     pub tls: bool,
     pub tls_ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -615,12 +646,45 @@ impl std::fmt::Debug for RedisSettings {
             .field("db", &self.db)
             .field("username", &self.username)
             .field("password", &if self.password.is_empty() { "" } else { "********" })
+            .field("password_file", &self.password_file)
             .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
 
 impl RedisSettings {
+    /// The password to authenticate with: `redis_password`, or the first line of
+    /// `redis_password_file`. The file must belong to the server's OS user and be
+    /// unreadable by anyone else, like a server key.
+    pub fn resolve_password(&self) -> Result<String, String> {
+        if self.password_file.is_empty() {
+            return Ok(self.password.clone());
+        }
+        if !self.password.is_empty() {
+            return Err(
+                "set either redis_sync.redis_password or redis_sync.redis_password_file, not both"
+                    .into(),
+            );
+        }
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.password_file;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| format!("cannot read redis_sync.redis_password_file \"{path}\": {e}"))?;
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "redis_sync.redis_password_file \"{path}\" must belong to the server's OS user and be readable by it alone (mode {:o}); run: chmod 600 {path}",
+                meta.mode() & 0o777
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read redis_sync.redis_password_file \"{path}\": {e}"))?;
+        Ok(text.lines().next().unwrap_or("").to_owned())
+    }
+
     /// `host:port/db`, as shown in `redis_sync_status().redis_server`.
     pub fn server(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.db)
@@ -641,8 +705,11 @@ impl Settings {
                 db: REDIS_DB.get().clamp(0, parse::MAX_REDIS_DB as i32) as u8,
                 username: text(&REDIS_USERNAME),
                 password: text(&REDIS_PASSWORD),
+                password_file: text(&REDIS_PASSWORD_FILE),
                 tls: REDIS_TLS.get(),
                 tls_ca_file: text(&REDIS_TLS_CA_FILE),
+                tls_cert_file: text(&REDIS_TLS_CERT_FILE),
+                tls_key_file: text(&REDIS_TLS_KEY_FILE),
             },
             // The check hook guarantees the stored value parses; fall back to the default.
             db_search_range: parse::parse_db_range(&text(&DB_SEARCH_RANGE))

@@ -302,7 +302,16 @@ impl KeySync {
         }
         let Some(pass) = self.pass.as_mut() else { return Ok(None) };
         pass.keys += keys;
-        let written = sink.upsert(db, &rows)?;
+        let mut refused = Vec::new();
+        let written = sink.upsert_isolating(db, &rows, &mut refused)?;
+        for (i, e) in &refused {
+            // Remembered below like the others, so an unchanged refused key is not tried
+            // (and reported) again until it changes or a verifying pass comes.
+            let name: String = rows[*i].redis_key.chars().take(200).collect();
+            let msg = format!("key \"{name}\" of Redis database {db} cannot be stored: {e}");
+            shmem::record_error(&msg);
+            pgrx::warning!("{msg}");
+        }
         // Only now, with the rows committed, does the memory vouch for them.
         for (id, fingerprint) in pending {
             self.memory.insert(id, pack(fingerprint, number));

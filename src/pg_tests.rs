@@ -39,9 +39,12 @@ mod tests {
         ("redis_sync.rate_limit", "100", "sighup", ""),
         ("redis_sync.redis_db", "0", "sighup", ""),
         ("redis_sync.redis_host", "localhost", "sighup", ""),
+        ("redis_sync.redis_password_file", "", "sighup", ""),
         ("redis_sync.redis_port", "6379", "sighup", ""),
         ("redis_sync.redis_tls", "off", "sighup", ""),
         ("redis_sync.redis_tls_ca_file", "", "sighup", ""),
+        ("redis_sync.redis_tls_cert_file", "", "sighup", ""),
+        ("redis_sync.redis_tls_key_file", "", "sighup", ""),
         ("redis_sync.redis_username", "", "sighup", ""),
         ("redis_sync.role", "", "postmaster", ""),
         ("redis_sync.schema", "public", "sighup", ""),
@@ -143,7 +146,7 @@ mod tests {
             cols.as_deref(),
             Some(
                 "stream_key,redis_db,consumer_group,state,last_id,messages_synced,pending,lag,\
-                 length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error"
+                 length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error,groups,health"
             )
         );
     }

@@ -60,35 +60,79 @@ fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
     SyncError::RedisCommand { command, detail: e.to_string(), code: e.code().map(str::to_owned) }
 }
 
-/// A plain connection to database `db` of the configured server, with timeouts set.
+/// A connection to database `db` of the configured server (over TLS when `redis_tls` is
+/// on), authenticated, with timeouts set.
 pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Connection> {
     let server = format!("{}:{}/{}", settings.host, settings.port, db);
-    if settings.tls {
-        return Err(SyncError::Config(
-            "redis_sync.redis_tls = on is not supported by this version yet; set it to off".into(),
-        ));
-    }
     let mut redis = RedisConnectionInfo::default().set_db(db as i64);
     if !settings.username.is_empty() {
         redis = redis.set_username(&settings.username);
     }
-    if !settings.password.is_empty() {
-        redis = redis.set_password(&settings.password);
+    let password = settings.resolve_password().map_err(SyncError::Config)?;
+    if !password.is_empty() {
+        redis = redis.set_password(&password);
     }
     let fail = |e: ::redis::RedisError| classify_connect(&e, &server, &settings.username);
-    let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
-        .into_connection_info()
-        .map_err(fail)?
-        .set_redis_settings(redis);
+    let addr = if settings.tls {
+        // Verified: the certificate must chain to the CA and name the host.
+        ConnectionAddr::TcpTls {
+            host: settings.host.clone(),
+            port: settings.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(settings.host.clone(), settings.port)
+    };
+    let info = addr.into_connection_info().map_err(fail)?.set_redis_settings(redis);
+    let client = if settings.tls {
+        install_crypto_provider();
+        ::redis::Client::build_with_tls(info, tls_certificates(settings)?)
+    } else {
+        ::redis::Client::open(info)
+    };
     shmem::bump(|c| &c.redis_ops, 1);
-    let conn = ::redis::Client::open(info)
-        .map_err(fail)?
-        .get_connection_with_timeout(CONNECT_TIMEOUT)
-        .map_err(fail)?;
+    let conn = client.map_err(fail)?.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(fail)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(fail)?;
     Ok(conn)
+}
+
+/// rustls needs a process-wide crypto provider; ring's is installed once.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The CA and client certificate files named by the settings, read now (so a renewed
+/// certificate is used at the next connection).
+fn tls_certificates(settings: &RedisSettings) -> Result<::redis::TlsCertificates> {
+    let read = |setting: &str, path: &str| {
+        std::fs::read(path).map_err(|e| {
+            SyncError::Config(format!("cannot read redis_sync.{setting} \"{path}\": {e}"))
+        })
+    };
+    let root_cert = match settings.tls_ca_file.as_str() {
+        "" => None,
+        path => Some(read("redis_tls_ca_file", path)?),
+    };
+    let client_tls = match (settings.tls_cert_file.as_str(), settings.tls_key_file.as_str()) {
+        ("", "") => None,
+        ("", _) | (_, "") => {
+            return Err(SyncError::Config(
+                "redis_sync.redis_tls_cert_file and redis_sync.redis_tls_key_file go together: set both or neither".into(),
+            ))
+        }
+        (cert, key) => Some(::redis::ClientTlsConfig {
+            client_cert: read("redis_tls_cert_file", cert)?,
+            client_key: read("redis_tls_key_file", key)?,
+        }),
+    };
+    Ok(::redis::TlsCertificates { client_tls, root_cert })
 }
 
 impl RedisConn {

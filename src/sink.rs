@@ -408,9 +408,26 @@ impl Sink {
             err.to_string().into(),
             sqlstate.into(),
         ];
-        in_transaction(|| {
+        let stored = in_transaction(|| {
             Spi::connect_mut(|client| client.update(stmt, None, &args).map(|_| ()).map_err(spi_err))
-        })?;
+        });
+        match stored {
+            Ok(()) => {}
+            // The row cannot even be a dead letter as it is (a stream name too long for the
+            // index): it goes in under a short name, the whole row kept in `fields`.
+            Err(e) if e.is_row_level() => {
+                let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
+                in_transaction(|| {
+                    Spi::connect_mut(|client| {
+                        client
+                            .update(&dead_letter_wrapped_sql(&schema), None, &args)
+                            .map(|_| ())
+                            .map_err(spi_err)
+                    })
+                })?;
+            }
+            Err(e) => return Err(e),
+        }
         shmem::bump(|c| &c.pg_ops, 1);
         shmem::bump(|c| &c.dead_letters, 1);
         Ok(())
@@ -498,6 +515,22 @@ fn insert_sql(t: &Target) -> String {
 
 fn dead_letter_types() -> [PgOid; 5] {
     [PgOid::BuiltIn(PgBuiltInOids::TEXTOID); 5]
+}
+
+/// A dead letter whose stream name is too long for the index: stored as the first 200
+/// characters, the length and an md5, with the full name and the fields in `fields`.
+fn dead_letter_wrapped_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {}.{} AS d (stream_key, message_id, fields, error, sqlstate)
+         VALUES (pg_catalog.left($1, 200) || '... (' || pg_catalog.length($1) || ' characters, md5 '
+                 || pg_catalog.md5($1) || ')',
+                 $2, pg_catalog.jsonb_build_object('stream_key', $1, 'fields', $3::jsonb), $4, $5)
+         ON CONFLICT (stream_key, message_id) DO UPDATE
+            SET attempts = d.attempts + 1, error = EXCLUDED.error,
+                sqlstate = EXCLUDED.sqlstate, created_at = now()",
+        quote_ident(schema),
+        quote_ident(DEAD_LETTER_TABLE),
+    )
 }
 
 fn dead_letter_sql(schema: &str) -> String {
@@ -614,6 +647,42 @@ impl KvSink {
         self.upsert = Some(upsert);
         self.target = Some(target.clone());
         Ok(())
+    }
+
+    /// As [`KvSink::upsert`], but when the batch is refused because of some rows' content
+    /// (a key name too long for the unique index, a trigger that raises), it is split down
+    /// to the single rows, and the refused ones come back with their error instead of
+    /// failing the batch: one bad key never holds up the others.
+    pub fn upsert_isolating(
+        &mut self,
+        db: u8,
+        rows: &[KeyRow],
+        refused: &mut Vec<(usize, SyncError)>,
+    ) -> Result<usize> {
+        self.isolate(db, rows, 0, refused)
+    }
+
+    fn isolate(
+        &mut self,
+        db: u8,
+        rows: &[KeyRow],
+        offset: usize,
+        refused: &mut Vec<(usize, SyncError)>,
+    ) -> Result<usize> {
+        match self.upsert(db, rows) {
+            Ok(n) => Ok(n),
+            Err(e) if e.is_row_level() && rows.len() == 1 => {
+                refused.push((offset, e));
+                Ok(0)
+            }
+            Err(e) if e.is_row_level() => {
+                let half = rows.len() / 2;
+                let (a, b) = rows.split_at(half);
+                Ok(self.isolate(db, a, offset, refused)?
+                    + self.isolate(db, b, offset + half, refused)?)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes the keys of `db` whose value, type or expiry differ from the table (or that are

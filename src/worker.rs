@@ -161,6 +161,45 @@ fn throttle_sleep(d: Duration) {
     pgrx::check_for_interrupts!();
 }
 
+/// A "permission denied" from Postgres gets the grants that fix it appended, so the DBA reads
+/// in `last_error` and the log exactly what to run.
+fn explain_privileges(err: SyncError, s: &Settings) -> SyncError {
+    match err {
+        SyncError::Postgres { sqlstate, message }
+            if sqlstate == PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE =>
+        {
+            SyncError::Postgres { sqlstate, message: format!("{message}. {}", grants_needed(s)) }
+        }
+        other => other,
+    }
+}
+
+/// An identifier as Postgres would print it: quoted only when it must be.
+fn quote_ident(name: &str) -> String {
+    let Ok(c) = CString::new(name) else { return crate::parse::quote_ident(name) };
+    unsafe {
+        let quoted = pg_sys::quote_identifier(c.as_ptr());
+        std::ffi::CStr::from_ptr(quoted).to_string_lossy().into_owned()
+    }
+}
+
+/// The privileges the worker's role needs, as the GRANTs to run.
+pub fn grants_needed(s: &Settings) -> String {
+    let role = if s.role.is_empty() { "<role>".to_owned() } else { quote_ident(&s.role) };
+    let schema = quote_ident(&s.schema);
+    let table = |name: &str| format!("{schema}.{}", quote_ident(name));
+    format!(
+        "The worker writes as role {role}; run: GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}; \
+         or create the tables beforehand and run: GRANT USAGE ON SCHEMA {schema} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE ON {}, {} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role};",
+        table(&s.stream_table),
+        table(crate::sink::DEAD_LETTER_TABLE),
+        table(&s.key_value_table),
+    )
+}
+
 /// Where the Redis connection stands.
 enum Link {
     Down { next_attempt: Instant },
@@ -576,6 +615,7 @@ impl Worker {
     /// Logged when trouble starts and once more when `max_retries` failures in a row end
     /// the backoff schedule (from then on every try waits `backoff_max`), not once per try.
     fn fail(&mut self, err: SyncError) -> Duration {
+        let err = explain_privileges(err, &self.settings);
         let max_retries = self.settings.max_retries;
         let delay = self.backoff.next_delay(self.jitter.unit(), max_retries);
         let failures = self.backoff.failures();
@@ -593,7 +633,9 @@ impl Worker {
             );
         }
         shmem::record_error(&err.to_string());
-        if err.connection_lost() {
+        if err.connection_lost() || !self.is_up() {
+            // (Also a failed connect for another reason, a configuration error say: the next
+            // attempt waits its turn too.)
             self.link = Link::Down { next_attempt: Instant::now() + delay };
             // A read still in flight belongs to the old connection: what it read sits in our
             // pending list and is read again after the reconnect.

@@ -76,6 +76,8 @@ fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// With TLS: the TLS port (the plain `port` stays open for the tests' own client).
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
 }
@@ -92,10 +94,34 @@ impl Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
+            tls_port: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         r.launch();
+        r
+    }
+
+    /// Starts a Redis that also listens with TLS on `tls_port`, with the server certificate
+    /// of `certs`; with `auth_clients`, TLS clients must show a certificate of the CA.
+    pub fn start_tls(certs: &Certs, auth_clients: bool) -> Redis {
+        let tls_port = free_port().to_string();
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let args = [
+            "--tls-port".to_owned(),
+            tls_port.clone(),
+            "--tls-cert-file".to_owned(),
+            path(&certs.server_cert),
+            "--tls-key-file".to_owned(),
+            path(&certs.server_key),
+            "--tls-ca-cert-file".to_owned(),
+            path(&certs.ca),
+            "--tls-auth-clients".to_owned(),
+            if auth_clients { "yes" } else { "no" }.to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut r = Redis::start_with(&args);
+        r.tls_port = tls_port.parse().ok();
         r
     }
 
@@ -240,7 +266,8 @@ fn as_pg_user(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-fn chown_to_pg(path: &Path) {
+/// Hands `path` to the OS user Postgres runs as (when we are root).
+pub fn chown_to_pg(path: &Path) {
     if let Some((uid, gid)) = pg_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
     }
@@ -564,4 +591,105 @@ pub fn pending(r: &mut redis::Connection, stream: &str, group: &str) -> i64 {
         },
         _ => -1,
     }
+}
+
+/// The resident anonymous memory of process `pid` in KiB (what the process itself
+/// allocated, without shared buffers), from /proc.
+pub fn rss_anon_kb(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS material and secrets
+
+/// A throwaway CA, a server certificate for 127.0.0.1 and localhost, a client certificate,
+/// and a second CA that signed none of them; made with the `openssl` command line (EC P-256
+/// keys), readable by the OS user Postgres runs as.
+pub struct Certs {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Certs {
+    pub fn make() -> Certs {
+        let dir = tempfile::Builder::new().prefix("rps-certs-").tempdir().expect("tempdir");
+        let d = dir.path();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let (key, crt, subj) = (format!("{ca}.key"), format!("{ca}.crt"), format!("/CN={ca}"));
+            let mut args = vec!["req", "-x509"];
+            args.extend_from_slice(&ec);
+            args.extend_from_slice(&["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
+            openssl(&args, d);
+        }
+        for (name, usage) in [
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            let (key, csr, crt) =
+                (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+            let subj = format!("/CN={name}");
+            let mut args = vec!["req"];
+            args.extend_from_slice(&ec);
+            args.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(&args, d);
+            let ext = format!("{name}.ext");
+            fs::write(d.join(&ext), usage).expect("ext file");
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+                d,
+            );
+        }
+        // Test material only: readable by everyone, so the server's OS user can load it.
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        for entry in fs::read_dir(d).expect("list").flatten() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        Certs {
+            ca: d.join("ca.crt"),
+            server_cert: d.join("server.crt"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+            other_ca: d.join("other-ca.crt"),
+            _dir: dir,
+        }
+    }
+}
+
+/// Writes `contents` to `path` with `mode`, owned by the OS user Postgres runs as.
+pub fn write_owned_by_pg(path: &Path, contents: &str, mode: u32) {
+    fs::write(path, contents).expect("write file");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    chown_to_pg(path);
 }

@@ -53,14 +53,6 @@ fn fill(r: &mut redis::Connection, total: usize) {
     }
 }
 
-fn rss_anon_kb(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 /// Samples the worker's RssAnon every 50 ms until `stop`; returns the peak in KiB.
 fn watch_memory(pid: i32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
