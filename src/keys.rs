@@ -5,8 +5,8 @@
 //! value, type or expiry changed are written. Keys gone from Redis are handled by
 //! `key_value_deletes`, and only after a complete pass against the same Redis server.
 //!
-//! Between passes the worker remembers a fingerprint of every key it mirrored (about 25
-//! bytes a key). A key whose fingerprint is unchanged is not sent to Postgres at all, and
+//! Between passes the worker remembers a fingerprint of every key it mirrored (24 bytes a
+//! key in a hash table, up to twice that with its spare room). A key whose fingerprint is unchanged is not sent to Postgres at all, and
 //! when every remembered key was seen again no deletion check is needed: an idle pass costs
 //! the Redis reads and nothing else. The memory is trusted only while the Redis server
 //! (its run ID), the table (its oid and relfilenode: a TRUNCATE or a re-created table voids
@@ -62,7 +62,7 @@ impl Hasher for IdHasher {
 }
 
 /// Per key: a 48-bit fingerprint of what the table holds for it, and the 16-bit number of
-/// the last pass that saw it (packed in one word to keep a million keys near 25 MB).
+/// the last pass that saw it (packed in one word: 24 bytes a key with the id).
 type Memory = HashMap<KeyId, u64, BuildHasherDefault<IdHasher>>;
 
 fn pack(fingerprint: u64, pass: u16) -> u64 {

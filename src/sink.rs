@@ -193,8 +193,33 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     }
     if outcome.is_ok() {
         report_stat();
+        STATS_SINCE.with(|t| {
+            if t.get().is_none() {
+                t.set(Some(std::time::Instant::now()));
+            }
+        });
     }
     outcome
+}
+
+thread_local! {
+    /// When the oldest commit whose statistics may still be unflushed happened.
+    static STATS_SINCE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Called by the worker's loop outside any transaction: statistics a commit left pending
+/// (Postgres flushes at most once a second, and only when asked) are flushed a second later
+/// even if no further commit comes, as an idle client backend does with its idle timer.
+pub fn flush_idle_stats() {
+    let due =
+        STATS_SINCE.with(|t| t.get().is_some_and(|since| since.elapsed().as_millis() >= 1000));
+    if due {
+        STATS_SINCE.with(|t| t.set(None));
+        unsafe {
+            pg_sys::pgstat_report_stat(true);
+        }
+    }
 }
 
 /// Lets autovacuum see the worker's writes.

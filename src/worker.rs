@@ -321,6 +321,9 @@ impl Worker {
                 );
             }
             let timeout = self.step();
+            // Statistics of the last writes reach the cumulative statistics (and
+            // autovacuum) even when no further write comes to flush them.
+            crate::sink::flush_idle_stats();
             match self.notifier.as_mut() {
                 // A changed key wakes the loop at once; signals are seen within 100 ms.
                 Some(n) => {

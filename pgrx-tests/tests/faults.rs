@@ -174,6 +174,40 @@ fn a_lock_held_past_query_timeout_delays_but_loses_nothing() {
 }
 
 #[test]
+fn a_disk_full_error_rolls_the_batch_back_and_it_is_retried() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "full", 1_000);
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1_000, T);
+    // A trigger that fails every write with disk_full (53100), as a full disk would: not
+    // a row's fault, so nothing is dead-lettered; the batch is rolled back and retried.
+    pg.execute(
+        "CREATE TABLE disk_is_full (is_full bool);
+         INSERT INTO disk_is_full VALUES (true);
+         CREATE FUNCTION fail_when_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF (SELECT is_full FROM disk_is_full) THEN
+             RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER when_full BEFORE INSERT ON redis_streams FOR EACH ROW EXECUTE FUNCTION fail_when_full();",
+    );
+    let errors_before = pg.number("SELECT errors FROM redis_sync_status()");
+    add_numbered(&mut r, "full", 1_000..3_000);
+    wait_for("the failed writes reported", T, || {
+        (pg.status("last_error")?.contains("No space left on device")
+            && pg.number("SELECT errors FROM redis_sync_status()") > errors_before + 1)
+            .then_some(())
+    });
+    assert_eq!(rows(&pg), 1_000, "nothing of a failed batch is kept");
+    assert_eq!(pg.number("SELECT dead_letters FROM redis_sync_status()"), 0);
+    pg.execute("UPDATE disk_is_full SET is_full = false");
+    assert_exactly_once(&pg, &mut r, &["full"], 3_000);
+}
+
+#[test]
 fn killed_connections_are_replaced() {
     let redis = Redis::start();
     let mut r = redis.client();
@@ -305,4 +339,16 @@ fn a_wider_db_search_range_by_reload_finds_more_streams() {
     });
     pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'db3:far'", 100, T);
     wait_for("nothing pending", T, || (pending(&mut r, "far", GROUP) == 0).then_some(()));
+    // The worker reports its writes to the statistics (what autovacuum goes by).
+    pg.wait_number(
+        "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'redis_streams'",
+        200,
+        T,
+    );
+    // Another table by reload: created, and new entries land there.
+    pg.set("redis_sync.stream_table", "streams_v2");
+    let _: () = redis::cmd("SELECT").arg(0).query(&mut r).expect("SELECT");
+    add_numbered(&mut r, "near", 100..150);
+    pg.wait_number("SELECT count(*) FROM streams_v2 WHERE stream_key = 'near'", 50, T);
+    assert_eq!(pg.number("SELECT count(*) FROM redis_streams"), 200);
 }
