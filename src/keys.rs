@@ -85,8 +85,8 @@ struct Basis {
 }
 
 struct Pass {
-    /// Fetches the pages of every SCAN of the pass; `None` once all arrived.
-    scanner: Option<Scanner>,
+    /// Pages still to come from the scanner thread.
+    scanning: bool,
     patterns: Vec<Pattern>,
     /// This pass's number: a key whose memory carries it was seen by this pass.
     number: u16,
@@ -127,6 +127,11 @@ pub struct KeySync {
     /// Start of the last pass that compared every key with the table.
     verified: Option<Instant>,
     ids: RandomState,
+    /// Runs the SCANs and fetches values a page or two ahead; started on first use.
+    scanner: Option<Scanner>,
+    /// Keys a notification synced during the pass under way, and when: a page fetched
+    /// before that is older than the table for them.
+    event_times: HashMap<KeyId, Instant, BuildHasherDefault<IdHasher>>,
 }
 
 impl Default for KeySync {
@@ -139,6 +144,8 @@ impl Default for KeySync {
             number: 0,
             verified: None,
             ids: RandomState::new(),
+            scanner: None,
+            event_times: HashMap::default(),
         }
     }
 }
@@ -166,9 +173,18 @@ impl KeySync {
     /// Drops the pass under way and what is remembered (new settings: another scope or
     /// table): nothing is marked deleted from an incomplete pass.
     pub fn abandon(&mut self) {
-        self.pass = None;
+        self.drop_pass();
         self.basis = None;
         self.memory = Memory::default();
+    }
+
+    /// Ends the pass under way without a verdict; the scanner stops at its next page.
+    fn drop_pass(&mut self) {
+        self.pass = None;
+        self.event_times.clear();
+        if let Some(scanner) = self.scanner.as_mut() {
+            scanner.cancel();
+        }
     }
 
     /// Does one page of work. Returns the summary when a pass finished. `tick` is called
@@ -181,7 +197,7 @@ impl KeySync {
         tick: &dyn Fn(),
     ) -> Result<Option<PassSummary>> {
         if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
-            self.pass = None;
+            self.drop_pass();
             return Ok(None);
         }
         if self.pass.is_none() && Instant::now() < self.next_pass {
@@ -193,9 +209,12 @@ impl KeySync {
             None => self.start(redis, sink, &target, s).map(|()| None),
             Some(_) => self.page(redis, sink, s, tick),
         };
-        if outcome.is_err() {
+        if let Err(e) = &outcome {
             // What was written stays remembered; what failed was not recorded as written.
-            self.pass = None;
+            self.drop_pass();
+            if matches!(e, crate::error::SyncError::ThreadStopped(_)) {
+                self.scanner = None;
+            }
             self.next_pass = Instant::now() + s.sync_interval;
         }
         outcome
@@ -239,9 +258,14 @@ impl KeySync {
             .iter()
             .flat_map(|&db| globs.iter().map(move |g| (db, g.clone())))
             .collect();
-        let scanner = Scanner::start(&s.redis, jobs, patterns.clone())?;
+        let scanner = match self.scanner.as_mut() {
+            Some(scanner) => scanner,
+            None => self.scanner.insert(Scanner::start()?),
+        };
+        scanner.begin(&s.redis, jobs, patterns.clone())?;
+        self.event_times.clear();
         self.pass = Some(Pass {
-            scanner: Some(scanner),
+            scanning: true,
             patterns,
             number: self.number,
             trusted,
@@ -262,12 +286,12 @@ impl KeySync {
         tick: &dyn Fn(),
     ) -> Result<Option<PassSummary>> {
         let Some(pass) = self.pass.as_mut() else { return Ok(None) };
-        let page = match pass.scanner.as_mut() {
-            Some(scanner) => scanner.next(tick)?,
-            None => None,
+        let page = match (pass.scanning, self.scanner.as_mut()) {
+            (true, Some(scanner)) => scanner.next(tick)?,
+            _ => None,
         };
         let Some(page) = page else {
-            pass.scanner = None;
+            pass.scanning = false;
             let summary = self.finish(redis, sink, s)?;
             return Ok(self.pass.is_none().then_some(summary));
         };
@@ -286,6 +310,16 @@ impl KeySync {
             let Some(value) = value else { continue };
             let fingerprint = fingerprint(&ty, expires, &value);
             let id = self.key_id(db, key);
+            if self.event_times.get(&id).is_some_and(|t| *t >= page.fetched_at) {
+                // A notification synced this key after the page was fetched: the table is
+                // newer than this value. Seen if it still exists; if it went, the deletion
+                // check confirms that with Redis.
+                if let Some(v) = self.memory.get_mut(&id) {
+                    *v = pack(fingerprint_of(*v), number);
+                    keys += 1;
+                }
+                continue;
+            }
             // One lookup per key: the memory of a million keys does not fit in a CPU cache,
             // so every lookup is a cache miss.
             if let Some(v) = self.memory.get_mut(&id) {
@@ -304,14 +338,9 @@ impl KeySync {
         pass.keys += keys;
         let mut refused = Vec::new();
         let written = sink.upsert_isolating(db, &rows, &mut refused)?;
-        for (i, e) in &refused {
-            // Remembered below like the others, so an unchanged refused key is not tried
-            // (and reported) again until it changes or a verifying pass comes.
-            let name: String = rows[*i].redis_key.chars().take(200).collect();
-            let msg = format!("key \"{name}\" of Redis database {db} cannot be stored: {e}");
-            shmem::record_error(&msg);
-            pgrx::warning!("{msg}");
-        }
+        // Remembered below like the others, so an unchanged refused key is not tried (and
+        // reported) again until it changes or a verifying pass comes.
+        report_refused(db, &rows, &refused);
         // Only now, with the rows committed, does the memory vouch for them.
         for (id, fingerprint) in pending {
             self.memory.insert(id, pack(fingerprint, number));
@@ -402,13 +431,24 @@ impl KeySync {
                 .map(|(_, n)| n.clone())
                 .collect();
             i += names.len();
-            // A key created after SCAN went past its slot is not gone: ask Redis.
+            // A key created after SCAN went past its slot is not gone: ask Redis. (A key
+            // that became a stream or another type not mirrored here is gone.)
             let bytes: Vec<Vec<u8>> =
                 names.iter().map(|n| decode_name(n).unwrap_or_default()).collect();
-            let exists = redis.exist(db, &bytes)?;
-            let names: Vec<String> =
-                names.into_iter().zip(exists).filter(|(_, e)| !e).map(|(n, _)| n).collect();
-            gone += sink.gone(db, &names, delete)?;
+            let types = redis.key_types(db, &bytes)?;
+            let mut really_gone = Vec::new();
+            for ((name, key), ty) in names.into_iter().zip(&bytes).zip(types) {
+                if MIRRORED.contains(&ty.as_str()) {
+                    // Still there: remembered as seen, with a fingerprint nothing matches, so
+                    // the next pass compares it with the table (and a later deletion of it is
+                    // looked for).
+                    let id = self.key_id(db, key);
+                    self.memory.insert(id, pack(NO_FINGERPRINT, number));
+                } else {
+                    really_gone.push(name);
+                }
+            }
+            gone += sink.gone(db, &really_gone, delete)?;
         }
         if gone > 0 {
             shmem::bump(|c| &c.key_values_processed, gone as u64);
@@ -471,8 +511,12 @@ impl KeySync {
             let mut rows = Vec::new();
             let mut pending = Vec::new();
             let mut gone = Vec::new();
+            let now = Instant::now();
             for (key, (ty, expires, value)) in keys.iter().zip(values) {
                 let id = self.key_id(db, key);
+                if self.pass.is_some() {
+                    self.event_times.insert(id, now);
+                }
                 if ty == "none" {
                     gone.push(encode_name(key));
                     self.memory.remove(&id);
@@ -485,7 +529,9 @@ impl KeySync {
                     pending.push((id, fingerprint));
                 }
             }
-            touched += sink.upsert(db, &rows)?;
+            let mut refused = Vec::new();
+            touched += sink.upsert_isolating(db, &rows, &mut refused)?;
+            report_refused(db, &rows, &refused);
             for (id, fingerprint) in pending {
                 let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
                 self.memory.insert(id, pack(fingerprint, number));
@@ -503,7 +549,24 @@ impl KeySync {
     }
 }
 
-/// A 48-bit fingerprint of a key's type, expiry and value as Redis sent them.
+/// Keys the table refused (a name too long for its index, a trigger that raises): reported
+/// in the log and `last_error`; they hold up nothing else.
+fn report_refused(db: u8, rows: &[KeyRow], refused: &[(usize, crate::error::SyncError)]) {
+    for (i, e) in refused {
+        let name: String = rows[*i].redis_key.chars().take(200).collect();
+        let msg = format!("key \"{name}\" of Redis database {db} cannot be stored: {e}");
+        shmem::record_error(&msg);
+        pgrx::warning!("{msg}");
+    }
+}
+
+/// The types mirrored into the key-value table.
+const MIRRORED: [&str; 5] = ["string", "hash", "list", "set", "zset"];
+
+/// A fingerprint no value has (see [`fingerprint`]).
+const NO_FINGERPRINT: u64 = 0;
+
+/// A 48-bit fingerprint of a key's type, expiry and value as Redis sent them (never 0).
 fn fingerprint(ty: &str, expires_ms: Option<i64>, value: &Value) -> u64 {
     fn feed(v: &Value, h: &mut std::collections::hash_map::DefaultHasher) {
         match v {
@@ -529,7 +592,7 @@ fn fingerprint(ty: &str, expires_ms: Option<i64>, value: &Value) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (ty, expires_ms).hash(&mut h);
     feed(value, &mut h);
-    h.finish() >> 16
+    (h.finish() >> 16).max(1)
 }
 
 /// `[a, 1, b, 2]` -> `[(a, 1), (b, 2)]` (hash fields, sorted-set members with scores).

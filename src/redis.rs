@@ -96,6 +96,12 @@ pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Conn
     conn.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(fail)?;
+    // Named for `CLIENT LIST` (best effort: an ACL user may not be allowed to).
+    let mut conn = conn;
+    let _: ::redis::RedisResult<()> = ::redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(format!("redis_pg_sync-{}", std::process::id()))
+        .query(&mut conn);
     Ok(conn)
 }
 
@@ -472,20 +478,21 @@ impl Redis {
         Ok(replies)
     }
 
-    /// Which of `keys` exist in database `db` (one `EXISTS` each, one round trip).
-    pub fn exist(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<bool>> {
+    /// The type of each of `keys` in database `db` (`none` for a missing key), in one
+    /// round trip.
+    pub fn key_types(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = self.pipeline_in(db, "EXISTS", |p| {
+        let replies = self.pipeline_in(db, "TYPE", |p| {
             for k in keys {
-                p.cmd("EXISTS").arg(k);
+                p.cmd("TYPE").arg(k);
             }
         })?;
         if replies.len() != keys.len() {
-            return Err(SyncError::protocol("EXISTS", "unexpected number of replies"));
+            return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
         }
-        Ok(replies.iter().map(|r| as_int(r).unwrap_or(0) > 0).collect())
+        Ok(replies.iter().map(|r| as_string(r).unwrap_or_default()).collect())
     }
 
     /// The values of keys of known types, in one round trip (`GET`, `HGETALL`, `LRANGE`,
@@ -626,28 +633,29 @@ impl Redis {
         group: &str,
         keys: &[&[u8]],
     ) -> Result<Vec<Option<StreamInfo>>> {
-        self.stream_health(db, group, keys, false)
+        self.stream_health(db, group, keys, None)
     }
 
-    /// As [`Redis::stream_info`]; with `consumers`, also `XINFO CONSUMERS` of our group
-    /// (monitor mode looks for consumers that sit on pending entries).
+    /// As [`Redis::stream_info`]; with `consumers` (our own consumer's name), also
+    /// `XINFO CONSUMERS` of our group: monitor mode looks for other consumers that sit on
+    /// pending entries.
     pub fn stream_health(
         &mut self,
         db: u8,
         group: &str,
         keys: &[&[u8]],
-        consumers: bool,
+        consumers: Option<&str>,
     ) -> Result<Vec<Option<StreamInfo>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let per_key = if consumers { 3 } else { 2 };
+        let per_key = if consumers.is_some() { 3 } else { 2 };
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
         for k in keys {
             pipe.cmd("XINFO").arg("STREAM").arg(*k);
             pipe.cmd("XINFO").arg("GROUPS").arg(*k);
-            if consumers {
+            if consumers.is_some() {
                 pipe.cmd("XINFO").arg("CONSUMERS").arg(*k).arg(group);
             }
         }
@@ -661,8 +669,8 @@ impl Redis {
             .map(|part| match part {
                 [Ok(stream), Ok(groups), rest @ ..] => {
                     let mut info = parse_info(stream, groups, group);
-                    if let [Ok(consumers)] = rest {
-                        info.stalled_consumer = stalled_consumer(consumers);
+                    if let ([Ok(list)], Some(ours)) = (rest, consumers) {
+                        info.stalled_consumer = stalled_consumer(list, ours);
                     }
                     Some(info)
                 }
@@ -841,8 +849,9 @@ fn entry_id_of(v: &Value) -> Option<String> {
     }
 }
 
-/// The consumer idle longest among those holding pending entries.
-fn stalled_consumer(consumers: &Value) -> Option<(String, i64, i64)> {
+/// The consumer idle longest among those holding pending entries, other than `ours` (in
+/// monitor mode our own consumer is idle on purpose).
+fn stalled_consumer(consumers: &Value, ours: &str) -> Option<(String, i64, i64)> {
     let Value::Array(list) = consumers else { return None };
     list.iter()
         .filter_map(|c| {
@@ -851,7 +860,7 @@ fn stalled_consumer(consumers: &Value) -> Option<(String, i64, i64)> {
             let pending = get("pending").and_then(as_int).unwrap_or(0);
             let idle = get("idle").and_then(as_int).unwrap_or(0);
             let name = get("name").and_then(as_string).unwrap_or_default();
-            (pending > 0).then_some((name, idle, pending))
+            (pending > 0 && name != ours).then_some((name, idle, pending))
         })
         .max_by_key(|(_, idle, _)| *idle)
 }

@@ -116,8 +116,9 @@ fn caught(e: CaughtError) -> SyncError {
 /// reload and applied to every transaction of [`in_transaction`].
 static QUERY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
 
-// utils/timeout.h, which pgrx does not bind. `STATEMENT_TIMEOUT` is the fourth member of
-// `TimeoutId` in every supported major version (13 to 18).
+// utils/timeout.h, which pgrx does not bind. `LOCK_TIMEOUT` and `STATEMENT_TIMEOUT` are the
+// third and fourth members of `TimeoutId` in every supported major version (13 to 18).
+const LOCK_TIMEOUT: std::ffi::c_int = 2;
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 unsafe extern "C-unwind" {
     fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
@@ -125,15 +126,17 @@ unsafe extern "C-unwind" {
     fn get_timeout_indicator(id: std::ffi::c_int, reset_indicator: bool) -> bool;
 }
 
-/// Called from the worker's SIGINT handler: Postgres' statement-timeout handler signals
-/// the process with SIGINT, and the worker (which ignores plain cancel requests) turns it
-/// into a query cancel only when the statement timeout is what fired.
+/// Called from the worker's SIGINT handler: Postgres' statement- and lock-timeout handlers
+/// signal the process with SIGINT, and the worker (which ignores plain cancel requests)
+/// turns it into a query cancel only when one of those timeouts is what fired.
 ///
 /// # Safety
 /// Signal-handler context: reads a flag of the timeout module and sets two flags.
 pub unsafe fn cancel_if_timed_out() -> bool {
     unsafe {
-        if get_timeout_indicator(STATEMENT_TIMEOUT, false) {
+        if get_timeout_indicator(STATEMENT_TIMEOUT, false)
+            || get_timeout_indicator(LOCK_TIMEOUT, false)
+        {
             pg_sys::QueryCancelPending = 1;
             pg_sys::InterruptPending = 1;
             return true;
@@ -216,6 +219,9 @@ pub fn flush_idle_stats() {
         STATS_SINCE.with(|t| t.get().is_some_and(|since| since.elapsed().as_millis() >= 1000));
     if due {
         STATS_SINCE.with(|t| t.set(None));
+        // (On PostgreSQL 14 the argument means "disconnect", so nothing is forced there:
+        // its statistics go with the next commit.)
+        #[cfg(not(feature = "pg14"))]
         unsafe {
             pg_sys::pgstat_report_stat(true);
         }

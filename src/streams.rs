@@ -62,15 +62,16 @@ pub struct Trend {
     lag: Option<i64>,
     pending_rising: u32,
     lag_rising: u32,
-    /// The warning in force ("" when healthy).
-    pub warning: String,
+    /// The kinds of trouble in force ("" when healthy): logged when they change, not each
+    /// check.
+    pub kinds: String,
 }
 
 impl Trend {
-    /// Takes in one check's figures and returns the warning they add up to ("" = none):
-    /// pending entries rising check after check, lag rising check after check, or a
-    /// consumer sitting on pending entries for longer than `stall_ms`.
-    pub fn judge(&mut self, info: &crate::redis::StreamInfo, stall_ms: i64) -> String {
+    /// Takes in one check's figures and returns the kinds of trouble they show and the
+    /// warning text ("" = none): pending entries rising check after check, lag rising check
+    /// after check, or a consumer sitting on pending entries for longer than `stall_ms`.
+    pub fn judge(&mut self, info: &crate::redis::StreamInfo, stall_ms: i64) -> (String, String) {
         let rising = |before: Option<i64>, now: i64, count: u32| match before {
             Some(b) if now > b => count + 1,
             _ => 0,
@@ -87,14 +88,17 @@ impl Trend {
                 self.lag = None;
             }
         }
+        let mut kinds = Vec::new();
         let mut found = Vec::new();
         if self.pending_rising >= RISING_CHECKS {
+            kinds.push("pending".to_owned());
             found.push(format!(
                 "pending entries rising for {} checks in a row (now {})",
                 self.pending_rising, info.pending
             ));
         }
         if self.lag_rising >= RISING_CHECKS {
+            kinds.push("lag".to_owned());
             found.push(format!(
                 "lag rising for {} checks in a row (now {} entries not yet delivered)",
                 self.lag_rising,
@@ -103,13 +107,14 @@ impl Trend {
         }
         if let Some((name, idle, pending)) = &info.stalled_consumer {
             if *idle >= stall_ms {
+                kinds.push(format!("stalled {name}"));
                 found.push(format!(
                     "consumer \"{name}\" idle for {} s with {pending} pending entries",
                     idle / 1000
                 ));
             }
         }
-        found.join("; ")
+        (kinds.join(","), found.join("; "))
     }
 }
 
@@ -752,13 +757,14 @@ impl StreamSync {
         }
         for (db, idx) in dbs {
             let keys: Vec<&[u8]> = idx.iter().map(|&i| self.streams[i].key.as_slice()).collect();
-            let infos = redis.stream_health(db, &s.consumer_group, &keys, true)?;
+            let infos =
+                redis.stream_health(db, &s.consumer_group, &keys, Some(&s.consumer_name))?;
             let mut slots = Vec::new();
             for (&i, found) in idx.iter().zip(infos) {
                 // A stream gone since discovery: the next discovery drops it.
                 let Some(found) = found else { continue };
                 let t = &mut self.streams[i];
-                let verdict = t.trend.judge(&found, stall_ms);
+                let (kinds, verdict) = t.trend.judge(&found, stall_ms);
                 debug(&format!(
                     "stream {}: length {}, entries {}..{}, {} group(s), {} consumer(s) in \"{}\", {} pending, lag {}",
                     t.stream_key,
@@ -771,15 +777,15 @@ impl StreamSync {
                     found.pending,
                     found.lag.map_or("unknown".to_owned(), |l| l.to_string()),
                 ));
-                if verdict != t.trend.warning {
-                    if verdict.is_empty() {
+                if kinds != t.trend.kinds {
+                    if kinds.is_empty() {
                         info(&format!("stream {}: healthy again", t.stream_key));
                     } else {
                         warn(&format!("stream {}: {verdict}", t.stream_key));
                     }
-                    t.trend.warning = verdict;
+                    t.trend.kinds = kinds;
                 }
-                slots.push((i, found, t.trend.warning.clone()));
+                slots.push((i, found, verdict));
             }
             shmem::update_streams(|tbl| {
                 for (i, found, warning) in &slots {
@@ -824,21 +830,29 @@ mod tests {
         let check = |t: &mut Trend, pending: i64, lag: Option<i64>| {
             t.judge(&StreamInfo { pending, lag, ..Default::default() }, 60_000)
         };
-        assert_eq!(check(&mut t, 5, Some(1)), "");
-        assert_eq!(check(&mut t, 6, Some(2)), "");
-        assert_eq!(check(&mut t, 7, Some(3)), "");
+        assert_eq!(check(&mut t, 5, Some(1)).1, "");
+        assert_eq!(check(&mut t, 6, Some(2)).1, "");
+        assert_eq!(check(&mut t, 7, Some(3)).1, "");
         assert_eq!(
             check(&mut t, 8, Some(4)),
-            "pending entries rising for 3 checks in a row (now 8); lag rising for 3 checks in a row (now 4 entries not yet delivered)"
+            (
+                "pending,lag".to_owned(),
+                "pending entries rising for 3 checks in a row (now 8); lag rising for 3 checks in a row (now 4 entries not yet delivered)".to_owned()
+            )
         );
+        // The kinds stay the same while the figures move: one warning, not one per check.
+        assert_eq!(check(&mut t, 9, Some(5)).0, "pending,lag");
         // A flat check ends the trend.
-        assert_eq!(check(&mut t, 8, Some(4)), "");
+        assert_eq!(check(&mut t, 9, Some(5)), (String::new(), String::new()));
         let stalled =
             StreamInfo { stalled_consumer: Some(("old".into(), 90_000, 3)), ..Default::default() };
         assert_eq!(
             t.judge(&stalled, 60_000),
-            "consumer \"old\" idle for 90 s with 3 pending entries"
+            (
+                "stalled old".to_owned(),
+                "consumer \"old\" idle for 90 s with 3 pending entries".to_owned()
+            )
         );
-        assert_eq!(t.judge(&stalled, 120_000), "");
+        assert_eq!(t.judge(&stalled, 120_000).0, "");
     }
 }

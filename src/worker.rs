@@ -385,6 +385,7 @@ impl Worker {
             || new.schema != self.settings.schema
             || new.key_value_deletes != self.settings.key_value_deletes
             || new.mode != self.settings.mode
+            || new.redis != self.settings.redis
         {
             self.keys.abandon();
             self.notifier = None;

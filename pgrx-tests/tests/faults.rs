@@ -293,7 +293,15 @@ fn monitor_mode_watches_without_writing_and_sync_resumes() {
         let h = pg.query_text(health)?;
         h.starts_with("monitored|3000|1|2|10|consumer \"stuck-consumer\" idle for").then_some(())
     });
-    assert!(pg.log().contains("WARNING:  stream watched: consumer \"stuck-consumer\" idle for"));
+    // Checks go on every second while the consumer stays stuck: the warning is logged once,
+    // when the trouble starts, not at every check.
+    wait_for("more checks", T, || {
+        let h = pg.query_text(health)?;
+        let idle: i64 = h.split("idle for ").nth(1)?.split(' ').next()?.parse().ok()?;
+        (idle >= 6).then_some(())
+    });
+    let warning = "WARNING:  stream watched: consumer \"stuck-consumer\" idle for";
+    assert_eq!(pg.log().matches(warning).count(), 1, "log:\n{}", pg.log());
     assert_eq!(rows(&pg), 1_000, "monitor mode writes nothing");
     // Back to sync: it resumes where it stopped (the stuck consumer's entries are claimed).
     pg.set("redis_sync.mode", "sync");
@@ -347,6 +355,11 @@ fn a_wider_db_search_range_by_reload_finds_more_streams() {
     );
     // Another table by reload: created, and new entries land there.
     pg.set("redis_sync.stream_table", "streams_v2");
+    // Created as soon as the worker applies the reload (entries added before that would
+    // still go to the old table).
+    wait_for("the new table", T, || {
+        (pg.query_text("SELECT to_regclass('streams_v2') IS NOT NULL")? == "true").then_some(())
+    });
     let _: () = redis::cmd("SELECT").arg(0).query(&mut r).expect("SELECT");
     add_numbered(&mut r, "near", 100..150);
     pg.wait_number("SELECT count(*) FROM streams_v2 WHERE stream_key = 'near'", 50, T);

@@ -194,6 +194,26 @@ fn deleted_and_expired_keys_follow_the_policy() {
 }
 
 #[test]
+fn a_key_that_becomes_a_stream_leaves_the_key_value_table() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    r.set("morph", "a string").expect("SET");
+    r.set("stays", "1").expect("SET");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_key_values WHERE deleted_at IS NULL", 2, T);
+    wait_passes(&pg, 2);
+    let _: usize = r.del("morph").expect("DEL");
+    let _: String =
+        redis::cmd("XADD").arg("morph").arg("*").arg("f").arg("v").query(&mut r).expect("XADD");
+    // Stream sync takes it; for key-value sync it is gone (marked, by the default policy).
+    wait_for("the string row marked deleted", T, || {
+        (row(&pg, 0, "morph").as_deref() == Some("string|a string|f|t")).then_some(())
+    });
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'morph'", 1, T);
+    assert_eq!(row(&pg, 0, "stays").as_deref(), Some("string|1|f|f"));
+}
+
+#[test]
 fn binary_values_and_hostile_names_are_stored_as_data() {
     let redis = Redis::start();
     let mut r = redis.client();
