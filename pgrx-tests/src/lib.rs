@@ -44,8 +44,19 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    // Below the ephemeral range (32768 and up on Linux), so an outgoing connection cannot take
+    // the port between this check and the server's bind; and never the same port twice in
+    // one test process (the step is prime to the range, so a run walks all 12,000 of them).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(104_729)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 fn send_signal(pid: u32, sig: i32) -> bool {
@@ -143,8 +154,22 @@ impl Redis {
             .expect("start redis-server (is it installed?)");
         self.child = Some(child);
         let port = self.port;
-        wait_for("redis-server to accept connections", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        let log = self.dir.path().join("redis.log");
+        wait_for("redis-server to answer PING", Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "redis-server exited ({status}):\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            // A Redis, not whatever else might listen there: it answers PING (with PONG, or
+            // with NOAUTH when it wants a password).
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            std::io::Write::write_all(&mut s, b"PING\r\n").ok()?;
+            let mut buf = [0u8; 7];
+            std::io::Read::read_exact(&mut s, &mut buf).ok()?;
+            (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH")).then_some(())
         });
     }
 
