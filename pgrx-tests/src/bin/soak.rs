@@ -18,6 +18,13 @@ fn env_secs(name: &str, default: u64) -> Duration {
 }
 
 fn main() {
+    // The servers are stopped when `soak` returns (their handles drop), before the exit.
+    let clean = soak();
+    std::process::exit(if clean { 0 } else { 1 });
+}
+
+/// Runs the soak and prints its figures; true when nothing was lost or duplicated.
+fn soak() -> bool {
     let total = env_secs("SOAK_SECS", 600);
     let redis_every = env_secs("SOAK_REDIS_RESTART_SECS", 120);
     let kill_every = env_secs("SOAK_WORKER_KILL_SECS", 180);
@@ -84,12 +91,14 @@ fn main() {
     let start = Instant::now();
     let first_pid = pg.worker_pid().unwrap_or(0);
     let mut mem_start = None;
+    // Sampled once the worker is warm, before the first kill.
+    let sample_at = Duration::from_secs(30).min(kill_every / 2);
     let (mut next_restart, mut next_kill) = (redis_every, kill_every);
     let (mut restarts, mut kills) = (0, 0);
     while start.elapsed() < total {
         std::thread::sleep(Duration::from_millis(250));
         let t = start.elapsed();
-        if mem_start.is_none() && t >= Duration::from_secs(30) {
+        if mem_start.is_none() && t >= sample_at {
             mem_start = rss_anon_kb(first_pid);
         }
         if t >= next_restart && t + Duration::from_secs(5) < total {
@@ -140,14 +149,13 @@ fn main() {
     println!("lost (entries in Redis with no row): {}", added - distinct);
     println!("pending in the group: {pending_total}");
     println!(
-        "worker RssAnon: {} KiB after 30 s (pid {first_pid}), {} KiB at the end (pid {end_pid})",
+        "worker RssAnon: {} KiB after {} s (pid {first_pid}), {} KiB at the end (pid {end_pid})",
         mem_start.map_or("?".into(), |k| k.to_string()),
+        sample_at.as_secs(),
         mem_end.map_or("?".into(), |k| k.to_string())
     );
     println!("status: {}", stats.unwrap_or_default());
     let clean = rows == distinct && distinct == added && pending_total == 0;
     println!("{}", if clean { "CLEAN" } else { "NOT CLEAN" });
-    if !clean {
-        std::process::exit(1);
-    }
+    clean
 }
