@@ -423,17 +423,11 @@ impl Redis {
         let untyped: Vec<usize> =
             out.iter().enumerate().filter(|(_, m)| m.2.is_none()).map(|(i, _)| i).collect();
         if !untyped.is_empty() {
-            let types = self.pipeline_in_lenient(db, "TYPE", |p| {
-                for &i in &untyped {
-                    p.cmd("TYPE").arg(&keys[i]);
-                }
-            })?;
-            if types.len() != untyped.len() {
-                return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
-            }
+            let untyped_keys: Vec<&[u8]> = untyped.iter().map(|&i| keys[i].as_slice()).collect();
+            let types = self.key_types(db, &untyped_keys)?;
+            // (A key that became a string after the MGET gets its value with the others.)
             for (i, ty) in untyped.into_iter().zip(types) {
-                // (A key that became a string after the MGET gets its value with the others.)
-                out[i].0 = ty.ok().as_ref().and_then(as_string).unwrap_or_default();
+                out[i].0 = ty;
             }
         }
         Ok(out)
@@ -480,13 +474,13 @@ impl Redis {
 
     /// The type of each of `keys` in database `db` (`none` for a missing key), in one
     /// round trip.
-    pub fn key_types(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
+    pub fn key_types<K: AsRef<[u8]>>(&mut self, db: u8, keys: &[K]) -> Result<Vec<String>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let replies = self.pipeline_in(db, "TYPE", |p| {
             for k in keys {
-                p.cmd("TYPE").arg(k);
+                p.cmd("TYPE").arg(k.as_ref());
             }
         })?;
         if replies.len() != keys.len() {

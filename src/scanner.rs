@@ -151,6 +151,11 @@ fn scan(
     pages: &SyncSender<(u64, Msg)>,
     current: &AtomicU64,
 ) -> Result<()> {
+    // A connection kept from the last pass may have died since (a Redis restart between
+    // passes): checked with a PING, replaced if need be, rather than failing the pass.
+    if conn.as_mut().is_some_and(|(_, r)| r.check_health(Duration::ZERO).is_err()) {
+        *conn = None;
+    }
     if conn.as_ref().is_none_or(|(s, _)| *s != job.settings) {
         *conn = None;
         // No rate limit here: the main thread takes the tokens as pages arrive.

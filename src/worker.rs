@@ -175,7 +175,7 @@ fn explain_privileges(err: SyncError, s: &Settings) -> SyncError {
 }
 
 /// An identifier as Postgres would print it: quoted only when it must be.
-fn quote_ident(name: &str) -> String {
+fn pg_quote_ident(name: &str) -> String {
     let Ok(c) = CString::new(name) else { return crate::parse::quote_ident(name) };
     unsafe {
         let quoted = pg_sys::quote_identifier(c.as_ptr());
@@ -185,9 +185,9 @@ fn quote_ident(name: &str) -> String {
 
 /// The privileges the worker's role needs, as the GRANTs to run.
 pub fn grants_needed(s: &Settings) -> String {
-    let role = if s.role.is_empty() { "<role>".to_owned() } else { quote_ident(&s.role) };
-    let schema = quote_ident(&s.schema);
-    let table = |name: &str| format!("{schema}.{}", quote_ident(name));
+    let role = if s.role.is_empty() { "<role>".to_owned() } else { pg_quote_ident(&s.role) };
+    let schema = pg_quote_ident(&s.schema);
+    let table = |name: &str| format!("{schema}.{}", pg_quote_ident(name));
     format!(
         "The worker writes as role {role}; run: GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}; \
          or create the tables beforehand and run: GRANT USAGE ON SCHEMA {schema} TO {role}; \
