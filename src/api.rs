@@ -123,7 +123,7 @@ fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
         if now >= deadline {
             return false;
         }
-        crate::worker::wait((deadline - now).min(Duration::from_millis(50)));
+        crate::pg::wait((deadline - now).min(Duration::from_millis(50)));
         pgrx::check_for_interrupts!();
     }
 }
@@ -210,6 +210,8 @@ fn redis_sync_discover() -> TableIterator<
         (t.discovery_requested, t.discovery_gen)
     };
     let _ = requested;
+    // SAFETY: BackendPidGetProc returns the PGPROC of a live backend or NULL (checked);
+    // setting another process's latch is what latches are for.
     unsafe {
         let proc_ = pg_sys::BackendPidGetProc(status.pid);
         if !proc_.is_null() {
@@ -230,7 +232,7 @@ fn redis_sync_discover() -> TableIterator<
                 "The worker may be backing off; see redis_sync_status()."
             );
         }
-        crate::worker::wait(Duration::from_millis(20));
+        crate::pg::wait(Duration::from_millis(20));
         pgrx::check_for_interrupts!();
     };
     let rows: Vec<_> = {

@@ -121,6 +121,7 @@ pub fn init() {
 
     // Restart-only settings can only be defined while preloading (Postgres refuses
     // PGC_POSTMASTER variables after startup); without preload there is no worker to use them.
+    // SAFETY: a flag of the postmaster's start-up, read while the library loads.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         string(
             c"redis_sync.database",
@@ -188,6 +189,7 @@ pub fn init() {
     );
     // The password: superuser-only, hidden from SHOW ALL and from pg_settings for others,
     // and shown masked even to superusers.
+    // SAFETY: the setting and the show hook are statics that live as long as the process.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"redis_sync.redis_password",
@@ -450,6 +452,7 @@ pub fn init() {
         ms,
     );
 
+    // SAFETY: called from _PG_init after our settings are defined; the prefix is static.
     unsafe {
         pg_sys::MarkGUCPrefixReserved(c"redis_sync".as_ptr());
     }
@@ -463,6 +466,8 @@ fn string(
     flags: GucFlags,
     check: Option<StringCheck>,
 ) {
+    // SAFETY: name, description, setting and hook are statics that outlive the process's
+    // use of them; the hook has the signature Postgres expects.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             name,
@@ -508,6 +513,8 @@ type StringCheck = unsafe extern "C-unwind" fn(
 /// Runs a validator over the proposed value; on refusal the DETAIL of the error says what
 /// is wrong and which form is accepted (the primary message names the setting and value).
 unsafe fn validate(newval: *mut *mut c_char, f: impl Fn(&str) -> Result<(), String>) -> bool {
+    // SAFETY: Postgres hands a check hook a pointer to the proposed value, a C string or
+    // NULL; both are checked before reading.
     let value = unsafe {
         if newval.is_null() || (*newval).is_null() {
             String::new()
@@ -519,6 +526,8 @@ unsafe fn validate(newval: *mut *mut c_char, f: impl Fn(&str) -> Result<(), Stri
         Ok(()) => true,
         Err(detail) => {
             let detail = CString::new(detail.replace('\0', " ")).unwrap_or_default();
+            // SAFETY: in a check hook, GUC_check_errdetail_string is meant to be set to a
+            // palloc'd string; pstrdup copies ours into the current context.
             unsafe {
                 pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
             }
@@ -536,6 +545,7 @@ macro_rules! check_hook {
             _extra: *mut *mut c_void,
             _source: pg_sys::GucSource::Type,
         ) -> bool {
+            // SAFETY: `newval` is what Postgres passed this check hook.
             unsafe { validate(newval, $validator) }
         }
     };
@@ -560,6 +570,8 @@ check_hook!(check_host, |v: &str| {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn show_password() -> *const c_char {
+    // SAFETY: the setting's storage is a static C-string pointer that Postgres keeps valid
+    // (or NULL) between assignments; no assignment runs during a show hook.
     let set = unsafe {
         let p = *REDIS_PASSWORD.as_ptr();
         !p.is_null() && *p != 0
@@ -673,6 +685,7 @@ impl RedisSettings {
         let path = &self.password_file;
         let meta = std::fs::metadata(path)
             .map_err(|e| format!("cannot read redis_sync.redis_password_file \"{path}\": {e}"))?;
+        // SAFETY: geteuid cannot fail and has no preconditions.
         let me = unsafe { libc::geteuid() };
         if meta.uid() != me || meta.mode() & 0o077 != 0 {
             return Err(format!(
@@ -691,7 +704,53 @@ impl RedisSettings {
     }
 }
 
+/// What a reload changed, as far as the running worker must act on it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// Anything at all changed (the log level, a timeout, a table name, ...).
+    pub any: bool,
+    /// Another Redis server or other credentials: every connection is made again.
+    pub redis: bool,
+    /// Which streams are synced, or how (names, patterns, databases, group, mode): the
+    /// tracked set is dropped and discovery runs again at once.
+    pub stream_scope: bool,
+    /// Which keys are mirrored, where, or how deletes are handled: the pass under way and
+    /// what is remembered of keys are dropped.
+    pub key_value_scope: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        !self.any
+    }
+}
+
 impl Settings {
+    /// What differs from `old` (the settings before a reload). Pure.
+    pub fn changes(&self, old: &Settings) -> Changes {
+        let redis = self.redis != old.redis;
+        let mode = self.mode != old.mode;
+        let range = self.db_search_range != old.db_search_range;
+        Changes {
+            any: self != old,
+            redis,
+            stream_scope: mode
+                || range
+                || self.streams != old.streams
+                || self.stream_discovery_patterns != old.stream_discovery_patterns
+                || self.stream_auto_discovery != old.stream_auto_discovery
+                || self.consumer_group != old.consumer_group,
+            key_value_scope: redis
+                || mode
+                || range
+                || self.key_value_patterns != old.key_value_patterns
+                || self.key_value_auto_discovery != old.key_value_auto_discovery
+                || self.key_value_table != old.key_value_table
+                || self.schema != old.schema
+                || self.key_value_deletes != old.key_value_deletes,
+        }
+    }
+
     pub fn load() -> Settings {
         Settings {
             database: text(&DATABASE),
@@ -740,6 +799,119 @@ impl Settings {
             stream_table: text(&STREAM_TABLE),
             key_value_table: text(&KEY_VALUE_TABLE),
             query_timeout: ms(&QUERY_TIMEOUT_MS),
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            host: "localhost".into(),
+            port: 6379,
+            db: 0,
+            username: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
+
+/// The documented defaults, as plain values (the GUC definitions above carry the same):
+/// what a worker runs with when nothing is configured. Used by unit tests, which run
+/// without Postgres.
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database: "postgres".into(),
+            role: String::new(),
+            enabled: true,
+            mode: Mode::Sync,
+            log_level: LogLevel::Info,
+            redis: RedisSettings::default(),
+            db_search_range: (0..=parse::MAX_REDIS_DB).collect(),
+            health_check_interval: Duration::from_secs(60),
+            max_retries: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            rate_limit: 100,
+            streams: Vec::new(),
+            consumer_group: "redis-pg-sync".into(),
+            consumer_name: "redis-pg-sync-1".into(),
+            batch_size: 100,
+            poll_interval: Duration::from_millis(100),
+            stream_auto_discovery: true,
+            stream_discovery_patterns: vec!["*".into()],
+            stream_discovery_interval: Duration::from_secs(10),
+            auto_create_consumer_groups: true,
+            stream_conflict_overwrite: false,
+            claim_min_idle: Duration::from_secs(60),
+            key_value_auto_discovery: true,
+            key_value_patterns: vec!["*".into()],
+            sync_interval: Duration::from_secs(1),
+            key_value_deletes: KeyValueDeletes::Mark,
+            key_value_verify_interval: Duration::from_secs(600),
+            monitor_interval: Duration::from_secs(5),
+            schema: "public".into(),
+            stream_table: "redis_streams".into(),
+            key_value_table: "redis_key_values".into(),
+            query_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_changed_is_empty() {
+        let s = Settings::default();
+        assert!(s.changes(&s.clone()).is_empty());
+    }
+
+    #[test]
+    fn each_kind_of_change_is_told_apart() {
+        let old = Settings::default();
+        let with = |f: &dyn Fn(&mut Settings)| {
+            let mut new = old.clone();
+            f(&mut new);
+            new.changes(&old)
+        };
+        // A log level or a batch size: applied as they are, nothing dropped.
+        let c = with(&|s| s.log_level = LogLevel::Debug);
+        assert_eq!(c, Changes { any: true, ..Changes::default() });
+        assert_eq!(with(&|s| s.batch_size = 500), c);
+        // Another Redis: reconnect and drop what is remembered of keys.
+        let c = with(&|s| s.redis.port = 6380);
+        assert!(c.redis && c.key_value_scope && !c.stream_scope);
+        // A password is a credential like the others.
+        assert!(with(&|s| s.redis.password = "x".into()).redis);
+        // Stream scope.
+        for c in [
+            with(&|s| s.streams = vec!["a".into()]),
+            with(&|s| s.stream_discovery_patterns = vec!["x*".into()]),
+            with(&|s| s.stream_auto_discovery = false),
+            with(&|s| s.consumer_group = "g".into()),
+        ] {
+            assert!(c.stream_scope && !c.key_value_scope && !c.redis, "{c:?}");
+        }
+        // Key-value scope.
+        for c in [
+            with(&|s| s.key_value_patterns = vec!["x*".into()]),
+            with(&|s| s.key_value_auto_discovery = false),
+            with(&|s| s.key_value_table = "t".into()),
+            with(&|s| s.schema = "s".into()),
+            with(&|s| s.key_value_deletes = KeyValueDeletes::Delete),
+        ] {
+            assert!(c.key_value_scope && !c.stream_scope && !c.redis, "{c:?}");
+        }
+        // Both.
+        for c in [with(&|s| s.db_search_range = vec![0]), with(&|s| s.mode = Mode::Monitor)] {
+            assert!(c.key_value_scope && c.stream_scope && !c.redis, "{c:?}");
         }
     }
 }

@@ -1,26 +1,39 @@
 //! redis_pg_sync: a background worker inside Postgres that keeps Redis and Postgres in sync.
 //!
-//! This file is wiring only; each concern lives in its own module.
+//! This file is wiring only. The module map, and who may call Postgres:
+//!
+//! | module | what | calls Postgres |
+//! |---|---|---|
+//! | `gucs` | every setting, its check hook, the typed `Settings`, what a reload changes | yes (GUC API) |
+//! | `api` | the SQL functions | yes |
+//! | `shmem` | worker state and counters in shared memory | yes (LWLocks; the counters are atomics any thread may bump) |
+//! | `worker` | registration, signals, the main loop, log lines | yes, main thread only |
+//! | `pg` | transactions and timeouts, COPY, DDL, the latch, the log hook | yes: the Postgres plumbing |
+//! | `streams` | discovery, read rounds, reader thread, monitor mode, stream-table writer | the writer and the round, on the main thread; never the reader thread |
+//! | `keys` | key-value passes, fingerprint memory, rows, scanner and notification threads, writer | the pass and writer, on the main thread; never the two threads |
+//! | `redis` | connections, commands, reply parsing | no |
+//! | `encode`, `parse`, `backoff`, `ratelimit`, `error` | pure helpers | no |
+//!
+//! Only the worker's main thread calls Postgres. The reader, scanner and notification
+//! threads do Redis I/O, start with every signal blocked (`worker::spawn_helper`) and talk to
+//! the main thread over bounded channels.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 use pgrx::prelude::*;
 
-pub mod api;
-pub mod backoff;
-pub mod encode;
-pub mod error;
-pub mod gucs;
-pub mod keys;
-pub mod notify;
-pub mod parse;
-pub mod ratelimit;
-pub mod reader;
-pub mod redact;
-pub mod redis;
-pub mod scanner;
-pub mod shmem;
-pub mod sink;
-pub mod streams;
-pub mod worker;
+mod api;
+mod backoff;
+mod encode;
+mod error;
+mod gucs;
+mod keys;
+mod parse;
+mod pg;
+mod ratelimit;
+mod redis;
+mod shmem;
+mod streams;
+mod worker;
 
 pgrx::pg_module_magic!();
 
@@ -28,12 +41,15 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    if unsafe { pg_sys::IsBinaryUpgrade } {
+    // SAFETY: globals of the postmaster's start-up, read once while the library loads.
+    let (upgrade, preloading) =
+        unsafe { (pg_sys::IsBinaryUpgrade, pg_sys::process_shared_preload_libraries_in_progress) };
+    if upgrade {
         return;
     }
     gucs::init();
-    redact::init();
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    pg::redact::init();
+    if preloading {
         shmem::init();
         worker::register();
     }

@@ -4,8 +4,6 @@
 /// Highest Redis logical database number accepted (Redis' default `databases 16`).
 pub const MAX_REDIS_DB: u8 = 15;
 
-/// Parses a database search range such as `0-15` or `0,2,5-7` into a sorted, de-duplicated
-/// list. The error text is the "accepted form" shown to the DBA in the GUC error's DETAIL.
 /// `[0, 1, 2, 3, 5]` -> `0-3,5`: the short form of a set of databases, for the log.
 pub fn format_db_range(dbs: &[u8]) -> String {
     let mut sorted = dbs.to_vec();
@@ -26,6 +24,8 @@ pub fn format_db_range(dbs: &[u8]) -> String {
     parts.join(",")
 }
 
+/// Parses a database search range such as `0-15` or `0,2,5-7` into a sorted, de-duplicated
+/// list. The error text is the "accepted form" shown to the DBA in the GUC error's DETAIL.
 pub fn parse_db_range(input: &str) -> Result<Vec<u8>, String> {
     let mut dbs = Vec::new();
     let trimmed = input.trim();
@@ -97,6 +97,16 @@ pub fn check_identifier(input: &str) -> Result<(), String> {
 /// Quotes an identifier for SQL (double quotes, embedded quotes doubled).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The Redis globs to `SCAN ... MATCH` for `patterns`: one per pattern, or just `*` when a
+/// pattern is `*` (it makes the others redundant).
+pub fn redis_globs(patterns: &[Pattern]) -> Vec<Vec<u8>> {
+    if patterns.iter().any(|p| p.as_str() == "*") {
+        vec![b"*".to_vec()]
+    } else {
+        patterns.iter().map(Pattern::to_redis_glob).collect()
+    }
 }
 
 /// A glob pattern with the meaning of Python's `fnmatch`: `*`, `?`, `[seq]`, `[!seq]`.
@@ -272,14 +282,17 @@ fn parse_class(b: &[u8], start: usize) -> Option<(Token, usize)> {
     None
 }
 
-/// Parses a comma-separated list of fnmatch patterns.
-pub fn parse_patterns(input: &str) -> Vec<Pattern> {
-    parse_list(input).iter().map(|p| Pattern::new(p)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_star_makes_other_globs_redundant() {
+        let p = |v: &[&str]| v.iter().map(|s| Pattern::new(s)).collect::<Vec<_>>();
+        assert_eq!(redis_globs(&p(&["a*", "*", "b"])), vec![b"*".to_vec()]);
+        assert_eq!(redis_globs(&p(&["a*", "[!x]"])), vec![b"a*".to_vec(), b"[^x]".to_vec()]);
+        assert!(redis_globs(&[]).is_empty());
+    }
 
     #[test]
     fn db_range_accepts_ranges_and_lists() {

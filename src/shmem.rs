@@ -106,6 +106,7 @@ impl Default for WorkerStatus {
     }
 }
 
+// SAFETY: plain Copy data with no pointers, valid in any process that maps the segment.
 unsafe impl PGRXSharedMemory for WorkerStatus {}
 
 /// The metrics of the Python service, under the same names.
@@ -123,9 +124,13 @@ pub struct Counters {
     pub key_value_passes: AtomicU64,
 }
 
+// SAFETY: atomics only, valid in any process that maps the segment.
 unsafe impl PGRXSharedMemory for Counters {}
 
+// SAFETY: the name is static and unique to this extension; the lock is initialised by
+// pg_shmem_init! in _PG_init before any use.
 pub static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"redis_pg_sync_status") };
+// SAFETY: as for STATUS.
 pub static COUNTERS: PgAtomic<Counters> = unsafe { PgAtomic::new(c"redis_pg_sync_counters") };
 
 /// Requests the shared memory; only valid while the library is being preloaded.
@@ -144,6 +149,7 @@ pub fn bump(counter: fn(&Counters) -> &AtomicU64, by: u64) {
 }
 
 pub fn now() -> i64 {
+    // SAFETY: reads the clock; no state of Postgres is touched.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
@@ -288,8 +294,10 @@ impl Default for StreamTable {
     }
 }
 
+// SAFETY: plain Copy data with no pointers.
 unsafe impl PGRXSharedMemory for StreamTable {}
 
+// SAFETY: as for STATUS.
 pub static STREAMS: PgLwLock<StreamTable> = unsafe { PgLwLock::new(c"redis_pg_sync_streams") };
 
 /// Runs `f` on the stream table under the exclusive lock (main thread only).

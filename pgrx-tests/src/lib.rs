@@ -230,6 +230,16 @@ impl Drop for Redis {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c, libc::SIGKILL, Duration::from_secs(5));
         }
+        keep_if_failed(&mut self.dir, &format!("redis-server on port {}", self.port));
+    }
+}
+
+/// When a test fails (the thread is panicking) or `RPS_KEEP_DIRS` is set, a server's
+/// directory, with its log, is kept instead of removed, and its path printed.
+fn keep_if_failed(dir: &mut tempfile::TempDir, what: &str) {
+    if std::thread::panicking() || std::env::var_os("RPS_KEEP_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("{what}: files and log kept in {}", dir.path().display());
     }
 }
 
@@ -584,6 +594,7 @@ impl Drop for Cluster {
             // Immediate shutdown: the postmaster takes its children down with it.
             stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(10));
         }
+        keep_if_failed(&mut self.dir, &format!("postgres on port {}", self.port));
     }
 }
 

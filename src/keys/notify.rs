@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
-use crate::reader::with_signals_blocked;
 use crate::redis::open_connection;
 
 /// Changed keys waiting for the main thread, at most.
@@ -52,10 +51,8 @@ impl Notifier {
         let stop = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicBool::new(false));
         let (s, d, st, ov) = (settings.clone(), dbs.to_vec(), stop.clone(), overflowed.clone());
-        let thread = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("redis_pg_sync notifications".into())
-                .spawn(move || listen(s, d, tx, ready_tx, st, ov))
+        let thread = crate::worker::spawn_helper("redis_pg_sync notifications", move || {
+            listen(s, d, tx, ready_tx, st, ov)
         })
         .map_err(|e| SyncError::Config(format!("cannot start the notification thread: {e}")))?;
         // Subscribed before we say so (it retries by itself if Redis is not there now).

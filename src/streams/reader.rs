@@ -9,11 +9,11 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::writer::StreamRow;
 use crate::encode::{entry_id_millis, entry_json, push_copy_field, push_utc_millis};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::redis::RedisConn;
-use crate::sink::StreamRow;
 
 /// Entries to acknowledge: stream key and IDs.
 pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
@@ -62,30 +62,14 @@ pub struct Reader {
     in_flight: usize,
 }
 
-/// Runs `f` with every signal blocked, so a thread it spawns starts with them blocked.
-pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
-}
-
 impl Reader {
     pub fn start() -> Result<Reader> {
         // One request queued and one reply waiting at most: memory stays at two batches.
         let (req_tx, req_rx) = sync_channel::<ReadRequest>(1);
         let (rep_tx, rep_rx) = sync_channel::<ReadReply>(1);
-        let thread = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("redis_pg_sync reader".into())
-                .spawn(move || serve(req_rx, rep_tx))
-        })
-        .map_err(|e| SyncError::Config(format!("cannot start the reader thread: {e}")))?;
+        let thread =
+            crate::worker::spawn_helper("redis_pg_sync reader", move || serve(req_rx, rep_tx))
+                .map_err(|e| SyncError::Config(format!("cannot start the reader thread: {e}")))?;
         Ok(Reader { requests: req_tx, replies: rep_rx, _thread: thread, in_flight: 0 })
     }
 

@@ -14,6 +14,8 @@ const CHANGED_FORMAT: &[u8] = b"parameter \"%s\" changed to \"%s\"";
 const PASSWORD_SETTING: &[u8] = b"\"redis_sync.redis_password\"";
 
 pub fn init() {
+    // SAFETY: called once from _PG_init, before any other code of the process logs; the
+    // previous hook is kept and chained.
     unsafe {
         PREV_HOOK = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(redact);
@@ -22,6 +24,8 @@ pub fn init() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn redact(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: Postgres calls the hook with a valid ErrorData (checked for NULL fields below)
+    // in a memory context where pstrdup is allowed.
     unsafe {
         if let Some(prev) = PREV_HOOK {
             prev(edata);

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
-use crate::reader::with_signals_blocked;
 use crate::redis::{KeyMeta, Redis};
 
 /// Keys asked per SCAN call; also the unit of one write.
@@ -66,12 +65,8 @@ impl Scanner {
         let (tx, rx) = sync_channel::<(u64, Msg)>(2);
         let current = Arc::new(AtomicU64::new(0));
         let flag = current.clone();
-        with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("redis_pg_sync scanner".into())
-                .spawn(move || serve(jobs_rx, tx, flag))
-        })
-        .map_err(|e| SyncError::Config(format!("cannot start the scanner thread: {e}")))?;
+        crate::worker::spawn_helper("redis_pg_sync scanner", move || serve(jobs_rx, tx, flag))
+            .map_err(|e| SyncError::Config(format!("cannot start the scanner thread: {e}")))?;
         Ok(Scanner { jobs: jobs_tx, pages: rx, current, number: 0, done: true })
     }
 

@@ -1,0 +1,90 @@
+//! A key's row in the key-value table: every mirrored type as text or JSON (see the
+//! encoding rules in `encode`), and what is said of keys the table refuses.
+
+use ::redis::Value;
+
+use super::writer::KeyRow;
+use crate::encode::{encode_name, value_text, Value as Val};
+use crate::redis::bulk_list;
+use crate::shmem;
+
+/// Keys the table refused (a name too long for its index, a trigger that raises): reported
+/// in the log and `last_error`; they hold up nothing else.
+pub fn report_refused(db: u8, rows: &[KeyRow], refused: &[(usize, crate::error::SyncError)]) {
+    for (i, e) in refused {
+        let name: String = rows[*i].redis_key.chars().take(200).collect();
+        let msg = format!("key \"{name}\" of Redis database {db} cannot be stored: {e}");
+        shmem::record_error(&msg);
+        pgrx::warning!("{msg}");
+    }
+}
+
+/// The types mirrored into the key-value table.
+pub const MIRRORED: [&str; 5] = ["string", "hash", "list", "set", "zset"];
+
+/// `[a, 1, b, 2]` -> `[(a, 1), (b, 2)]` (hash fields, sorted-set members with scores).
+fn pairs(flat: Vec<Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut it = flat.into_iter();
+    let mut out = Vec::new();
+    while let (Some(a), Some(b)) = (it.next(), it.next()) {
+        out.push((a, b));
+    }
+    out
+}
+
+/// The row of one key, or `None` for a type that is not mirrored.
+pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
+    let (value_type, (text, encoding)) = match ty {
+        "string" => {
+            let bytes = match value {
+                Value::BulkString(b) => b,
+                Value::SimpleString(s) => s.into_bytes(),
+                // The key changed type or vanished between the two round trips.
+                _ => return None,
+            };
+            ("string", value_text(Val::String(&bytes)))
+        }
+        "hash" => ("hash", value_text(Val::Hash(&pairs(bulk_list(value))))),
+        "list" => ("list", value_text(Val::List(&bulk_list(value)))),
+        "set" => ("set", value_text(Val::Set(&bulk_list(value)))),
+        "zset" => ("zset", value_text(Val::ZSet(&pairs(bulk_list(value))))),
+        _ => return None,
+    };
+    Some(KeyRow {
+        redis_key: encode_name(key),
+        redis_value: text,
+        value_type,
+        value_encoding: encoding,
+        expires_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(b: &[u8]) -> Value {
+        Value::BulkString(b.to_vec())
+    }
+
+    #[test]
+    fn rows_of_each_type() {
+        let r = key_row(b"k", "string", Some(5), bulk(b"v")).expect("row");
+        assert_eq!(
+            (r.redis_value.as_str(), r.value_type, r.value_encoding, r.expires_ms),
+            ("v", "string", None, Some(5))
+        );
+        let h =
+            key_row(b"h", "hash", None, Value::Array(vec![bulk(b"a"), bulk(b"1")])).expect("row");
+        assert_eq!(h.redis_value, r#"{"a":"1"}"#);
+        let z =
+            key_row(b"z", "zset", None, Value::Array(vec![bulk(b"m"), bulk(b"2.5")])).expect("row");
+        assert_eq!(z.redis_value, r#"[["m",2.5]]"#);
+        assert!(key_row(b"s", "stream", None, Value::Nil).is_none());
+        assert!(key_row(b"gone", "string", None, Value::Nil).is_none());
+        assert_eq!(
+            key_row(b"$x", "set", None, Value::Array(vec![])).expect("row").redis_key,
+            "$$x"
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! Postgres plumbing that both writers share: transactions with their timeouts and durable
+//! commits, the in-process COPY, the tables' DDL, the latch wait, and the hook that keeps the
+//! Redis password out of the log. Everything that calls the C API directly lives here (and in
+//! the worker's signal handlers): the features above call these safe functions.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+mod copy;
+pub mod ddl;
+mod latch;
+pub mod redact;
+mod txn;
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+use crate::error::SyncError;
+
+pub use copy::copy_into;
+pub use latch::wait;
+pub use txn::{
+    cancel_if_timed_out, flush_idle_stats, in_transaction, not_prepared, set_query_timeout,
+};
+
+/// A Postgres error caught by `PgTryBuilder`, as a typed error keeping its SQLSTATE.
+pub fn caught(e: CaughtError) -> SyncError {
+    match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+            let mut message = r.message().to_owned();
+            if let Some(d) = r.detail() {
+                message.push_str(" (");
+                message.push_str(d);
+                message.push(')');
+            }
+            SyncError::Postgres { sqlstate: r.sql_error_code(), message }
+        }
+        CaughtError::RustPanic { ereport, .. } => SyncError::Postgres {
+            sqlstate: ereport.sql_error_code(),
+            message: ereport.message().to_owned(),
+        },
+    }
+}
+
+/// An SPI failure of pgrx's own (not an ERROR raised by Postgres).
+pub fn spi_err(e: pgrx::spi::SpiError) -> SyncError {
+    SyncError::Postgres {
+        sqlstate: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        message: format!("SPI: {e}"),
+    }
+}
+
+/// An identifier as Postgres would print it: quoted only when it must be.
+pub fn quote_identifier(name: &str) -> String {
+    let Ok(c) = CString::new(name) else { return crate::parse::quote_ident(name) };
+    // SAFETY: `c` is a valid NUL-terminated string; quote_identifier returns either it or a
+    // palloc'd copy, both valid C strings for the duration of this call.
+    unsafe {
+        let quoted = pg_sys::quote_identifier(c.as_ptr());
+        CStr::from_ptr(quoted).to_string_lossy().into_owned()
+    }
+}
+
+/// What the worker is doing, for `pg_stat_activity.query`.
+pub fn report_activity(text: &str) {
+    let c = CString::new(text.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: main thread of a backend with a PGPROC; the string is copied by Postgres.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr()) };
+}
+
+/// The server is a hot standby (or still recovering).
+pub fn in_recovery() -> bool {
+    // SAFETY: a plain read of shared recovery state, valid in any backend.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// This process's PID as Postgres knows it.
+pub fn my_pid() -> i32 {
+    // SAFETY: MyProcPid is set once at process start and never changes.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// Takes a pending SIGHUP and re-reads the configuration files (at the top of the loop, never
+/// inside the signal handler). Returns whether a reload happened.
+pub fn reload_if_requested() -> bool {
+    // SAFETY: the flag is set by the SIGHUP handler and only read and cleared here, on the
+    // main thread; ProcessConfigFile is called outside any signal handler.
+    unsafe {
+        if pg_sys::ConfigReloadPending == 0 {
+            return false;
+        }
+        pg_sys::ConfigReloadPending = 0;
+        pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+    }
+    true
+}
+
+/// Registers `f` to run when the process exits (before shared memory is detached).
+pub fn on_exit(f: unsafe extern "C-unwind" fn(std::ffi::c_int, pg_sys::Datum)) {
+    // SAFETY: `f` is a plain function that only touches our shared memory.
+    unsafe { pg_sys::before_shmem_exit(Some(f), pg_sys::Datum::from(0)) };
+}
+
+/// A memory context reset at every turn of the worker's loop: whatever is palloc'd outside a
+/// transaction lives for one turn only.
+pub struct LoopContext(pg_sys::MemoryContext);
+
+impl LoopContext {
+    pub fn new() -> LoopContext {
+        // SAFETY: TopMemoryContext exists for the life of the process; the name is static.
+        LoopContext(unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::TopMemoryContext,
+                c"redis_pg_sync loop".as_ptr(),
+                0,
+                8 * 1024,
+                8 * 1024 * 1024,
+            )
+        })
+    }
+
+    /// Switches to the context and frees what the last turn left in it.
+    pub fn reset(&self) {
+        // SAFETY: the context was created above and is never deleted; outside a transaction
+        // nothing else points into it by the top of the loop.
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.0);
+            pg_sys::MemoryContextReset(self.0);
+        }
+    }
+}

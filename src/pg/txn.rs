@@ -1,0 +1,147 @@
+//! One transaction per write, under `redis_sync.query_timeout`, with errors caught and typed.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::prelude::*;
+
+use crate::error::{Result, SyncError};
+
+/// `redis_sync.query_timeout` in milliseconds (0 = none), set by the worker after each
+/// reload and applied to every transaction of [`in_transaction`].
+static QUERY_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+// utils/timeout.h, which pgrx does not bind. `LOCK_TIMEOUT` and `STATEMENT_TIMEOUT` are the
+// third and fourth members of `TimeoutId` in every supported major version (13 to 18).
+const LOCK_TIMEOUT: std::ffi::c_int = 2;
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    fn get_timeout_indicator(id: std::ffi::c_int, reset_indicator: bool) -> bool;
+}
+
+/// Called from the worker's SIGINT handler: Postgres' statement- and lock-timeout handlers
+/// signal the process with SIGINT, and the worker (which ignores plain cancel requests)
+/// turns it into a query cancel only when one of those timeouts is what fired.
+///
+/// # Safety
+/// Signal-handler context: reads a flag of the timeout module and sets two flags.
+pub unsafe fn cancel_if_timed_out() -> bool {
+    // SAFETY: get_timeout_indicator only reads a flag of the timeout module's static array,
+    // and the two interrupt flags are sig_atomic_t variables meant to be set from handlers.
+    unsafe {
+        if get_timeout_indicator(STATEMENT_TIMEOUT, false)
+            || get_timeout_indicator(LOCK_TIMEOUT, false)
+        {
+            pg_sys::QueryCancelPending = 1;
+            pg_sys::InterruptPending = 1;
+            return true;
+        }
+    }
+    false
+}
+
+pub fn set_query_timeout(timeout: std::time::Duration) {
+    QUERY_TIMEOUT_MS.store(timeout.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes
+/// back as `Err` with its SQLSTATE; the worker carries on.
+///
+/// The transaction runs under `redis_sync.query_timeout`. A background worker has no
+/// `statement_timeout` of its own (only a client backend arms it, per statement), so the
+/// timer is armed here: a write stuck on a lock or a slow trigger is cancelled with SQLSTATE
+/// 57014, rolled back and retried, instead of stalling the worker.
+pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let timeout_ms = QUERY_TIMEOUT_MS.load(Ordering::Relaxed).min(i32::MAX as u64) as i32;
+    // SAFETY: main thread, outside any transaction (the worker never nests these calls).
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        if timeout_ms > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms);
+        }
+    }
+    let f = AssertUnwindSafe(f);
+    let outcome = PgTryBuilder::new(move || {
+        let f = f;
+        match (f.0)() {
+            Ok(r) => {
+                // SAFETY: the snapshot pushed above is still the active one, and the
+                // transaction started above is still open.
+                unsafe {
+                    pg_sys::PopActiveSnapshot();
+                    pg_sys::CommitTransactionCommand();
+                }
+                Ok(r)
+            }
+            // An error we return (not raised by Postgres) still rolls back.
+            Err(e) => Err(e),
+        }
+    })
+    .catch_others(|e| Err(super::caught(e)))
+    .execute();
+    // SAFETY: aborting is what an ERROR's longjmp target would do; the snapshot stack is
+    // cleaned up by the abort.
+    if outcome.is_err() && unsafe { pg_sys::IsTransactionState() } {
+        // SAFETY: as above.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    if timeout_ms > 0 {
+        // SAFETY: disabling a timer is always allowed; the cancel flag is ours to clear.
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            // A timer that fired after the last interrupt check must not cancel whatever
+            // the worker does next (nothing else of the worker uses a query cancel).
+            pg_sys::QueryCancelPending = 0;
+        }
+    }
+    if outcome.is_ok() {
+        report_stat();
+        STATS_SINCE.with(|t| {
+            if t.get().is_none() {
+                t.set(Some(std::time::Instant::now()));
+            }
+        });
+    }
+    outcome
+}
+
+thread_local! {
+    /// When the oldest commit whose statistics may still be unflushed happened.
+    static STATS_SINCE: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Called by the worker's loop outside any transaction: statistics a commit left pending
+/// (Postgres flushes at most once a second, and only when asked) are flushed a second later
+/// even if no further commit comes, as an idle client backend does with its idle timer.
+pub fn flush_idle_stats() {
+    let due =
+        STATS_SINCE.with(|t| t.get().is_some_and(|since| since.elapsed().as_millis() >= 1000));
+    if due {
+        STATS_SINCE.with(|t| t.set(None));
+        // (On PostgreSQL 14 the argument means "disconnect", so nothing is forced there:
+        // its statistics go with the next commit.)
+        #[cfg(not(feature = "pg14"))]
+        // SAFETY: outside a transaction, on the main thread, as an idle backend calls it.
+        unsafe {
+            pg_sys::pgstat_report_stat(true);
+        }
+    }
+}
+
+/// Lets autovacuum see the worker's writes.
+fn report_stat() {
+    // SAFETY: right after a commit, on the main thread, outside any transaction.
+    unsafe {
+        pg_sys::pgstat_report_stat(false);
+    }
+}
+
+/// For errors the worker raises itself inside a transaction.
+pub fn not_prepared() -> SyncError {
+    SyncError::Config("statement not prepared".into())
+}

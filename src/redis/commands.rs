@@ -1,0 +1,343 @@
+//! The commands the worker sends through [`Redis`]: stream discovery, consumer groups,
+//! acknowledgements and claims, XINFO, and the key-value pass's SCAN and value fetches.
+//! Each is one pipelined round trip (or a bounded number of them) and takes a token of the
+//! rate limit.
+
+use std::time::{Duration, Instant};
+
+use ::redis::Value;
+
+use super::conn::command_error;
+use super::reply::{as_int, as_string, bulk_list, parse_info, parse_scan, stalled_consumer};
+use super::{KeyMeta, Redis, StreamInfo};
+use crate::error::{Result, SyncError};
+
+impl Redis {
+    /// `SCAN ... MATCH glob TYPE stream COUNT n` over the whole keyspace of every database
+    /// in `dbs`, for every glob: the pages of all databases go in one pipelined round trip
+    /// on the default connection (`SELECT n` before each, back to the default at the end).
+    /// Returns `(db, key)` pairs, possibly with repeats across globs.
+    pub fn scan_streams(
+        &mut self,
+        dbs: &[u8],
+        globs: &[Vec<u8>],
+        count: u32,
+    ) -> Result<Vec<(u8, Vec<u8>)>> {
+        let main = self.settings.db;
+        // (db, glob index, cursor) still to scan.
+        let mut todo: Vec<(u8, usize, u64)> =
+            dbs.iter().flat_map(|&db| (0..globs.len()).map(move |g| (db, g, 0u64))).collect();
+        let mut keys = Vec::new();
+        while !todo.is_empty() {
+            let mut pipe = ::redis::pipe();
+            for &(db, g, cursor) in &todo {
+                pipe.cmd("SELECT").arg(db).ignore();
+                pipe.cmd("SCAN").arg(cursor).arg("MATCH").arg(&globs[g]).arg("COUNT").arg(count);
+                pipe.arg("TYPE").arg("stream");
+            }
+            pipe.cmd("SELECT").arg(main).ignore();
+            self.throttle();
+            let c = self.conn(main)?;
+            let reply = pipe.query::<Vec<Value>>(&mut c.conn);
+            c.last_check = Instant::now();
+            let replies = reply.map_err(|e| command_error("SCAN", &e))?;
+            if replies.len() != todo.len() {
+                return Err(SyncError::protocol("SCAN", "unexpected number of replies"));
+            }
+            let mut next = Vec::new();
+            for ((db, g, _), reply) in todo.into_iter().zip(replies) {
+                let (cursor, batch) = parse_scan(reply)
+                    .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
+                keys.extend(batch.into_iter().map(|k| (db, k)));
+                if cursor != 0 {
+                    next.push((db, g, cursor));
+                }
+            }
+            todo = next;
+        }
+        Ok(keys)
+    }
+
+    /// One `SCAN` page of `db` (all types).
+    pub fn scan_page(
+        &mut self,
+        db: u8,
+        cursor: u64,
+        glob: &[u8],
+        count: u32,
+    ) -> Result<(u64, Vec<Vec<u8>>)> {
+        let mut replies = self.pipeline_in(db, "SCAN", |p| {
+            p.cmd("SCAN").arg(cursor).arg("MATCH").arg(glob).arg("COUNT").arg(count);
+        })?;
+        replies
+            .pop()
+            .and_then(parse_scan)
+            .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))
+    }
+
+    /// Type, expiry and (for strings) value of every key. One pipelined round trip carries
+    /// an `MGET` of all the keys and a `PEXPIRETIME` of each: most keys are strings, whose
+    /// value and expiry are then known (one command for a page of values, which is what
+    /// makes a pass over a million keys cheap for Redis). Keys `MGET` had no value for
+    /// (other types, or gone) get a `TYPE` in a second round trip. The expiry is the
+    /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
+    /// for none; the value is `None` unless the key is a string.
+    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.pipeline_in_lenient(db, "MGET", |p| {
+            p.cmd("MGET");
+            for k in keys {
+                p.arg(k);
+            }
+            for k in keys {
+                p.cmd("PEXPIRETIME").arg(k);
+            }
+        })?;
+        if replies.len() != keys.len() + 1 {
+            return Err(SyncError::protocol("MGET", "unexpected number of replies"));
+        }
+        let mut it = replies.into_iter();
+        let values = match it.next() {
+            Some(Ok(Value::Array(values))) if values.len() == keys.len() => values,
+            Some(Err(e)) => return Err(command_error("MGET", &e)),
+            _ => return Err(SyncError::protocol("MGET", "unexpected reply shape")),
+        };
+        let mut out: Vec<KeyMeta> = values
+            .into_iter()
+            .zip(it)
+            .map(|(value, exp)| {
+                let exp = exp.ok().as_ref().and_then(as_int).filter(|v| *v >= 0);
+                match value {
+                    Value::Nil => (String::new(), exp, None),
+                    v => ("string".to_owned(), exp, Some(v)),
+                }
+            })
+            .collect();
+        let untyped: Vec<usize> =
+            out.iter().enumerate().filter(|(_, m)| m.2.is_none()).map(|(i, _)| i).collect();
+        if !untyped.is_empty() {
+            let untyped_keys: Vec<&[u8]> = untyped.iter().map(|&i| keys[i].as_slice()).collect();
+            let types = self.key_types(db, &untyped_keys)?;
+            // (A key that became a string after the MGET gets its value with the others.)
+            for (i, ty) in untyped.into_iter().zip(types) {
+                out[i].0 = ty;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The type of each of `keys` in database `db` (`none` for a missing key), in one
+    /// round trip.
+    pub fn key_types<K: AsRef<[u8]>>(&mut self, db: u8, keys: &[K]) -> Result<Vec<String>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.pipeline_in(db, "TYPE", |p| {
+            for k in keys {
+                p.cmd("TYPE").arg(k.as_ref());
+            }
+        })?;
+        if replies.len() != keys.len() {
+            return Err(SyncError::protocol("TYPE", "unexpected number of replies"));
+        }
+        Ok(replies.iter().map(|r| as_string(r).unwrap_or_default()).collect())
+    }
+
+    /// The values of keys of known types, in one round trip (`GET`, `HGETALL`, `LRANGE`,
+    /// `SMEMBERS`, `ZRANGE ... WITHSCORES`); `None` for a key of another type.
+    pub fn key_values(&mut self, db: u8, keys: &[(&[u8], &str)]) -> Result<Vec<Option<Value>>> {
+        let wanted: Vec<usize> = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, t))| value_command(t).is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(keys.iter().map(|_| None).collect());
+        }
+        let replies = self.pipeline_in(db, "GET", |p| {
+            for &i in &wanted {
+                let (k, t) = keys[i];
+                if let Some(args) = value_command(t) {
+                    p.cmd(args[0]).arg(k);
+                    for a in &args[1..] {
+                        p.arg(*a);
+                    }
+                }
+            }
+        })?;
+        if replies.len() != wanted.len() {
+            return Err(SyncError::protocol("GET", "unexpected number of replies"));
+        }
+        let mut out: Vec<Option<Value>> = keys.iter().map(|_| None).collect();
+        for (i, v) in wanted.into_iter().zip(replies) {
+            out[i] = Some(v);
+        }
+        Ok(out)
+    }
+
+    /// The `notify-keyspace-events` setting, or `None` when it cannot be read (an ACL user
+    /// without CONFIG, a managed Redis).
+    pub fn notify_flags(&mut self) -> Option<String> {
+        let main = self.settings.db;
+        let reply = self
+            .query(
+                main,
+                "CONFIG GET",
+                ::redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events"),
+            )
+            .ok()?;
+        let items = bulk_list(reply);
+        items.get(1).map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+
+    /// The server's run ID: a different one means Redis restarted.
+    pub fn run_id(&mut self) -> Result<String> {
+        let main = self.settings.db;
+        let reply = self.query(main, "INFO", ::redis::cmd("INFO").arg("server"))?;
+        let text = as_string(&reply).unwrap_or_default();
+        Ok(text.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim().to_owned())
+    }
+
+    /// Creates `group` on `key` reading from the start. `Ok(true)` when created, `Ok(false)`
+    /// when it already existed; an error (code `NOKEY`-like) when the stream does not exist
+    /// and `mkstream` is off.
+    pub fn create_group(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        mkstream: bool,
+    ) -> Result<bool> {
+        let mut cmd = ::redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(key).arg(group).arg("0");
+        if mkstream {
+            cmd.arg("MKSTREAM");
+        }
+        match self.query(db, "XGROUP CREATE", &cmd) {
+            Ok(_) => Ok(true),
+            Err(SyncError::RedisCommand { code: Some(code), .. }) if code == "BUSYGROUP" => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Acknowledges entries, one `XACK` per stream, all in one pipelined round trip.
+    pub fn ack(&mut self, db: u8, group: &str, acks: &[(&[u8], Vec<&str>)]) -> Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = ::redis::pipe();
+        for (key, ids) in acks {
+            pipe.cmd("XACK").arg(*key).arg(group).arg(ids.as_slice()).ignore();
+        }
+        self.throttle();
+        let c = self.conn(db)?;
+        let reply = pipe.query::<()>(&mut c.conn);
+        c.last_check = Instant::now();
+        reply.map_err(|e| command_error("XACK", &e))
+    }
+
+    /// Claims entries of other consumers idle longer than `min_idle` into our pending list
+    /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed.
+    pub fn claim_idle(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: u32,
+    ) -> Result<usize> {
+        let mut start = "0-0".to_owned();
+        let mut claimed = 0;
+        // Bounded: at most 10 pages per call; the next pass goes on.
+        for _ in 0..10 {
+            let mut cmd = ::redis::cmd("XAUTOCLAIM");
+            cmd.arg(key).arg(group).arg(consumer).arg(min_idle.as_millis() as u64);
+            cmd.arg(&start).arg("COUNT").arg(count).arg("JUSTID");
+            let reply = self.query(db, "XAUTOCLAIM", &cmd)?;
+            let Value::Array(parts) = reply else {
+                return Err(SyncError::protocol("XAUTOCLAIM", "unexpected reply shape"));
+            };
+            let next = parts.first().and_then(as_string).unwrap_or_else(|| "0-0".into());
+            claimed += match parts.get(1) {
+                Some(Value::Array(ids)) => ids.len(),
+                _ => 0,
+            };
+            if next == "0-0" {
+                break;
+            }
+            start = next;
+        }
+        Ok(claimed)
+    }
+
+    /// XINFO STREAM and XINFO GROUPS for each key, pipelined in one round trip.
+    pub fn stream_info(
+        &mut self,
+        db: u8,
+        group: &str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<StreamInfo>>> {
+        self.stream_health(db, group, keys, None)
+    }
+
+    /// As [`Redis::stream_info`]; with `consumers` (our own consumer's name), also
+    /// `XINFO CONSUMERS` of our group: monitor mode looks for other consumers that sit on
+    /// pending entries.
+    pub fn stream_health(
+        &mut self,
+        db: u8,
+        group: &str,
+        keys: &[&[u8]],
+        consumers: Option<&str>,
+    ) -> Result<Vec<Option<StreamInfo>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let per_key = if consumers.is_some() { 3 } else { 2 };
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for k in keys {
+            pipe.cmd("XINFO").arg("STREAM").arg(*k);
+            pipe.cmd("XINFO").arg("GROUPS").arg(*k);
+            if consumers.is_some() {
+                pipe.cmd("XINFO").arg("CONSUMERS").arg(*k).arg(group);
+            }
+        }
+        self.throttle();
+        let c = self.conn(db)?;
+        let reply = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut c.conn);
+        c.last_check = Instant::now();
+        let reply = reply.map_err(|e| command_error("XINFO", &e))?;
+        Ok(reply
+            .chunks(per_key)
+            .map(|part| match part {
+                [Ok(stream), Ok(groups), rest @ ..] => {
+                    let mut info = parse_info(stream, groups, group);
+                    if let ([Ok(list)], Some(ours)) = (rest, consumers) {
+                        info.stalled_consumer = stalled_consumer(list, ours);
+                    }
+                    Some(info)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// The command that reads a key of Redis type `ty`, with its arguments after the key.
+fn value_command(ty: &str) -> Option<&'static [&'static str]> {
+    match ty {
+        "string" => Some(&["GET"]),
+        "hash" => Some(&["HGETALL"]),
+        "list" => Some(&["LRANGE", "0", "-1"]),
+        "set" => Some(&["SMEMBERS"]),
+        "zset" => Some(&["ZRANGE", "0", "-1", "WITHSCORES"]),
+        _ => None,
+    }
+}

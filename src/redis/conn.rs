@@ -1,0 +1,181 @@
+//! Connections to Redis: plain or TLS (rustls, the server always verified), authenticated,
+//! with connect and I/O timeouts, named for `CLIENT LIST`; and the blocking stream read the
+//! reader thread runs on its own connection.
+
+use std::time::{Duration, Instant};
+
+use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
+
+use super::reply::{parse_read, RawEntry};
+use crate::error::{classify_connect, Result, SyncError};
+use crate::gucs::RedisSettings;
+use crate::shmem;
+
+/// Longest wait for a TCP connect and the AUTH/SELECT handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for any reply beyond a command's own BLOCK time, so a Redis that stops
+/// answering (SIGSTOP, a dead link) is noticed instead of hanging the worker.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct RedisConn {
+    pub(super) conn: ::redis::Connection,
+    /// The last exchange on this connection (a PING is due when it is old).
+    pub(super) last_check: Instant,
+    read_timeout: Duration,
+}
+
+pub(super) fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
+    SyncError::RedisCommand { command, detail: e.to_string(), code: e.code().map(str::to_owned) }
+}
+
+/// A connection to database `db` of the configured server (over TLS when `redis_tls` is
+/// on), authenticated, with timeouts set.
+pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Connection> {
+    let server = format!("{}:{}/{}", settings.host, settings.port, db);
+    let mut redis = RedisConnectionInfo::default().set_db(db as i64);
+    if !settings.username.is_empty() {
+        redis = redis.set_username(&settings.username);
+    }
+    let password = settings.resolve_password().map_err(SyncError::Config)?;
+    if !password.is_empty() {
+        redis = redis.set_password(&password);
+    }
+    let fail = |e: ::redis::RedisError| classify_connect(&e, &server, &settings.username);
+    let addr = if settings.tls {
+        // Verified: the certificate must chain to the CA and name the host.
+        ConnectionAddr::TcpTls {
+            host: settings.host.clone(),
+            port: settings.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(settings.host.clone(), settings.port)
+    };
+    let info = addr.into_connection_info().map_err(fail)?.set_redis_settings(redis);
+    let client = if settings.tls {
+        install_crypto_provider();
+        ::redis::Client::build_with_tls(info, tls_certificates(settings)?)
+    } else {
+        ::redis::Client::open(info)
+    };
+    shmem::bump(|c| &c.redis_ops, 1);
+    let conn = client.map_err(fail)?.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(fail)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(fail)?;
+    // Named for `CLIENT LIST` (best effort: an ACL user may not be allowed to).
+    let mut conn = conn;
+    let _: ::redis::RedisResult<()> = ::redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(format!("redis_pg_sync-{}", std::process::id()))
+        .query(&mut conn);
+    Ok(conn)
+}
+
+/// rustls needs a process-wide crypto provider; ring's is installed once.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The CA and client certificate files named by the settings, read now (so a renewed
+/// certificate is used at the next connection).
+fn tls_certificates(settings: &RedisSettings) -> Result<::redis::TlsCertificates> {
+    let read = |setting: &str, path: &str| {
+        std::fs::read(path).map_err(|e| {
+            SyncError::Config(format!("cannot read redis_sync.{setting} \"{path}\": {e}"))
+        })
+    };
+    let root_cert = match settings.tls_ca_file.as_str() {
+        "" => None,
+        path => Some(read("redis_tls_ca_file", path)?),
+    };
+    let client_tls = match (settings.tls_cert_file.as_str(), settings.tls_key_file.as_str()) {
+        ("", "") => None,
+        ("", _) | (_, "") => {
+            return Err(SyncError::Config(
+                "redis_sync.redis_tls_cert_file and redis_sync.redis_tls_key_file go together: set both or neither".into(),
+            ))
+        }
+        (cert, key) => Some(::redis::ClientTlsConfig {
+            client_cert: read("redis_tls_cert_file", cert)?,
+            client_key: read("redis_tls_key_file", key)?,
+        }),
+    };
+    Ok(::redis::TlsCertificates { client_tls, root_cert })
+}
+
+impl RedisConn {
+    pub fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+        let server = format!("{}:{}/{}", settings.host, settings.port, db);
+        let conn = open_connection(settings, db)?;
+        let mut c = RedisConn { conn, last_check: Instant::now(), read_timeout: IO_TIMEOUT };
+        // Prove the connection before calling it up.
+        c.ping().map_err(|e| SyncError::RedisUnavailable { server, detail: e.to_string() })?;
+        Ok(c)
+    }
+
+    pub(super) fn ping(&mut self) -> Result<()> {
+        shmem::bump(|c| &c.redis_ops, 1);
+        let reply: ::redis::RedisResult<String> = ::redis::cmd("PING").query(&mut self.conn);
+        self.last_check = Instant::now();
+        reply.map(|_| ()).map_err(|e| command_error("PING", &e))
+    }
+
+    /// One `XREADGROUP` over several streams of this connection's database. `streams` pairs
+    /// each key with the ID to read after (`0` for our own pending entries, `>` for new
+    /// ones). The caller accounts for the round trip in the rate limit.
+    ///
+    /// `acks` (entries whose rows are committed) are sent as `XACK`s in the same pipelined
+    /// round trip, before the read, so a pending re-read never returns them.
+    pub fn read_group(
+        &mut self,
+        group: &str,
+        consumer: &str,
+        count: u32,
+        block: Option<Duration>,
+        streams: &[(&[u8], &str)],
+        acks: &[(Vec<u8>, Vec<String>)],
+    ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for (k, _) in streams {
+            cmd.arg(*k);
+        }
+        for (_, id) in streams {
+            cmd.arg(*id);
+        }
+        self.set_block(block)?;
+        shmem::bump(|c| &c.redis_ops, 1);
+        let reply = if acks.is_empty() {
+            cmd.query::<Value>(&mut self.conn)
+        } else {
+            let mut pipe = ::redis::pipe();
+            for (key, ids) in acks {
+                pipe.cmd("XACK").arg(key).arg(group).arg(ids.as_slice()).ignore();
+            }
+            pipe.add_command(cmd);
+            pipe.query::<Vec<Value>>(&mut self.conn).map(|mut v| v.pop().unwrap_or(Value::Nil))
+        };
+        self.last_check = Instant::now();
+        let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
+        parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+    }
+
+    fn set_block(&mut self, block: Option<Duration>) -> Result<()> {
+        let want = IO_TIMEOUT + block.unwrap_or_default();
+        if want != self.read_timeout {
+            self.conn.set_read_timeout(Some(want)).map_err(|e| command_error("SET TIMEOUT", &e))?;
+            self.read_timeout = want;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! The stream-table writer: a batch is one transaction, an in-process COPY where it can be,
+//! otherwise `INSERT ... SELECT FROM unnest(...) ON CONFLICT` through a statement prepared
+//! once and kept; refused rows are isolated by bisection into the dead-letter table.
+
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{PgBuiltInOids, PgOid};
+
+use crate::error::{Result, SyncError};
+use crate::pg::ddl::{ensure_stream_tables, qualified, DEAD_LETTER_TABLE};
+use crate::pg::{copy_into, in_transaction, spi_err};
+use crate::shmem;
+
+/// One stream entry ready for the stream table.
+#[derive(Debug, Clone)]
+pub struct StreamRow {
+    pub stream_key: String,
+    pub message_id: String,
+    /// The `data` object as JSON text (see `encode::entry_json`).
+    pub data: String,
+    /// Milliseconds of the entry ID.
+    pub millis: i64,
+}
+
+/// What the statements were prepared for; a change re-prepares them.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Target {
+    pub schema: String,
+    pub stream_table: String,
+    pub overwrite: bool,
+}
+
+/// After a batch met rows already stored, this many batches go straight to the
+/// `ON CONFLICT` statement before the plain one is tried again.
+const CONFLICT_STREAK: u32 = 16;
+
+/// Columns the COPY fills, in the order of the COPY text the reader builds.
+const COPY_COLUMNS: [&std::ffi::CStr; 4] = [c"stream_key", c"message_id", c"data", c"timestamp"];
+
+#[derive(Default)]
+pub struct StreamWriter {
+    target: Option<Target>,
+    /// `INSERT ... SELECT FROM unnest(...) ON CONFLICT`: for batches that meet rows already
+    /// stored (entries read again after a crash, a stream re-created with the same IDs), for
+    /// isolating refused rows, and where COPY cannot be used.
+    insert: Option<OwnedPreparedStatement>,
+    dead_letter: Option<OwnedPreparedStatement>,
+    /// Batches left that skip the COPY fast path after one met rows already stored.
+    use_conflict_for: u32,
+    /// COPY is not usable on this table (row-level security, or no table-level INSERT
+    /// privilege): always the INSERT path.
+    copy_unusable: bool,
+}
+
+impl StreamWriter {
+    /// Forgets the prepared statements (after a failure that may mean the table changed).
+    pub fn reset(&mut self) {
+        self.target = None;
+        self.insert = None;
+        self.dead_letter = None;
+        self.copy_unusable = false;
+    }
+
+    /// Makes sure the tables exist and the statements are prepared for `target`.
+    pub fn prepare(&mut self, target: &Target) -> Result<()> {
+        if self.target.as_ref() == Some(target) && self.insert.is_some() {
+            return Ok(());
+        }
+        self.reset();
+        let (insert, dead_letter) = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                ensure_stream_tables(client, &target.schema, &target.stream_table)?;
+                let insert = client
+                    .prepare_mut(insert_sql(target).as_str(), &insert_types())
+                    .map_err(spi_err)?
+                    .keep();
+                let dead = client
+                    .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
+                    .map_err(spi_err)?
+                    .keep();
+                Ok((insert, dead))
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        self.insert = Some(insert);
+        self.dead_letter = Some(dead_letter);
+        self.target = Some(target.clone());
+        Ok(())
+    }
+
+    /// Writes one batch. The fast path is an in-process COPY of `copy` (the same rows in
+    /// COPY text format) in one transaction: Postgres' own bulk path, with multi-row heap
+    /// inserts. When the batch meets rows already stored, or COPY cannot be used, the rows go
+    /// through `INSERT ... ON CONFLICT` instead. Returns how many rows were dead-lettered.
+    pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        if self.use_conflict_for > 0 {
+            self.use_conflict_for -= 1;
+        } else if !self.copy_unusable {
+            match self.copy_in(copy) {
+                Ok(()) => return Ok(0),
+                Err(SyncError::Postgres {
+                    sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+                    ..
+                }) => {
+                    self.use_conflict_for = CONFLICT_STREAK;
+                }
+                Err(SyncError::CopyUnusable) => self.copy_unusable = true,
+                // Refused rows are isolated by the INSERT path below.
+                Err(e) if e.is_row_level() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.insert_isolating(rows)
+    }
+
+    /// Writes `rows` with `INSERT ... ON CONFLICT` in one transaction. When the batch is
+    /// refused because of some rows' content, it is split in halves and each half tried in
+    /// its own transaction, down to the single rows, which go to the dead-letter table. Any
+    /// other error (table gone, timeout, disk full) comes back as `Err` with nothing written
+    /// from the failing part.
+    fn insert_isolating(&mut self, rows: &[StreamRow]) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match self.insert_rows(rows) {
+            Ok(()) => Ok(0),
+            Err(e) if e.is_row_level() => {
+                if rows.len() == 1 {
+                    self.dead_letter(&rows[0], &e)?;
+                    return Ok(1);
+                }
+                let (a, b) = rows.split_at(rows.len() / 2);
+                Ok(self.insert_isolating(a)? + self.insert_isolating(b)?)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn copy_in(&mut self, chunks: &[Vec<u8>]) -> Result<()> {
+        let t = self.target.as_ref().ok_or_else(crate::pg::not_prepared)?;
+        copy_into(&t.schema, &t.stream_table, &COPY_COLUMNS, chunks)?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(())
+    }
+
+    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
+        let stmt = self.insert.as_ref().ok_or_else(crate::pg::not_prepared)?;
+        let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
+        let millis: Vec<i64> = rows.iter().map(|r| r.millis).collect();
+        in_transaction(|| {
+            Spi::connect_mut(|client| {
+                client
+                    .update(stmt, None, &[keys.into(), ids.into(), data.into(), millis.into()])
+                    .map(|_| ())
+                    .map_err(spi_err)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(())
+    }
+
+    fn dead_letter(&mut self, row: &StreamRow, err: &SyncError) -> Result<()> {
+        let stmt = self.dead_letter.as_ref().ok_or_else(crate::pg::not_prepared)?;
+        let sqlstate = crate::error::sqlstate_text(err.sqlstate());
+        let args = [
+            row.stream_key.as_str().into(),
+            row.message_id.as_str().into(),
+            row.data.as_str().into(),
+            err.to_string().into(),
+            sqlstate.into(),
+        ];
+        let stored = in_transaction(|| {
+            Spi::connect_mut(|client| client.update(stmt, None, &args).map(|_| ()).map_err(spi_err))
+        });
+        match stored {
+            Ok(()) => {}
+            // The row cannot even be a dead letter as it is (a stream name too long for the
+            // index): it goes in under a short name, the whole row kept in `fields`.
+            Err(e) if e.is_row_level() => {
+                let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
+                in_transaction(|| {
+                    Spi::connect_mut(|client| {
+                        client
+                            .update(&dead_letter_wrapped_sql(&schema), None, &args)
+                            .map(|_| ())
+                            .map_err(spi_err)
+                    })
+                })?;
+            }
+            Err(e) => return Err(e),
+        }
+        shmem::bump(|c| &c.pg_ops, 1);
+        shmem::bump(|c| &c.dead_letters, 1);
+        Ok(())
+    }
+}
+
+fn insert_types() -> [PgOid; 4] {
+    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+    [text, text, text, PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)]
+}
+
+fn insert_sql(t: &Target) -> String {
+    let conflict = if t.overwrite {
+        "ON CONFLICT (stream_key, message_id) DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
+    } else {
+        "ON CONFLICT (stream_key, message_id) DO NOTHING"
+    };
+    format!(
+        "INSERT INTO {} (stream_key, message_id, data, \"timestamp\")
+         SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000)
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(k, m, d, ts)
+         {conflict}",
+        qualified(&t.schema, &t.stream_table),
+    )
+}
+
+fn dead_letter_types() -> [PgOid; 5] {
+    [PgOid::BuiltIn(PgBuiltInOids::TEXTOID); 5]
+}
+
+/// What a dead letter that is refused again does: counts the attempt.
+const DEAD_LETTER_CONFLICT: &str = "ON CONFLICT (stream_key, message_id) DO UPDATE
+            SET attempts = d.attempts + 1, error = EXCLUDED.error,
+                sqlstate = EXCLUDED.sqlstate, created_at = now()";
+
+/// A dead letter whose stream name is too long for the index: stored as the first 200
+/// characters, the length and an md5, with the full name and the fields in `fields`.
+fn dead_letter_wrapped_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {} AS d (stream_key, message_id, fields, error, sqlstate)
+         VALUES (pg_catalog.left($1, 200) || '... (' || pg_catalog.length($1) || ' characters, md5 '
+                 || pg_catalog.md5($1) || ')',
+                 $2, pg_catalog.jsonb_build_object('stream_key', $1, 'fields', $3::jsonb), $4, $5)
+         {DEAD_LETTER_CONFLICT}",
+        qualified(schema, DEAD_LETTER_TABLE),
+    )
+}
+
+fn dead_letter_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {} AS d (stream_key, message_id, fields, error, sqlstate)
+         VALUES ($1, $2, $3::jsonb, $4, $5)
+         {DEAD_LETTER_CONFLICT}",
+        qualified(schema, DEAD_LETTER_TABLE),
+    )
+}
