@@ -19,3 +19,8 @@ COMMENT ON FUNCTION @extschema@.redis_sync_streams() IS
   'A row per stream the redis_pg_sync worker tracks: last ID synced, counts, pending, lag, length, first/last entry, consumers, last error (superuser and pg_monitor).';
 COMMENT ON FUNCTION @extschema@.redis_sync_discover() IS
   'Runs stream discovery in the redis_pg_sync worker now; a row per matching stream and whether it was newly added (superuser; grantable).';
+
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_lanes() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_lanes() TO pg_monitor;
+COMMENT ON FUNCTION @extschema@.redis_sync_lanes() IS
+  'A row per lane of the redis_pg_sync worker (streams, discovery, key_values): state, last success, last error (superuser and pg_monitor).';

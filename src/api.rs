@@ -128,6 +128,42 @@ fn redis_sync_wait_until_running(timeout: default!(Interval, "'10s'")) -> bool {
     }
 }
 
+/// A row per lane of the worker (stream reads, discovery, key-value passes): what it is
+/// doing, when it last worked, and its last error.
+#[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_lanes() -> TableIterator<
+    'static,
+    (
+        name!(lane, String),
+        name!(state, String),
+        name!(last_success, Option<TimestampWithTimeZone>),
+        name!(last_error, Option<String>),
+        name!(last_error_time, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let Some(s) = shmem::snapshot() else {
+        return TableIterator::new(Vec::new());
+    };
+    let running = s.pid != 0;
+    let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+    let rows: Vec<_> = crate::ratelimit::Lane::ALL
+        .iter()
+        .zip(s.lanes.iter())
+        .map(|(lane, slot)| {
+            let state = if running { slot.state.as_str() } else { "stopped" };
+            (
+                lane.as_str().to_owned(),
+                state.to_owned(),
+                ts(slot.last_success),
+                opt(slot.last_error.as_str()),
+                ts(slot.last_error_time),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
 /// A row per tracked stream, with what the worker and Redis last said about it.
 #[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
 #[pg_extern(volatile, parallel_safe)]
@@ -204,12 +240,11 @@ fn redis_sync_discover() -> TableIterator<
             "See redis_sync_status() and the server log."
         );
     }
-    let (requested, gen_before) = {
+    let requested = {
         let mut t = shmem::STREAMS.exclusive();
         t.discovery_requested += 1;
-        (t.discovery_requested, t.discovery_gen)
+        t.discovery_requested
     };
-    let _ = requested;
     // SAFETY: BackendPidGetProc returns the PGPROC of a live backend or NULL (checked);
     // setting another process's latch is what latches are for.
     unsafe {
@@ -218,18 +253,21 @@ fn redis_sync_discover() -> TableIterator<
             pg_sys::SetLatch(&mut (*proc_).procLatch);
         }
     }
+    // Answered once a discovery that started after this request has finished.
     let deadline = Instant::now() + Duration::from_secs(30);
     let gen = loop {
-        let g = shmem::STREAMS.share().discovery_gen;
-        if g > gen_before {
-            break g;
+        {
+            let t = shmem::STREAMS.share();
+            if t.discovery_answered >= requested {
+                break t.discovery_gen;
+            }
         }
         if Instant::now() >= deadline {
             ereport!(
                 PgLogLevel::ERROR,
                 PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
                 "redis_sync_discover() timed out waiting for the worker",
-                "The worker may be backing off; see redis_sync_status()."
+                "The worker may be backing off; see redis_sync_status() and redis_sync_lanes()."
             );
         }
         crate::pg::wait(Duration::from_millis(20));

@@ -101,7 +101,7 @@ pub static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static RATE_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(100);
-pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static STREAM_DISCOVERY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static CLAIM_MIN_IDLE_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static SYNC_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -292,7 +292,7 @@ pub fn init() {
     );
     int(
         c"redis_sync.rate_limit",
-        c"Redis round trips per second (token bucket, burst of one second); 0 = unlimited.",
+        c"Redis round trips per second, shared by the lanes (stream reads first); 0 = unlimited.",
         &RATE_LIMIT,
         0,
         10_000_000,
@@ -334,7 +334,8 @@ pub fn init() {
     );
     int(
         c"redis_sync.poll_interval",
-        c"Longest time one XREADGROUP blocks waiting for new entries.",
+        c"Longest time a read waits in Redis when there is nothing to read (a new entry ends \
+          the wait at once).",
         &POLL_INTERVAL_MS,
         1,
         60_000,
@@ -842,7 +843,7 @@ impl Default for Settings {
             consumer_group: "redis-pg-sync".into(),
             consumer_name: "redis-pg-sync-1".into(),
             batch_size: 100,
-            poll_interval: Duration::from_millis(100),
+            poll_interval: Duration::from_secs(1),
             stream_auto_discovery: true,
             stream_discovery_patterns: vec!["*".into()],
             stream_discovery_interval: Duration::from_secs(10),

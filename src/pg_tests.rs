@@ -34,7 +34,7 @@ mod tests {
         ("redis_sync.max_retries", "5", "sighup", ""),
         ("redis_sync.mode", "sync", "sighup", ""),
         ("redis_sync.monitor_interval", "5", "sighup", "s"),
-        ("redis_sync.poll_interval", "100", "sighup", "ms"),
+        ("redis_sync.poll_interval", "1000", "sighup", "ms"),
         ("redis_sync.query_timeout", "30000", "sighup", "ms"),
         ("redis_sync.rate_limit", "100", "sighup", ""),
         ("redis_sync.redis_db", "0", "sighup", ""),
@@ -111,6 +111,7 @@ mod tests {
             ("redis_sync_status", ""),
             ("redis_sync_wait_until_running", "interval"),
             ("redis_sync_streams", ""),
+            ("redis_sync_lanes", ""),
         ] {
             let check = |role: &str| {
                 one::<bool>(&format!(
@@ -149,6 +150,28 @@ mod tests {
                  length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error,groups,health"
             )
         );
+    }
+
+    #[pg_test]
+    fn lanes_lists_the_three_lanes_and_their_columns() {
+        let lanes =
+            one::<String>("SELECT string_agg(lane, ',' ORDER BY lane) FROM redis_sync_lanes()");
+        assert_eq!(lanes.as_deref(), Some("discovery,key_values,streams"));
+        let cols = one::<String>(
+            "SELECT array_to_string(proargnames, ',') FROM pg_proc WHERE proname = 'redis_sync_lanes'",
+        );
+        assert_eq!(cols.as_deref(), Some("lane,state,last_success,last_error,last_error_time"));
+        // No Redis listens in these tests: once the worker has had a turn, its lanes wait
+        // for Redis (polled: the worker may not have had its first turn yet).
+        let states =
+            || one::<String>("SELECT string_agg(DISTINCT state, ',') FROM redis_sync_lanes()");
+        for _ in 0..100 {
+            if states().as_deref() == Some("waiting_for_redis") {
+                break;
+            }
+            Spi::run("SELECT pg_sleep(0.1)").expect("sleep");
+        }
+        assert_eq!(states().as_deref(), Some("waiting_for_redis"));
     }
 
     #[pg_test(error = "permission denied for function redis_sync_status")]

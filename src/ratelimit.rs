@@ -1,56 +1,133 @@
-//! Token bucket over Redis round trips (`redis_sync.rate_limit`, operations per second).
+//! `redis_sync.rate_limit` (Redis round trips per second) shared between the worker's lanes.
 //! Pure: time is passed in, so it is unit-tested without sleeping.
+//!
+//! How the budget is shared:
+//! - Each lane has a bucket of its own that fills at its share of the rate and holds one
+//!   second of it: stream reads 80 %, discovery 10 %, key-value passes 10 %. A lane always
+//!   gets its share, whatever the others do.
+//! - What a full bucket would overflow (a lane that has nothing to do) goes to a spare bucket
+//!   holding at most one second of the whole rate. Stream reads take from it as soon as their
+//!   own bucket is empty; discovery and key-value passes only while it holds more than a
+//!   fifth of a second's worth, which is kept for bursts of stream reads. So stream reads are
+//!   served first, and an idle worker's lanes together may still use the whole rate.
+//! - At `rate_limit = 0` nothing is limited.
 
 use std::time::{Duration, Instant};
 
+/// The kinds of Redis work, each with its own share of the rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    Streams = 0,
+    Discovery = 1,
+    KeyValues = 2,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 3] = [Lane::Streams, Lane::Discovery, Lane::KeyValues];
+
+    /// The lane's name, as `redis_sync_lanes()` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Streams => "streams",
+            Lane::Discovery => "discovery",
+            Lane::KeyValues => "key_values",
+        }
+    }
+
+    /// Fraction of `rate_limit` the lane is guaranteed.
+    pub fn share(self) -> f64 {
+        match self {
+            Lane::Streams => 0.8,
+            Lane::Discovery | Lane::KeyValues => 0.1,
+        }
+    }
+}
+
+/// Part of a second's worth of the whole rate that only stream reads may take from the spare.
+const STREAM_RESERVE: f64 = 0.2;
+
 #[derive(Clone, Debug)]
-pub struct TokenBucket {
-    /// Tokens added per second; 0 means unlimited.
+pub struct Budget {
+    /// Tokens per second over all lanes; 0 means unlimited.
     rate: u32,
-    /// Most tokens the bucket holds: one second's worth, so an idle worker may burst up to
-    /// `rate` operations at once and never more.
-    capacity: f64,
-    tokens: f64,
+    own: [f64; 3],
+    spare: f64,
     last: Instant,
 }
 
-impl TokenBucket {
-    pub fn new(rate: u32, now: Instant) -> TokenBucket {
-        TokenBucket { rate, capacity: rate as f64, tokens: rate as f64, last: now }
+impl Budget {
+    /// A budget that starts full (a worker that just started may burst).
+    pub fn new(rate: u32, now: Instant) -> Budget {
+        let mut b = Budget { rate, own: [0.0; 3], spare: 0.0, last: now };
+        b.fill();
+        b
+    }
+
+    fn fill(&mut self) {
+        for lane in Lane::ALL {
+            self.own[lane as usize] = self.cap(lane);
+        }
+        self.spare = self.rate as f64;
+    }
+
+    fn cap(&self, lane: Lane) -> f64 {
+        self.rate as f64 * lane.share()
     }
 
     pub fn rate(&self) -> u32 {
         self.rate
     }
 
-    /// Changes the rate (after a reload). The bucket keeps its level, clipped to the new size.
+    /// Changes the rate (after a reload); the buckets keep their levels, clipped.
     pub fn set_rate(&mut self, rate: u32, now: Instant) {
         self.refill(now);
+        let was_unlimited = self.rate == 0;
         self.rate = rate;
-        self.capacity = rate as f64;
-        self.tokens = self.tokens.min(self.capacity);
+        if was_unlimited {
+            self.fill();
+            return;
+        }
+        for lane in Lane::ALL {
+            self.own[lane as usize] = self.own[lane as usize].min(self.cap(lane));
+        }
+        self.spare = self.spare.min(rate as f64);
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.capacity);
+        let mut overflow = 0.0;
+        for lane in Lane::ALL {
+            let cap = self.cap(lane);
+            let level = self.own[lane as usize] + elapsed * cap;
+            overflow += (level - cap).max(0.0);
+            self.own[lane as usize] = level.min(cap);
+        }
+        self.spare = (self.spare + overflow).min(self.rate as f64);
     }
 
-    /// Takes one token. `Ok(())` when allowed now; otherwise `Err(wait)`, the time until a
-    /// token is available (nothing is taken then).
-    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+    /// Takes one token for `lane`. `Ok(())` when allowed now; otherwise `Err(wait)`, the time
+    /// until the lane's own bucket has a token (nothing is taken then).
+    pub fn try_take(&mut self, lane: Lane, now: Instant) -> Result<(), Duration> {
         if self.rate == 0 {
             return Ok(());
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            let missing = 1.0 - self.tokens;
-            Err(Duration::from_secs_f64(missing / self.rate as f64))
+        let own = &mut self.own[lane as usize];
+        if *own >= 1.0 {
+            *own -= 1.0;
+            return Ok(());
         }
+        let keep = match lane {
+            Lane::Streams => 0.0,
+            _ => STREAM_RESERVE * self.rate as f64,
+        };
+        if self.spare >= 1.0 + keep {
+            self.spare -= 1.0;
+            return Ok(());
+        }
+        let missing = 1.0 - self.own[lane as usize];
+        Err(Duration::from_secs_f64(missing / self.cap(lane)))
     }
 }
 
@@ -58,58 +135,81 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    /// Tokens `lane` gets over `secs` when it asks as fast as it may, while `others` ask too.
+    fn run(rate: u32, secs: u64, busy: &[Lane]) -> [u64; 3] {
+        let t0 = Instant::now();
+        let mut b = Budget::new(rate, t0);
+        let mut got = [0u64; 3];
+        let mut now = t0;
+        let step = Duration::from_micros(500);
+        while now < t0 + Duration::from_secs(secs) {
+            for &lane in busy {
+                while b.try_take(lane, now).is_ok() {
+                    got[lane as usize] += 1;
+                }
+            }
+            now += step;
+        }
+        got
+    }
+
     #[test]
     fn unlimited_never_waits() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(0, t0);
-        assert!((0..100_000).all(|_| b.try_take(t0).is_ok()));
+        let mut b = Budget::new(0, t0);
+        assert!((0..100_000).all(|_| b.try_take(Lane::KeyValues, t0).is_ok()));
     }
 
     #[test]
-    fn burst_is_one_second_then_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(10, t0);
-        assert_eq!((0..20).filter(|_| b.try_take(t0).is_ok()).count(), 10);
-        let wait = b.try_take(t0).expect_err("empty bucket");
-        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
-        // 0.25 s later two tokens have come back, not three.
-        let t1 = t0 + Duration::from_millis(250);
-        assert_eq!((0..5).filter(|_| b.try_take(t1).is_ok()).count(), 2);
+    fn every_lane_gets_its_share_when_all_are_busy() {
+        let got = run(100, 10, &[Lane::Streams, Lane::Discovery, Lane::KeyValues]);
+        // 10 s at the shares, plus the first second's full buckets.
+        let [s, d, k] = got;
+        assert!((880..=1000).contains(&s), "{got:?}");
+        assert!((100..=125).contains(&d), "{got:?}");
+        assert!((100..=125).contains(&k), "{got:?}");
+        assert!(s + d + k <= 1000 + 100 + 100, "{got:?}");
     }
 
     #[test]
-    fn long_idle_does_not_overfill() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(5, t0);
-        let later = t0 + Duration::from_secs(3600);
-        assert_eq!((0..100).filter(|_| b.try_take(later).is_ok()).count(), 5);
+    fn stream_reads_take_what_idle_lanes_leave() {
+        let [s, _, _] = run(100, 10, &[Lane::Streams]);
+        assert!((1000..=1200).contains(&s), "{s}");
     }
 
     #[test]
-    fn sustained_rate_matches_setting() {
+    fn a_lone_background_lane_may_use_most_of_the_rate_but_not_the_stream_reserve() {
+        let [_, _, k] = run(100, 10, &[Lane::KeyValues]);
+        // Its own 10/s and the spare above the reserve: about the whole rate.
+        assert!((900..=1200).contains(&k), "{k}");
+        // Right after, stream reads still find their reserve and their own bucket.
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(100, t0);
-        let mut now = t0;
-        let mut taken = 0;
-        // Simulate 10 s of a caller that waits exactly as told.
-        while now < t0 + Duration::from_secs(10) {
-            match b.try_take(now) {
-                Ok(()) => taken += 1,
-                Err(w) => now += w,
-            }
-        }
-        // 100 burst + 100/s * 10 s
-        assert!((1095..=1101).contains(&taken), "{taken}");
+        let mut b = Budget::new(100, t0);
+        while b.try_take(Lane::KeyValues, t0).is_ok() {}
+        let streams = (0..200).filter(|_| b.try_take(Lane::Streams, t0).is_ok()).count();
+        assert_eq!(streams, 80 + 20);
+    }
+
+    #[test]
+    fn an_empty_bucket_says_how_long_to_wait() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(10, t0);
+        while b.try_take(Lane::Discovery, t0).is_ok() {}
+        let wait = b.try_take(Lane::Discovery, t0).expect_err("empty");
+        // One token of a 1/s share.
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-9, "{wait:?}");
     }
 
     #[test]
     fn set_rate_clips_and_lifts() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(100, t0);
-        b.set_rate(2, t0);
-        assert_eq!((0..10).filter(|_| b.try_take(t0).is_ok()).count(), 2);
+        let mut b = Budget::new(100, t0);
+        b.set_rate(10, t0);
+        assert_eq!((0..100).filter(|_| b.try_take(Lane::Streams, t0).is_ok()).count(), 8 + 10);
         b.set_rate(0, t0);
-        assert!(b.try_take(t0).is_ok());
+        assert!(b.try_take(Lane::Streams, t0).is_ok());
         assert_eq!(b.rate(), 0);
+        b.set_rate(50, t0);
+        assert_eq!((0..200).filter(|_| b.try_take(Lane::Streams, t0).is_ok()).count(), 40 + 50);
     }
 }

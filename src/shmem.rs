@@ -87,6 +87,53 @@ pub struct WorkerStatus {
     pub last_error: FixedStr<1024>,
     pub last_error_time: i64,
     pub started_at: i64,
+    /// Per lane (in the order of `ratelimit::Lane::ALL`).
+    pub lanes: [LaneSlot; 3],
+}
+
+/// What one lane is doing, for `redis_sync_lanes()`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum LaneState {
+    /// Turned off by the settings (or the mode).
+    Off,
+    /// Nothing to do right now (a read waits in Redis, the next pass is not due).
+    Idle,
+    Running,
+    /// The last try failed; waiting before the next (`last_error` says why).
+    BackingOff,
+    /// Waiting for Redis to be reachable again.
+    Waiting,
+}
+
+impl LaneState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaneState::Off => "off",
+            LaneState::Idle => "idle",
+            LaneState::Running => "running",
+            LaneState::BackingOff => "backing_off",
+            LaneState::Waiting => "waiting_for_redis",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct LaneSlot {
+    pub state: LaneState,
+    /// TimestampTz values; 0 = never.
+    pub last_success: i64,
+    pub last_error: FixedStr<512>,
+    pub last_error_time: i64,
+}
+
+impl LaneSlot {
+    pub const EMPTY: LaneSlot = LaneSlot {
+        state: LaneState::Off,
+        last_success: 0,
+        last_error: FixedStr::empty(),
+        last_error_time: 0,
+    };
 }
 
 impl Default for WorkerStatus {
@@ -102,6 +149,7 @@ impl Default for WorkerStatus {
             last_error: FixedStr::empty(),
             last_error_time: 0,
             started_at: 0,
+            lanes: [LaneSlot::EMPTY; 3],
         }
     }
 }
@@ -282,6 +330,8 @@ pub struct StreamTable {
     pub discovery_gen: u64,
     /// Discovery passes requested by `redis_sync_discover()`.
     pub discovery_requested: u64,
+    /// Requests answered: the last discovery finished after all requests up to this one.
+    pub discovery_answered: u64,
 }
 
 impl Default for StreamTable {
@@ -290,6 +340,7 @@ impl Default for StreamTable {
             slots: [StreamSlot::EMPTY; MAX_STREAM_SLOTS],
             discovery_gen: 0,
             discovery_requested: 0,
+            discovery_answered: 0,
         }
     }
 }
@@ -304,6 +355,15 @@ pub static STREAMS: PgLwLock<StreamTable> = unsafe { PgLwLock::new(c"redis_pg_sy
 pub fn update_streams(f: impl FnOnce(&mut StreamTable)) {
     if preloaded() {
         f(&mut STREAMS.exclusive());
+    }
+}
+
+/// How many `redis_sync_discover()` requests a finished discovery has answered.
+pub fn discovery_answered() -> u64 {
+    if preloaded() {
+        STREAMS.share().discovery_answered
+    } else {
+        0
     }
 }
 

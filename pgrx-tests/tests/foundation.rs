@@ -19,12 +19,12 @@ fn worker_appears_in_pg_stat_activity_and_reaches_running() {
     assert_eq!(pg.status("redis_server"), Some(format!("127.0.0.1:{}/0", redis.port)));
     assert_eq!(pg.status("mode").as_deref(), Some("sync"));
     assert!(pg.status("started_at").is_some());
-    // pg_stat_activity tells what it does.
+    // pg_stat_activity tells what it does: with nothing to sync, it is idle.
     wait_for("activity text", T, || {
         let q = pg.query_text(
-            "SELECT query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
+            "SELECT state || ': ' || query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
         )?;
-        q.starts_with("syncing 0 streams").then_some(())
+        q.starts_with("idle: idle: 0 streams, waiting for changes").then_some(())
     });
     // Redis sees the worker as a client.
     let mut r = redis.client();

@@ -1,8 +1,9 @@
-//! Key-value sync: every key matching `key_value_patterns` in every database of
-//! `db_search_range` is mirrored into the key-value table, pass after pass, one SCAN page at
-//! a time (so stream sync keeps going during a long pass). Values of a page are fetched in
-//! pipelined round trips (an `MGET` and the expiries, then the other types); only keys whose
-//! value, type or expiry changed are written. Keys gone from Redis are handled by
+//! Key-value sync, the key-value lane: every key matching `key_value_patterns` in every
+//! database of `db_search_range` is mirrored into the key-value table, pass after pass. The
+//! scanner thread does the Redis side (SCAN pages, values fetched in pipelined round trips:
+//! an `MGET` and the expiries, then the other types); the main thread compares and writes a
+//! chunk of a page per turn of its loop, so stream writes never wait behind a long pass. Only
+//! keys whose value, type or expiry changed are written. Keys gone from Redis are handled by
 //! `key_value_deletes`, and only after a complete pass against the same Redis server.
 //!
 //! Between passes the worker remembers a fingerprint of every key it mirrored (24 bytes a
@@ -25,16 +26,18 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::time::{Duration, Instant};
 
-use crate::error::Result;
+use crate::error::{Result, SyncError};
 use crate::gucs::Settings;
-use crate::redis::Redis;
+use crate::pg::Waker;
+use crate::redis::SharedBudget;
+use crate::streams::Learned;
 
-pub use notify::{flags_cover_changes, Notifier};
+pub use notify::{flags_cover_changes, Notifier, Scope};
 pub use pass::PassSummary;
-pub use writer::{KvTarget, KvWriter};
+pub use writer::KvWriter;
 
 use memory::{IdHasher, KeyId, KeyIds, Memory};
-use pass::{Basis, Pass};
+use pass::{Basis, Chunk, Pass};
 use scanner::Scanner;
 
 pub struct KeySync {
@@ -48,11 +51,35 @@ pub struct KeySync {
     /// Start of the last pass that compared every key with the table.
     verified: Option<Instant>,
     ids: KeyIds,
-    /// Runs the SCANs and fetches values a page or two ahead; started on first use.
+    /// The Redis side of every pass; started on first use.
     scanner: Option<Scanner>,
-    /// Keys a notification synced during the pass under way, and when: a page fetched
-    /// before that is older than the table for them.
+    /// Keys a notification synced during the pass under way, and when their values were
+    /// fetched: a page fetched before that is older than the table for them.
     event_times: HashMap<KeyId, Instant, BuildHasherDefault<IdHasher>>,
+    /// The page being worked through, a chunk per turn.
+    chunk: Option<Chunk>,
+    /// Stream keys the last complete pass saw (discovery may use them instead of a walk).
+    learned: Option<Learned>,
+}
+
+/// What the key-value lane needs from the main loop for one turn.
+pub struct KvCtx<'a> {
+    pub budget: &'a SharedBudget,
+    pub waker: &'a Waker,
+    /// The lane is not backing off: a pass may start.
+    pub may_start: bool,
+}
+
+/// What a turn of the key-value lane did.
+#[derive(Debug, Default)]
+pub struct KvTurn {
+    /// A pass finished.
+    pub finished: Option<PassSummary>,
+    /// The pass's scanning ended: the server's `notify-keyspace-events` (`None` inside when
+    /// it cannot be read).
+    pub notify_flags: Option<Option<String>>,
+    /// Something was done (a message taken, a chunk written).
+    pub worked: bool,
 }
 
 impl KeySync {
@@ -67,22 +94,37 @@ impl KeySync {
             ids: KeyIds::new(),
             scanner: None,
             event_times: HashMap::default(),
+            chunk: None,
+            learned: None,
         }
     }
 
-    /// Is a pass under way (the worker then does not block on stream reads)?
+    /// Is a pass under way?
     pub fn busy(&self) -> bool {
         self.pass.is_some()
     }
 
-    /// Time until the next pass starts.
-    pub fn until_next_pass(&self, now: Instant) -> Duration {
-        self.next_pass.saturating_duration_since(now)
+    /// How long the loop may wait as far as the key-value lane is concerned: not at all with
+    /// a chunk of work in hand, until the next pass is due when idle; while a pass waits for
+    /// the scanner, the scanner wakes the loop.
+    pub fn wait(&self, now: Instant) -> Duration {
+        if self.chunk.is_some() || self.pass.as_ref().is_some_and(Pass::has_local_work) {
+            Duration::ZERO
+        } else if self.pass.is_some() {
+            crate::pg::MAX_WAIT
+        } else {
+            self.next_pass.saturating_duration_since(now)
+        }
     }
 
     /// Starts the next pass now (events may have been missed).
     pub fn pass_now(&mut self, now: Instant) {
         self.next_pass = now;
+    }
+
+    /// Stream keys the last complete pass saw.
+    pub fn learned(&self) -> Option<&Learned> {
+        self.learned.as_ref()
     }
 
     /// Drops the pass under way and what is remembered (new settings: another scope or
@@ -91,44 +133,43 @@ impl KeySync {
         self.drop_pass();
         self.basis = None;
         self.memory = Memory::default();
+        self.learned = None;
     }
 
     /// Ends the pass under way without a verdict; the scanner stops at its next page.
     fn drop_pass(&mut self) {
         self.pass = None;
+        self.chunk = None;
         self.event_times.clear();
         if let Some(scanner) = self.scanner.as_mut() {
             scanner.cancel();
         }
     }
 
-    /// Does one page of work. Returns the summary when a pass finished. `tick` is called
-    /// every 100 ms while waiting for the scanner thread.
+    /// One turn of the lane: start a pass when due, or take one message of the scanner, or
+    /// write one chunk of a page, or walk one chunk of the deletion check. An error is the
+    /// lane's failure: the pass is dropped (what was written stays remembered).
     pub fn step(
         &mut self,
-        redis: &mut Redis,
         writer: &mut KvWriter,
         s: &Settings,
         now: Instant,
-        tick: &dyn Fn(),
-    ) -> Result<Option<PassSummary>> {
+        ctx: &KvCtx<'_>,
+    ) -> Result<KvTurn> {
         if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
             self.drop_pass();
-            return Ok(None);
+            return Ok(KvTurn::default());
         }
-        if self.pass.is_none() && now < self.next_pass {
-            return Ok(None);
-        }
-        let target = KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() };
-        writer.prepare(&target)?;
         let outcome = match self.pass {
-            None => self.start(redis, writer, &target, s, now).map(|()| None),
-            Some(_) => self.page(redis, writer, s, tick),
+            None if now >= self.next_pass && ctx.may_start => self
+                .start(writer, s, now, ctx)
+                .map(|()| KvTurn { worked: true, ..Default::default() }),
+            None => Ok(KvTurn::default()),
+            Some(_) => self.advance(writer, s),
         };
         if let Err(e) = &outcome {
-            // What was written stays remembered; what failed was not recorded as written.
             self.drop_pass();
-            if matches!(e, crate::error::SyncError::ThreadStopped(_)) {
+            if matches!(e, SyncError::ThreadStopped(_)) {
                 self.scanner = None;
             }
             self.next_pass = now + s.sync_interval;

@@ -1,22 +1,31 @@
 //! Keyspace notifications: when Redis publishes them (`notify-keyspace-events` with `K` and
-//! the event classes), a thread subscribed to `__keyspace@<db>__:*` passes every changed
-//! key to the main thread, which syncs it at once. The scan pass stays the safety net for
-//! anything missed (a notification is fire-and-forget; a full queue drops events).
+//! the event classes), a thread subscribed to `__keyspace@<db>__:*` collects the changed keys
+//! that are in scope, fetches their types, expiries and values on a second connection, and
+//! hands them to the main thread, which writes them at once. The scan pass stays the safety
+//! net for anything missed (a notification is fire-and-forget; a full queue drops events,
+//! and then a pass runs at once).
 //!
-//! Like the reader, the thread has every signal blocked and never calls Postgres.
+//! The thread takes its fetches from the key-value lane's share of the rate limit, has
+//! every signal blocked and never calls Postgres.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::scanner::fetch;
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
-use crate::redis::open_connection;
+use crate::parse::Pattern;
+use crate::pg::WakeHandle;
+use crate::ratelimit::Lane;
+use crate::redis::{open_connection, KeyMeta, Redis, SharedBudget};
 
-/// Changed keys waiting for the main thread, at most.
-const QUEUE: usize = 65_536;
+/// Batches of changed keys waiting for the main thread, at most.
+const QUEUE: usize = 64;
+/// Changed keys fetched together, at most.
+const BATCH: usize = 1000;
 
 /// Do these `notify-keyspace-events` flags publish key changes on the keyspace channel?
 pub fn flags_cover_changes(flags: &str) -> bool {
@@ -33,65 +42,51 @@ pub fn parse_channel(channel: &[u8]) -> Option<(u8, Vec<u8>)> {
     Some((db, key.to_vec()))
 }
 
-pub struct Notifier {
-    events: Receiver<(u8, Vec<u8>)>,
-    stop: Arc<AtomicBool>,
-    /// Set by the thread when the queue was full and events were dropped.
-    pub overflowed: Arc<AtomicBool>,
-    held: Option<(u8, Vec<u8>)>,
+/// Keys of one database that changed, with what Redis says of them now (type `none`: gone).
+pub struct Changed {
+    pub db: u8,
+    pub keys: Vec<Vec<u8>>,
+    pub metas: Vec<KeyMeta>,
+    pub fetched_at: Instant,
+}
+
+/// What the thread listens for: changes it follows are of these databases and patterns.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Scope {
     pub settings: RedisSettings,
     pub dbs: Vec<u8>,
-    _thread: JoinHandle<()>,
+    pub patterns: Vec<String>,
+}
+
+pub struct Notifier {
+    changes: Receiver<Changed>,
+    stop: Arc<AtomicBool>,
+    /// Set by the thread when changes were missed (it just subscribed, or the queue was
+    /// full): the worker runs a pass at once.
+    pub overflowed: Arc<AtomicBool>,
+    pub scope: Scope,
 }
 
 impl Notifier {
-    pub fn start(settings: &RedisSettings, dbs: &[u8]) -> Result<Notifier> {
+    pub fn start(scope: Scope, budget: SharedBudget, wake: WakeHandle) -> Result<Notifier> {
         let (tx, rx) = sync_channel(QUEUE);
-        let (ready_tx, ready_rx) = sync_channel(1);
         let stop = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicBool::new(false));
-        let (s, d, st, ov) = (settings.clone(), dbs.to_vec(), stop.clone(), overflowed.clone());
-        let thread = crate::worker::spawn_helper("redis_pg_sync notifications", move || {
-            listen(s, d, tx, ready_tx, st, ov)
+        let (sc, st, ov) = (scope.clone(), stop.clone(), overflowed.clone());
+        crate::worker::spawn_helper("redis_pg_sync notifications", move || {
+            listen(sc, tx, st, ov, budget, wake)
         })
         .map_err(|e| SyncError::Config(format!("cannot start the notification thread: {e}")))?;
-        // Subscribed before we say so (it retries by itself if Redis is not there now).
-        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
-        Ok(Notifier {
-            events: rx,
-            stop,
-            overflowed,
-            held: None,
-            settings: settings.clone(),
-            dbs: dbs.to_vec(),
-            _thread: thread,
-        })
+        Ok(Notifier { changes: rx, stop, overflowed, scope })
     }
 
-    /// Waits up to `timeout` for a changed key; keeps it for the next `drain`.
-    pub fn wait(&mut self, timeout: Duration) -> bool {
-        if self.held.is_some() {
-            return true;
+    /// The next batch of changed keys, if one has come.
+    pub fn try_next(&mut self) -> Result<Option<Changed>> {
+        match self.changes.try_recv() {
+            Ok(c) => Ok(Some(c)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(SyncError::ThreadStopped("notification")),
         }
-        match self.events.recv_timeout(timeout) {
-            Ok(e) => {
-                self.held = Some(e);
-                true
-            }
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => false,
-        }
-    }
-
-    /// Up to `max` changed keys, oldest first.
-    pub fn drain(&mut self, max: usize) -> Vec<(u8, Vec<u8>)> {
-        let mut out: Vec<(u8, Vec<u8>)> = self.held.take().into_iter().collect();
-        while out.len() < max {
-            match self.events.try_recv() {
-                Ok(e) => out.push(e),
-                Err(_) => break,
-            }
-        }
-        out
     }
 }
 
@@ -102,24 +97,26 @@ impl Drop for Notifier {
 }
 
 fn listen(
-    settings: RedisSettings,
-    dbs: Vec<u8>,
-    tx: SyncSender<(u8, Vec<u8>)>,
-    ready: SyncSender<()>,
+    scope: Scope,
+    tx: SyncSender<Changed>,
     stop: Arc<AtomicBool>,
     overflowed: Arc<AtomicBool>,
+    budget: SharedBudget,
+    wake: WakeHandle,
 ) {
+    let patterns: Vec<Pattern> = scope.patterns.iter().map(|p| Pattern::new(p)).collect();
+    let settings = &scope.settings;
+    let mut fetcher: Option<Redis> = None;
     let mut delay = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut conn) = open_connection(&settings, settings.db) else {
+        let Ok(mut conn) = open_connection(settings, settings.db) else {
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(10));
             continue;
         };
         let mut pubsub = conn.as_pubsub();
         let subscribed =
-            dbs.iter().all(|db| pubsub.psubscribe(format!("__keyspace@{db}__:*")).is_ok())
-                && pubsub.set_read_timeout(Some(Duration::from_millis(500))).is_ok();
+            scope.dbs.iter().all(|db| pubsub.psubscribe(format!("__keyspace@{db}__:*")).is_ok());
         if !subscribed {
             std::thread::sleep(delay);
             continue;
@@ -127,29 +124,93 @@ fn listen(
         delay = Duration::from_millis(100);
         // Anything changed while we were not subscribed: the worker runs a pass now.
         overflowed.store(true, Ordering::Relaxed);
-        let _ = ready.try_send(());
+        wake.wake();
         loop {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    let Some(event) =
-                        msg.get_channel::<Vec<u8>>().ok().and_then(|c| parse_channel(&c))
-                    else {
-                        continue;
-                    };
-                    match tx.try_send(event) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => overflowed.store(true, Ordering::Relaxed),
-                        Err(TrySendError::Disconnected(_)) => return,
+            // Wait for a change; then take whatever else is already there, up to a batch.
+            let mut batch: BTreeSet<(u8, Vec<u8>)> = BTreeSet::new();
+            let mut timeout = Duration::from_millis(500);
+            let mut broken = false;
+            while batch.len() < BATCH {
+                if pubsub.set_read_timeout(Some(timeout)).is_err() {
+                    broken = true;
+                    break;
+                }
+                match pubsub.get_message() {
+                    Ok(msg) => {
+                        let event =
+                            msg.get_channel::<Vec<u8>>().ok().and_then(|c| parse_channel(&c));
+                        if let Some((db, key)) = event {
+                            if scope.dbs.contains(&db) && patterns.iter().any(|p| p.matches(&key)) {
+                                batch.insert((db, key));
+                            }
+                        }
+                        timeout = Duration::from_millis(1);
+                    }
+                    Err(e) if e.is_timeout() => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
                     }
                 }
-                Err(e) if e.is_timeout() => {}
-                Err(_) => break,
+            }
+            if !batch.is_empty() {
+                if !hand_over(batch, &mut fetcher, &scope, &budget, &tx, &overflowed) {
+                    return;
+                }
+                wake.wake();
+            }
+            if broken {
+                break;
             }
         }
     }
+}
+
+/// Fetches the batch's keys (per database) and queues them for the main thread. Returns
+/// false when the main thread is gone.
+fn hand_over(
+    batch: BTreeSet<(u8, Vec<u8>)>,
+    fetcher: &mut Option<Redis>,
+    scope: &Scope,
+    budget: &SharedBudget,
+    tx: &SyncSender<Changed>,
+    overflowed: &AtomicBool,
+) -> bool {
+    let mut by_db: Vec<(u8, Vec<Vec<u8>>)> = Vec::new();
+    for (db, key) in batch {
+        match by_db.last_mut() {
+            Some((d, keys)) if *d == db => keys.push(key),
+            _ => by_db.push((db, vec![key])),
+        }
+    }
+    for (db, keys) in by_db {
+        if fetcher.is_none() {
+            *fetcher = Redis::connect(&scope.settings, budget.clone(), Lane::KeyValues).ok();
+        }
+        let Some(redis) = fetcher.as_mut() else {
+            // Redis is not there now: what changed is found by the next pass.
+            overflowed.store(true, Ordering::Relaxed);
+            continue;
+        };
+        let fetched_at = Instant::now();
+        let metas = match fetch(redis, db, &keys) {
+            Ok(m) => m,
+            Err(_) => {
+                *fetcher = None;
+                overflowed.store(true, Ordering::Relaxed);
+                continue;
+            }
+        };
+        match tx.try_send(Changed { db, keys, metas, fetched_at }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => overflowed.store(true, Ordering::Relaxed),
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]

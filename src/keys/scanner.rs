@@ -1,86 +1,122 @@
-//! The scanner thread of a key-value pass: walks every SCAN of the pass and fetches each
-//! page's types, expiries and values, a page or two ahead of the main thread, which compares
-//! and writes. Redis, the scanner's parsing and the main thread's comparison then overlap
-//! instead of taking turns (a pass over a million keys is mostly this work).
+//! The key-value lane's thread: all of a pass's Redis work. It learns the server's run ID
+//! and which databases hold keys, walks every SCAN of the pass and fetches each page's
+//! types, expiries and values a page or two ahead of the main thread (which compares and
+//! writes), reports the run ID and the `notify-keyspace-events` setting at the end, and
+//! confirms with `TYPE` which keys the deletion check found missing are really gone.
 //!
-//! Like the reader thread it owns its own connection (kept from pass to pass), has every
-//! signal blocked, talks over a bounded channel and never calls Postgres. The main thread
-//! takes the rate limit's tokens for the round trips each page cost, so the limit holds
-//! over time.
+//! It owns its connections (kept from pass to pass), takes its round trips from the
+//! key-value lane's share of the rate limit, talks over bounded channels (waking the main
+//! thread), has every signal blocked and never calls Postgres.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
-use crate::redis::{KeyMeta, Redis};
+use crate::pg::WakeHandle;
+use crate::ratelimit::Lane;
+use crate::redis::{Databases, KeyMeta, Redis, SharedBudget};
 
-/// Keys asked per SCAN call; also the unit of one write.
-pub const SCAN_COUNT: u32 = 1000;
+/// Keys asked per SCAN call: Redis does the same work whatever the page size, and a large
+/// page costs a tenth of the round trips of `COUNT 1000` (a million keys in about 200).
+pub const SCAN_COUNT: u32 = 10_000;
+
+/// A kept connection idle longer than this is checked with a PING before a pass uses it.
+const KEPT_IDLE: Duration = Duration::from_secs(5);
 
 /// One SCAN page with what Redis said about each of its keys that match the patterns.
 pub struct Page {
     pub db: u8,
     pub keys: Vec<Vec<u8>>,
     pub metas: Vec<KeyMeta>,
-    /// Round trips this page took.
-    pub round_trips: u64,
     /// When its values were asked for: anything learnt about a key later is newer.
     pub fetched_at: Instant,
 }
 
-enum Msg {
+pub enum Msg {
+    /// The pass began: what the server says of itself and its databases.
+    Started(Databases),
     Page(Page),
-    Done,
+    /// Every SCAN is done: the run ID now (a different one means Redis restarted during the
+    /// pass) and `notify-keyspace-events` (`None` when it cannot be read).
+    Done {
+        run_id: String,
+        notify_flags: Option<String>,
+    },
+    /// The types of keys asked about (`none` for a key that is gone).
+    Types {
+        db: u8,
+        keys: Vec<String>,
+        types: Vec<String>,
+    },
     Failed(SyncError),
 }
 
-/// One pass to scan: every (database, Redis glob) in turn, keys kept when a pattern
-/// matches them.
-struct Job {
-    number: u64,
-    settings: RedisSettings,
-    scans: Vec<(u8, Vec<u8>)>,
-    patterns: Vec<Pattern>,
+enum Job {
+    Pass {
+        number: u64,
+        settings: RedisSettings,
+        range: Vec<u8>,
+        globs: Vec<Vec<u8>>,
+        patterns: Vec<Pattern>,
+    },
+    Confirm {
+        number: u64,
+        settings: RedisSettings,
+        db: u8,
+        /// As stored in the table (encoded), and as bytes for Redis.
+        names: Vec<String>,
+        keys: Vec<Vec<u8>>,
+    },
 }
 
-/// The scanner thread, kept from pass to pass with its connection (no connect, AUTH or TLS
-/// handshake per pass).
+/// The scanner thread, kept from pass to pass with its connections (no connect, AUTH or
+/// TLS handshake per pass).
 pub struct Scanner {
     jobs: Sender<Job>,
-    pages: Receiver<(u64, Msg)>,
-    /// The pass the thread should be scanning; any other is dropped at its next page.
+    msgs: Receiver<(u64, Msg)>,
+    /// The pass the thread should be working for; any other is dropped at its next page.
     current: Arc<AtomicU64>,
     number: u64,
-    done: bool,
 }
 
 impl Scanner {
-    pub fn start() -> Result<Scanner> {
+    pub fn start(budget: SharedBudget, wake: WakeHandle) -> Result<Scanner> {
         let (jobs_tx, jobs_rx) = channel::<Job>();
-        // At most two pages wait: memory stays at a few thousand keys.
+        // At most two pages wait: memory stays at a few pages of keys.
         let (tx, rx) = sync_channel::<(u64, Msg)>(2);
         let current = Arc::new(AtomicU64::new(0));
         let flag = current.clone();
-        crate::worker::spawn_helper("redis_pg_sync scanner", move || serve(jobs_rx, tx, flag))
-            .map_err(|e| SyncError::Config(format!("cannot start the scanner thread: {e}")))?;
-        Ok(Scanner { jobs: jobs_tx, pages: rx, current, number: 0, done: true })
+        crate::worker::spawn_helper("redis_pg_sync scanner", move || {
+            serve(jobs_rx, tx, flag, budget, wake)
+        })
+        .map_err(|e| SyncError::Config(format!("cannot start the scanner thread: {e}")))?;
+        Ok(Scanner { jobs: jobs_tx, msgs: rx, current, number: 0 })
     }
 
-    /// Starts scanning a new pass (whatever pass was under way is dropped).
+    /// Starts a new pass (whatever pass was under way is dropped).
     pub fn begin(
         &mut self,
         settings: &RedisSettings,
-        scans: Vec<(u8, Vec<u8>)>,
+        range: Vec<u8>,
         patterns: Vec<Pattern>,
     ) -> Result<()> {
         self.number += 1;
         self.current.store(self.number, Ordering::Relaxed);
-        self.done = false;
-        let job = Job { number: self.number, settings: settings.clone(), scans, patterns };
+        let globs = crate::parse::redis_globs(&patterns);
+        let job =
+            Job::Pass { number: self.number, settings: settings.clone(), range, globs, patterns };
+        self.jobs.send(job).map_err(|_| SyncError::ThreadStopped("scanner"))
+    }
+
+    /// Asks which of `names` (keys of database `db`) still exist, and as what.
+    pub fn confirm(&mut self, settings: &RedisSettings, db: u8, names: Vec<String>) -> Result<()> {
+        let keys =
+            names.iter().map(|n| crate::encode::decode_name(n).unwrap_or_default()).collect();
+        let job = Job::Confirm { number: self.number, settings: settings.clone(), db, names, keys };
         self.jobs.send(job).map_err(|_| SyncError::ThreadStopped("scanner"))
     }
 
@@ -88,100 +124,140 @@ impl Scanner {
     pub fn cancel(&mut self) {
         self.number += 1;
         self.current.store(self.number, Ordering::Relaxed);
-        self.done = true;
     }
 
-    /// The next page of the pass, or `None` when every SCAN is done. Calls `tick` every
-    /// 100 ms while waiting (the worker checks for interrupts there).
-    pub fn next(&mut self, tick: &dyn Fn()) -> Result<Option<Page>> {
-        if self.done {
-            return Ok(None);
-        }
+    /// The next message of the pass under way, if one has come.
+    pub fn try_next(&mut self) -> Result<Option<Msg>> {
         loop {
-            match self.pages.recv_timeout(Duration::from_millis(100)) {
-                // A page of a dropped pass.
+            match self.msgs.try_recv() {
+                // A message of a dropped pass.
                 Ok((number, _)) if number != self.number => {}
-                Ok((_, Msg::Page(p))) => return Ok(Some(p)),
-                Ok((_, Msg::Done)) => {
-                    self.done = true;
-                    return Ok(None);
-                }
-                Ok((_, Msg::Failed(e))) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(RecvTimeoutError::Timeout) => tick(),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.done = true;
-                    return Err(SyncError::ThreadStopped("scanner"));
-                }
+                Ok((_, msg)) => return Ok(Some(msg)),
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Disconnected) => return Err(SyncError::ThreadStopped("scanner")),
             }
         }
     }
 }
 
-fn serve(jobs: Receiver<Job>, pages: SyncSender<(u64, Msg)>, current: Arc<AtomicU64>) {
-    let mut conn: Option<(RedisSettings, Redis)> = None;
+struct Conn {
+    settings: RedisSettings,
+    redis: Redis,
+}
+
+fn serve(
+    jobs: Receiver<Job>,
+    msgs: SyncSender<(u64, Msg)>,
+    current: Arc<AtomicU64>,
+    budget: SharedBudget,
+    wake: WakeHandle,
+) {
+    let mut conn: Option<Conn> = None;
+    let send = |number: u64, msg: Msg| {
+        let ok = msgs.send((number, msg)).is_ok();
+        wake.wake();
+        ok
+    };
     for job in jobs {
-        if current.load(Ordering::Relaxed) != job.number {
-            continue;
-        }
-        let end = match scan(&mut conn, &job, &pages, &current) {
-            Ok(()) => Msg::Done,
-            Err(e) => {
-                // The connection may be broken: a fresh one for the next pass.
-                conn = None;
-                Msg::Failed(e)
+        let (number, settings) = match &job {
+            Job::Pass { number, settings, .. } | Job::Confirm { number, settings, .. } => {
+                (*number, settings.clone())
             }
         };
-        if pages.send((job.number, end)).is_err() {
-            return;
+        if current.load(Ordering::Relaxed) != number {
+            continue;
         }
+        let outcome = connect(&mut conn, &settings, &budget).and_then(|redis| match job {
+            Job::Pass { range, globs, patterns, .. } => {
+                scan(redis, number, &range, &globs, &patterns, &send, &current)
+            }
+            Job::Confirm { db, names, keys, .. } => {
+                let types = confirm(redis, db, &keys)?;
+                send(number, Msg::Types { db, keys: names, types });
+                Ok(())
+            }
+        });
+        if let Err(e) = outcome {
+            // The connection may be broken: a fresh one for the next job.
+            conn = None;
+            if !send(number, Msg::Failed(e)) {
+                return;
+            }
+        }
+    }
+}
+
+fn connect<'a>(
+    conn: &'a mut Option<Conn>,
+    settings: &RedisSettings,
+    budget: &SharedBudget,
+) -> Result<&'a mut Redis> {
+    // A connection kept from an earlier pass and idle since may have died (a Redis restart
+    // between passes): checked with a PING, replaced if need be, rather than failing the
+    // pass. One used a moment ago is not checked (no extra command per pass).
+    if conn.as_mut().is_some_and(|c| c.redis.check_health(KEPT_IDLE).is_err()) {
+        *conn = None;
+    }
+    if conn.as_ref().is_none_or(|c| c.settings != *settings) {
+        *conn = None;
+        let redis = Redis::connect(settings, budget.clone(), Lane::KeyValues)?;
+        *conn = Some(Conn { settings: settings.clone(), redis });
+    }
+    match conn.as_mut() {
+        Some(c) => Ok(&mut c.redis),
+        None => Err(SyncError::Config("no scanner connection".into())),
     }
 }
 
 fn scan(
-    conn: &mut Option<(RedisSettings, Redis)>,
-    job: &Job,
-    pages: &SyncSender<(u64, Msg)>,
+    redis: &mut Redis,
+    number: u64,
+    range: &[u8],
+    globs: &[Vec<u8>],
+    patterns: &[Pattern],
+    send: &dyn Fn(u64, Msg) -> bool,
     current: &AtomicU64,
 ) -> Result<()> {
-    // A connection kept from the last pass may have died since (a Redis restart between
-    // passes): checked with a PING, replaced if need be, rather than failing the pass.
-    if conn.as_mut().is_some_and(|(_, r)| r.check_health(Duration::ZERO).is_err()) {
-        *conn = None;
+    let dbs = redis.databases()?;
+    let to_scan = dbs.to_scan(range);
+    if !send(number, Msg::Started(dbs)) {
+        return Ok(());
     }
-    if conn.as_ref().is_none_or(|(s, _)| *s != job.settings) {
-        *conn = None;
-        // No rate limit here: the main thread takes the tokens as pages arrive.
-        let redis = Redis::connect(&job.settings, 0, std::thread::sleep)?;
-        *conn = Some((job.settings.clone(), redis));
-    }
-    let Some((_, redis)) = conn.as_mut() else { return Ok(()) };
-    for (db, glob) in &job.scans {
-        let mut cursor = 0;
-        loop {
-            if current.load(Ordering::Relaxed) != job.number {
-                return Ok(());
+    for &db in &to_scan {
+        for glob in globs {
+            let mut cursor = 0;
+            loop {
+                if current.load(Ordering::Relaxed) != number {
+                    return Ok(());
+                }
+                let (next, keys) = redis.scan_page(db, cursor, glob, SCAN_COUNT)?;
+                let keys: Vec<Vec<u8>> =
+                    keys.into_iter().filter(|k| patterns.iter().any(|p| p.matches(k))).collect();
+                let fetched_at = Instant::now();
+                let metas = fetch(redis, db, &keys)?;
+                if !send(number, Msg::Page(Page { db, keys, metas, fetched_at })) {
+                    return Ok(());
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            let before = redis.round_trips();
-            let (next, keys) = redis.scan_page(*db, cursor, glob, SCAN_COUNT)?;
-            let keys: Vec<Vec<u8>> =
-                keys.into_iter().filter(|k| job.patterns.iter().any(|p| p.matches(k))).collect();
-            let fetched_at = Instant::now();
-            let metas = fetch(redis, *db, &keys)?;
-            let round_trips = redis.round_trips() - before;
-            let page = Page { db: *db, keys, metas, round_trips, fetched_at };
-            if pages.send((job.number, Msg::Page(page))).is_err() {
-                return Ok(());
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
+    let run_id = redis.databases()?.run_id;
+    let notify_flags = redis.notify_flags();
+    send(number, Msg::Done { run_id, notify_flags });
     Ok(())
+}
+
+/// The types of `keys` of `db`; every key of a database the server no longer has is gone.
+fn confirm(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
+    let has = redis.databases()?.has(db);
+    if !has {
+        return Ok(keys.iter().map(|_| "none".to_owned()).collect());
+    }
+    redis.key_types(db, keys)
 }
 
 /// Type, expiry and value of each key: strings in one round trip (with the expiries),

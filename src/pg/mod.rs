@@ -18,9 +18,10 @@ use pgrx::prelude::*;
 use crate::error::SyncError;
 
 pub use copy::copy_into;
-pub use latch::wait;
+pub use latch::{wait, WakeHandle, Waker, MAX_WAIT};
 pub use txn::{
-    cancel_if_timed_out, flush_idle_stats, in_transaction, not_prepared, set_query_timeout,
+    cancel_if_timed_out, flush_idle_stats, flush_last_commit, in_transaction, not_prepared,
+    set_query_timeout,
 };
 
 /// A Postgres error caught by `PgTryBuilder`, as a typed error keeping its SQLSTATE.
@@ -61,11 +62,13 @@ pub fn quote_identifier(name: &str) -> String {
     }
 }
 
-/// What the worker is doing, for `pg_stat_activity.query`.
-pub fn report_activity(text: &str) {
+/// What the worker is doing, for `pg_stat_activity` (`state` idle or active, and `query`).
+pub fn report_activity(idle: bool, text: &str) {
     let c = CString::new(text.replace('\0', " ")).unwrap_or_default();
+    let state =
+        if idle { pg_sys::BackendState::STATE_IDLE } else { pg_sys::BackendState::STATE_RUNNING };
     // SAFETY: main thread of a backend with a PGPROC; the string is copied by Postgres.
-    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, c.as_ptr()) };
+    unsafe { pg_sys::pgstat_report_activity(state, c.as_ptr()) };
 }
 
 /// The server is a hot standby (or still recovering).

@@ -109,6 +109,17 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     outcome
 }
 
+/// Flushes the WAL up to the end of this process's last commit, whatever
+/// `synchronous_commit` the server, the database or the role sets: an entry is acknowledged
+/// in Redis only once its row would survive a crash. (With `synchronous_commit = on` the
+/// commit already waited for this and the call returns at once; standbys are not waited
+/// for.)
+pub fn flush_last_commit() {
+    // SAFETY: outside a transaction on the main thread; XactLastCommitEnd is this process's
+    // own record of its last commit, and flushing up to it is what a synchronous commit does.
+    unsafe { pg_sys::XLogFlush(pg_sys::XactLastCommitEnd) };
+}
+
 thread_local! {
     /// When the oldest commit whose statistics may still be unflushed happened.
     static STATS_SINCE: std::cell::Cell<Option<std::time::Instant>> =

@@ -14,48 +14,56 @@ use crate::error::{Result, SyncError};
 
 impl Redis {
     /// `SCAN ... MATCH glob TYPE stream COUNT n` over the whole keyspace of every database
-    /// in `dbs`, for every glob: the pages of all databases go in one pipelined round trip
-    /// on the default connection (`SELECT n` before each, back to the default at the end).
-    /// Returns `(db, key)` pairs, possibly with repeats across globs.
+    /// in `dbs`, for every glob, each database on its own connection. Returns `(db, key)`
+    /// pairs, possibly with repeats across globs.
     pub fn scan_streams(
         &mut self,
         dbs: &[u8],
         globs: &[Vec<u8>],
         count: u32,
     ) -> Result<Vec<(u8, Vec<u8>)>> {
-        let main = self.settings.db;
-        // (db, glob index, cursor) still to scan.
-        let mut todo: Vec<(u8, usize, u64)> =
-            dbs.iter().flat_map(|&db| (0..globs.len()).map(move |g| (db, g, 0u64))).collect();
         let mut keys = Vec::new();
-        while !todo.is_empty() {
-            let mut pipe = ::redis::pipe();
-            for &(db, g, cursor) in &todo {
-                pipe.cmd("SELECT").arg(db).ignore();
-                pipe.cmd("SCAN").arg(cursor).arg("MATCH").arg(&globs[g]).arg("COUNT").arg(count);
-                pipe.arg("TYPE").arg("stream");
-            }
-            pipe.cmd("SELECT").arg(main).ignore();
-            self.throttle();
-            let c = self.conn(main)?;
-            let reply = pipe.query::<Vec<Value>>(&mut c.conn);
-            c.last_check = Instant::now();
-            let replies = reply.map_err(|e| command_error("SCAN", &e))?;
-            if replies.len() != todo.len() {
-                return Err(SyncError::protocol("SCAN", "unexpected number of replies"));
-            }
-            let mut next = Vec::new();
-            for ((db, g, _), reply) in todo.into_iter().zip(replies) {
-                let (cursor, batch) = parse_scan(reply)
-                    .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
-                keys.extend(batch.into_iter().map(|k| (db, k)));
-                if cursor != 0 {
-                    next.push((db, g, cursor));
+        for &db in dbs {
+            for glob in globs {
+                let mut cursor = 0;
+                loop {
+                    let mut replies = self.pipeline_in(db, "SCAN", |p| {
+                        p.cmd("SCAN").arg(cursor).arg("MATCH").arg(glob).arg("COUNT").arg(count);
+                        p.arg("TYPE").arg("stream");
+                    })?;
+                    let (next, batch) = replies
+                        .pop()
+                        .and_then(parse_scan)
+                        .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?;
+                    keys.extend(batch.into_iter().map(|k| (db, k)));
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
             }
-            todo = next;
         }
         Ok(keys)
+    }
+
+    /// The server's run ID and which databases hold keys (`INFO`), and, the first time, how
+    /// many databases it has (`CONFIG GET databases`, where the user may run it).
+    pub fn databases(&mut self) -> Result<Databases> {
+        let main = self.settings.db;
+        let reply = self.query(main, "INFO", &::redis::cmd("INFO"))?;
+        let text = as_string(&reply).unwrap_or_default();
+        let count = match self.databases.as_ref() {
+            Some(known) => known.count,
+            None => self
+                .query(main, "CONFIG GET", ::redis::cmd("CONFIG").arg("GET").arg("databases"))
+                .ok()
+                .and_then(|v| {
+                    bulk_list(v).get(1).and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+                }),
+        };
+        let found = Databases::from_info(&text, count);
+        self.databases = Some(found.clone());
+        Ok(found)
     }
 
     /// One `SCAN` page of `db` (all types).
@@ -193,14 +201,6 @@ impl Redis {
         items.get(1).map(|b| String::from_utf8_lossy(b).into_owned())
     }
 
-    /// The server's run ID: a different one means Redis restarted.
-    pub fn run_id(&mut self) -> Result<String> {
-        let main = self.settings.db;
-        let reply = self.query(main, "INFO", ::redis::cmd("INFO").arg("server"))?;
-        let text = as_string(&reply).unwrap_or_default();
-        Ok(text.lines().find_map(|l| l.strip_prefix("run_id:")).unwrap_or("").trim().to_owned())
-    }
-
     /// Creates `group` on `key` reading from the start. `Ok(true)` when created, `Ok(false)`
     /// when it already existed; an error (code `NOKEY`-like) when the stream does not exist
     /// and `mkstream` is off.
@@ -223,22 +223,6 @@ impl Redis {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Acknowledges entries, one `XACK` per stream, all in one pipelined round trip.
-    pub fn ack(&mut self, db: u8, group: &str, acks: &[(&[u8], Vec<&str>)]) -> Result<()> {
-        if acks.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = ::redis::pipe();
-        for (key, ids) in acks {
-            pipe.cmd("XACK").arg(*key).arg(group).arg(ids.as_slice()).ignore();
-        }
-        self.throttle();
-        let c = self.conn(db)?;
-        let reply = pipe.query::<()>(&mut c.conn);
-        c.last_check = Instant::now();
-        reply.map_err(|e| command_error("XACK", &e))
     }
 
     /// Claims entries of other consumers idle longer than `min_idle` into our pending list
@@ -339,5 +323,78 @@ fn value_command(ty: &str) -> Option<&'static [&'static str]> {
         "set" => Some(&["SMEMBERS"]),
         "zset" => Some(&["ZRANGE", "0", "-1", "WITHSCORES"]),
         _ => None,
+    }
+}
+
+/// What `INFO` and `CONFIG GET databases` say about a server's logical databases.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Databases {
+    /// The server's run ID: a different one means Redis restarted.
+    pub run_id: String,
+    /// How many databases the server has (`None` when CONFIG may not be run).
+    pub count: Option<u32>,
+    /// The databases that hold at least one key.
+    pub nonempty: std::collections::BTreeSet<u8>,
+}
+
+impl Databases {
+    /// Reads `INFO`'s `run_id:` line and its `# Keyspace` lines (`db3:keys=10,...`).
+    pub fn from_info(info: &str, count: Option<u32>) -> Databases {
+        let mut out = Databases { count, ..Databases::default() };
+        for line in info.lines() {
+            if let Some(id) = line.strip_prefix("run_id:") {
+                out.run_id = id.trim().to_owned();
+            } else if let Some(rest) = line.strip_prefix("db") {
+                let Some((n, stats)) = rest.split_once(':') else { continue };
+                let keys = stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("keys="))
+                    .and_then(|k| k.trim().parse::<u64>().ok());
+                if let (Ok(n), Some(k)) = (n.parse::<u8>(), keys) {
+                    if k > 0 {
+                        out.nonempty.insert(n);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Databases of `range` the server does not have (known only when CONFIG could be read).
+    pub fn missing(&self, range: &[u8]) -> Vec<u8> {
+        match self.count {
+            Some(n) => range.iter().copied().filter(|&db| u32::from(db) >= n).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Does the server have database `db` (as far as is known)?
+    pub fn has(&self, db: u8) -> bool {
+        self.count.is_none_or(|n| u32::from(db) < n)
+    }
+
+    /// The databases of `range` worth scanning: those that hold keys.
+    pub fn to_scan(&self, range: &[u8]) -> Vec<u8> {
+        range.iter().copied().filter(|db| self.nonempty.contains(db)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_tells_run_id_and_the_databases_with_keys() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n\r\n# Keyspace\r\n\
+                    db0:keys=3,expires=0,avg_ttl=0\r\ndb2:keys=0,expires=0\r\ndb12:keys=7,expires=1,avg_ttl=5\r\n";
+        let d = Databases::from_info(info, Some(4));
+        assert_eq!(d.run_id, "abc123");
+        assert_eq!(d.nonempty.iter().copied().collect::<Vec<_>>(), vec![0, 12]);
+        let range: Vec<u8> = (0..=15).collect();
+        assert_eq!(d.missing(&range), (4..=15).collect::<Vec<u8>>());
+        assert_eq!(d.to_scan(&range), vec![0, 12]);
+        assert!(d.has(3) && !d.has(4));
+        let unknown = Databases::from_info("", None);
+        assert!(unknown.missing(&range).is_empty() && unknown.has(15));
     }
 }

@@ -9,7 +9,6 @@ use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
 use super::reply::{parse_read, RawEntry};
 use crate::error::{classify_connect, Result, SyncError};
 use crate::gucs::RedisSettings;
-use crate::shmem;
 
 /// Longest wait for a TCP connect and the AUTH/SELECT handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +58,7 @@ pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Conn
     } else {
         ::redis::Client::open(info)
     };
-    shmem::bump(|c| &c.redis_ops, 1);
+    super::count_round_trip();
     let conn = client.map_err(fail)?.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(fail)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|_| conn.set_write_timeout(Some(IO_TIMEOUT)))
@@ -120,7 +119,7 @@ impl RedisConn {
     }
 
     pub(super) fn ping(&mut self) -> Result<()> {
-        shmem::bump(|c| &c.redis_ops, 1);
+        super::count_round_trip();
         let reply: ::redis::RedisResult<String> = ::redis::cmd("PING").query(&mut self.conn);
         self.last_check = Instant::now();
         reply.map(|_| ()).map_err(|e| command_error("PING", &e))
@@ -128,10 +127,14 @@ impl RedisConn {
 
     /// One `XREADGROUP` over several streams of this connection's database. `streams` pairs
     /// each key with the ID to read after (`0` for our own pending entries, `>` for new
-    /// ones). The caller accounts for the round trip in the rate limit.
+    /// ones); with no streams, only the acknowledgements are sent. The caller accounts for
+    /// the round trip in the rate limit.
     ///
     /// `acks` (entries whose rows are committed) are sent as `XACK`s in the same pipelined
-    /// round trip, before the read, so a pending re-read never returns them.
+    /// round trip, before the read, so a pending re-read never returns them. Each command's
+    /// reply is read on its own, so a Redis error of the read (`NOGROUP`, `WRONGTYPE`) keeps
+    /// its code; an `XACK` refused because its group is gone needs nothing more (the entry
+    /// is no longer pending anywhere).
     pub fn read_group(
         &mut self,
         group: &str,
@@ -141,33 +144,87 @@ impl RedisConn {
         streams: &[(&[u8], &str)],
         acks: &[(Vec<u8>, Vec<String>)],
     ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
-        let mut cmd = ::redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
-        if let Some(b) = block {
-            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for (key, ids) in acks {
+            pipe.cmd("XACK").arg(key).arg(group).arg(ids.as_slice());
         }
-        cmd.arg("STREAMS");
-        for (k, _) in streams {
-            cmd.arg(*k);
-        }
-        for (_, id) in streams {
-            cmd.arg(*id);
+        if !streams.is_empty() {
+            let cmd = pipe.cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+            if let Some(b) = block {
+                cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+            }
+            cmd.arg("STREAMS");
+            for (k, _) in streams {
+                cmd.arg(*k);
+            }
+            for (_, id) in streams {
+                cmd.arg(*id);
+            }
+        } else if acks.is_empty() {
+            return Ok(Vec::new());
         }
         self.set_block(block)?;
-        shmem::bump(|c| &c.redis_ops, 1);
-        let reply = if acks.is_empty() {
-            cmd.query::<Value>(&mut self.conn)
-        } else {
-            let mut pipe = ::redis::pipe();
-            for (key, ids) in acks {
-                pipe.cmd("XACK").arg(key).arg(group).arg(ids.as_slice()).ignore();
-            }
-            pipe.add_command(cmd);
-            pipe.query::<Vec<Value>>(&mut self.conn).map(|mut v| v.pop().unwrap_or(Value::Nil))
-        };
+        let replies = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut self.conn);
         self.last_check = Instant::now();
-        let reply = reply.map_err(|e| command_error("XREADGROUP", &e))?;
+        let mut replies = replies.map_err(|e| command_error("XREADGROUP", &e))?;
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = match replies.pop() {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => return Err(command_error("XREADGROUP", &e)),
+            None => return Err(SyncError::protocol("XREADGROUP", "missing reply")),
+        };
         parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+    }
+
+    /// This connection's client ID (`CLIENT ID`), for `CLIENT UNBLOCK` from another one.
+    pub fn client_id(&mut self) -> Option<u64> {
+        super::count_round_trip();
+        ::redis::cmd("CLIENT").arg("ID").query::<u64>(&mut self.conn).ok()
+    }
+
+    /// Ends the blocking commands of other connections at once (as if they had timed out):
+    /// best effort, a user without the right to run CLIENT lets them end by themselves.
+    pub fn unblock(&mut self, ids: &[u64]) {
+        let mut pipe = ::redis::pipe();
+        for id in ids {
+            pipe.cmd("CLIENT").arg("UNBLOCK").arg(*id).ignore();
+        }
+        super::count_round_trip();
+        let _: ::redis::RedisResult<()> = pipe.query(&mut self.conn);
+    }
+
+    /// Creates `group` on `key` from the start of the stream (`MKSTREAM` with `mkstream`):
+    /// `Ok(true)` when created, `Ok(false)` when it existed already.
+    pub fn create_group(&mut self, key: &[u8], group: &str, mkstream: bool) -> Result<bool> {
+        let mut cmd = ::redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(key).arg(group).arg("0");
+        if mkstream {
+            cmd.arg("MKSTREAM");
+        }
+        super::count_round_trip();
+        let reply = cmd.query::<Value>(&mut self.conn);
+        self.last_check = Instant::now();
+        match reply {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+            Err(e) => Err(command_error("XGROUP CREATE", &e)),
+        }
+    }
+
+    /// Does `group` exist on `key`?
+    pub fn group_exists(&mut self, key: &[u8], group: &str) -> Result<bool> {
+        super::count_round_trip();
+        let reply = ::redis::cmd("XINFO").arg("GROUPS").arg(key).query::<Value>(&mut self.conn);
+        self.last_check = Instant::now();
+        match reply {
+            Ok(groups) => Ok(super::reply::group_names(&groups).iter().any(|g| g == group)),
+            Err(e) if e.code().is_some() => Ok(false),
+            Err(e) => Err(command_error("XINFO GROUPS", &e)),
+        }
     }
 
     fn set_block(&mut self, block: Option<Duration>) -> Result<()> {

@@ -13,72 +13,98 @@ mod conn;
 mod reply;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::redis::Value;
 
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
-use crate::ratelimit::TokenBucket;
-use crate::shmem;
+use crate::ratelimit::{Budget, Lane};
 
+pub use commands::Databases;
 pub use conn::{open_connection, RedisConn};
-pub use reply::{bulk_list, KeyMeta, StreamInfo};
+pub use reply::{bulk_list, KeyMeta, RawEntry, StreamInfo};
 
 use conn::command_error;
 
-/// All connections to one Redis server, keyed by logical database, plus the rate limit.
+/// Round trips made by this process and not yet counted in `redis_sync_status().redis_ops`.
+/// Helper threads count here (they never touch shared memory); the main thread moves the
+/// count into the shared counter every turn.
+static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the round trips counted since the last call.
+pub fn take_round_trips() -> u64 {
+    ROUND_TRIPS.swap(0, Ordering::Relaxed)
+}
+
+fn count_round_trip() {
+    ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `redis_sync.rate_limit`, shared by every lane's threads (see `ratelimit`).
+#[derive(Clone)]
+pub struct SharedBudget(Arc<Mutex<Budget>>);
+
+impl SharedBudget {
+    pub fn new(rate: u32) -> SharedBudget {
+        SharedBudget(Arc::new(Mutex::new(Budget::new(rate, Instant::now()))))
+    }
+
+    pub fn set_rate(&self, rate: u32) {
+        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if b.rate() != rate {
+            b.set_rate(rate, Instant::now());
+        }
+    }
+
+    /// Waits (sleeping the calling thread, which is never the main one) for a token of
+    /// `lane` and counts the round trip about to be made.
+    pub fn take(&self, lane: Lane) {
+        loop {
+            let outcome = {
+                let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                b.try_take(lane, Instant::now())
+            };
+            match outcome {
+                Ok(()) => break,
+                // At most 100 ms at a time, so a raised limit is noticed soon.
+                Err(wait) => std::thread::sleep(wait.min(Duration::from_millis(100))),
+            }
+        }
+        count_round_trip();
+    }
+}
+
+/// All connections of one lane to one Redis server, one per logical database in use (each
+/// `SELECT`s its database once, at connect), and the lane's part of the rate limit. Used on
+/// helper threads only.
 pub struct Redis {
     settings: RedisSettings,
     conns: BTreeMap<u8, RedisConn>,
-    bucket: TokenBucket,
-    sleep: fn(Duration),
-    round_trips: u64,
+    budget: SharedBudget,
+    lane: Lane,
+    /// What the server says about its databases, learnt at the first look.
+    databases: Option<Databases>,
 }
 
 impl Redis {
     /// Connects to the default database of `settings`.
-    pub fn connect(
-        settings: &RedisSettings,
-        rate_limit: u32,
-        sleep: fn(Duration),
-    ) -> Result<Redis> {
+    pub fn connect(settings: &RedisSettings, budget: SharedBudget, lane: Lane) -> Result<Redis> {
         let main = RedisConn::connect(settings, settings.db)?;
         let mut conns = BTreeMap::new();
         conns.insert(settings.db, main);
-        Ok(Redis {
-            settings: settings.clone(),
-            conns,
-            bucket: TokenBucket::new(rate_limit, Instant::now()),
-            sleep,
-            round_trips: 0,
-        })
+        Ok(Redis { settings: settings.clone(), conns, budget, lane, databases: None })
     }
 
-    pub fn set_rate_limit(&mut self, rate: u32) {
-        if rate != self.bucket.rate() {
-            self.bucket.set_rate(rate, Instant::now());
-        }
-    }
-
-    /// Waits for a token of the rate limit, for a round trip made elsewhere (the reader
-    /// thread counts its own round trips).
-    pub fn take_token(&mut self) {
-        while let Err(wait) = self.bucket.try_take(Instant::now()) {
-            (self.sleep)(wait);
-        }
+    pub fn settings(&self) -> &RedisSettings {
+        &self.settings
     }
 
     /// Waits for a token and counts the round trip about to be made.
     fn throttle(&mut self) {
-        self.take_token();
-        self.round_trips += 1;
-        shmem::bump(|c| &c.redis_ops, 1);
-    }
-
-    /// Round trips made through this value so far.
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips
+        self.budget.take(self.lane);
     }
 
     fn conn(&mut self, db: u8) -> Result<&mut RedisConn> {
@@ -87,12 +113,6 @@ impl Redis {
             self.conns.insert(db, c);
         }
         self.conns.get_mut(&db).ok_or_else(|| SyncError::Config("no connection".into()))
-    }
-
-    /// Closes the connections of databases not in `keep` (the default database stays).
-    pub fn retain_connections(&mut self, keep: &std::collections::BTreeSet<u8>) {
-        let main = self.settings.db;
-        self.conns.retain(|db, _| *db == main || keep.contains(db));
     }
 
     /// PINGs every connection whose last exchange is older than `interval`.
@@ -105,11 +125,6 @@ impl Redis {
         Ok(())
     }
 
-    /// When the next health check is due.
-    pub fn next_check(&self, interval: Duration) -> Instant {
-        self.conns.values().map(|c| c.last_check + interval).min().unwrap_or_else(Instant::now)
-    }
-
     fn query(&mut self, db: u8, name: &'static str, cmd: &::redis::Cmd) -> Result<Value> {
         // (VerbatimString replies, e.g. INFO under RESP3, are read as plain text by as_string.)
         self.throttle();
@@ -120,7 +135,7 @@ impl Redis {
     }
 
     /// Runs the commands `build` adds against database `db` in one pipelined round trip on
-    /// the default connection (`SELECT db` first and back after); returns their replies.
+    /// that database's connection; returns their replies, failing on the first error.
     fn pipeline_in(
         &mut self,
         db: u8,
@@ -134,42 +149,21 @@ impl Redis {
     }
 
     /// As [`Redis::pipeline_in`], but a command's error reply is returned in its place
-    /// rather than failing the whole round trip (a failed `SELECT` still fails it: the
-    /// commands would have run against another database).
+    /// rather than failing the whole round trip.
     fn pipeline_in_lenient(
         &mut self,
         db: u8,
         name: &'static str,
         build: impl FnOnce(&mut ::redis::Pipeline),
     ) -> Result<Vec<::redis::RedisResult<Value>>> {
-        let main = self.settings.db;
-        let switch = db != main;
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
-        if switch {
-            pipe.cmd("SELECT").arg(db);
-        }
         build(&mut pipe);
-        if switch {
-            pipe.cmd("SELECT").arg(main);
-        }
         self.throttle();
-        let c = self.conn(main)?;
+        let c = self.conn(db)?;
         let reply = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut c.conn);
         c.last_check = Instant::now();
-        let mut replies = reply.map_err(|e| command_error(name, &e))?;
-        if switch {
-            let back = replies.pop();
-            let first = if replies.is_empty() { None } else { Some(replies.remove(0)) };
-            for select in [first, back] {
-                match select {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(command_error("SELECT", &e)),
-                    None => return Err(SyncError::protocol("SELECT", "missing reply")),
-                }
-            }
-        }
-        Ok(replies)
+        reply.map_err(|e| command_error(name, &e))
     }
 }
 

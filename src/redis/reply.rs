@@ -200,6 +200,17 @@ pub(super) fn stalled_consumer(consumers: &Value, ours: &str) -> Option<(String,
         .max_by_key(|(_, idle, _)| *idle)
 }
 
+/// The names of the groups in an `XINFO GROUPS` reply.
+pub(super) fn group_names(groups: &Value) -> Vec<String> {
+    let Value::Array(groups) = groups else { return Vec::new() };
+    groups
+        .iter()
+        .filter_map(|g| {
+            info_pairs(g).into_iter().find(|(k, _)| k == "name").and_then(|(_, v)| as_string(v))
+        })
+        .collect()
+}
+
 pub(super) fn parse_info(stream: &Value, groups: &Value, group: &str) -> StreamInfo {
     let mut info = StreamInfo::default();
     for (k, v) in info_pairs(stream) {

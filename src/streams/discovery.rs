@@ -1,22 +1,58 @@
-//! Discovery: the configured streams plus every stream matching the patterns in every
-//! database of the search range, reconciled with what is tracked; consumer groups created;
-//! XINFO figures refreshed; idle entries of dead consumers claimed.
+//! The discovery lane on the main thread: when discovery (or, in monitor mode, a health
+//! check) is due, a job goes to the discovery thread; its report is reconciled with the
+//! tracked streams here. Discovery runs every `stream_discovery_interval`, counted from the
+//! end of the last one, and at once when `redis_sync_discover()` asks.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Instant;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
+use super::discoverer::{Discovered, Discoverer, Found, GroupState, Job, Report};
 use super::{stream_key_name, Cursor, StreamSync, Tracked};
-use crate::error::Result;
+use crate::error::{Result, SyncError};
 use crate::gucs::{Mode, Settings};
-use crate::parse::Pattern;
-use crate::redis::Redis;
+use crate::pg::Waker;
+use crate::redis::SharedBudget;
 use crate::shmem::{self, StreamState};
+use crate::worker::Log;
 
-/// SCAN page size.
-const SCAN_COUNT: u32 = 1000;
+/// Stream keys a complete key-value pass saw, and when that pass started.
+pub struct Learned {
+    pub at: Instant,
+    pub streams: Vec<(u8, Vec<u8>)>,
+}
 
-/// A stream found by discovery: database, key, and whether it is configured by name.
-type Found = (u8, Vec<u8>, bool);
+/// What the discovery lane needs from the main loop for one turn.
+pub struct DiscoveryCtx<'a> {
+    pub budget: &'a SharedBudget,
+    pub waker: &'a Waker,
+    /// The lane is not backing off: a job may be sent.
+    pub may_send: bool,
+    /// Redis is unreachable: send a discovery now, as the probe that finds it back.
+    pub probe: bool,
+    /// `redis_sync_discover()` calls counted so far (in shared memory).
+    pub requested: u64,
+    pub learned: Option<&'a Learned>,
+}
+
+/// What a turn of the discovery lane did.
+#[derive(Debug, PartialEq)]
+pub enum DiscoveryTurn {
+    Nothing,
+    /// The discovery thread (re)connected to Redis.
+    Connected,
+    /// A report came and was applied.
+    Applied,
+}
+
+/// Does a key-value pass see every key discovery would look at? Then its stream keys can
+/// stand in for a walk of discovery's own.
+pub fn key_values_cover_discovery(s: &Settings) -> bool {
+    s.key_value_auto_discovery
+        && (s.key_value_patterns.iter().any(|p| p == "*")
+            || s.stream_discovery_patterns.iter().all(|p| s.key_value_patterns.contains(p)))
+}
+
+type Found3 = (u8, Vec<u8>, bool);
 
 /// What reconciling the tracked set with a discovery's findings changed.
 #[derive(Debug, Default, PartialEq)]
@@ -27,79 +63,233 @@ struct Reconciled {
 }
 
 impl StreamSync {
-    /// Finds the streams to sync, reconciles the tracked set, creates consumer groups,
-    /// refreshes the per-stream figures, and claims idle entries of dead consumers.
-    pub fn discover(
+    /// Takes the discovery thread's report if one came and applies it; sends the next job
+    /// when one is due (or asked for) and allowed. An error is the discovery lane's failure.
+    pub fn discovery_turn(
         &mut self,
-        redis: &mut Redis,
         s: &Settings,
         now: Instant,
-        log: &dyn Fn(&str),
-    ) -> Result<()> {
-        self.next_discovery = now + s.stream_discovery_interval;
-        self.group = s.consumer_group.clone();
-        let found = self.candidates(redis, s, log)?;
-        let changes = self.reconcile(found, s.redis.db);
-        log_changes(&changes, log);
-        if s.mode == Mode::Monitor {
-            // Look, do not touch: no groups created, nothing claimed or read.
-            for t in &mut self.streams {
-                t.state = StreamState::Monitored;
+        ctx: &DiscoveryCtx<'_>,
+        log: &Log,
+    ) -> Result<DiscoveryTurn> {
+        let mut turn = DiscoveryTurn::Nothing;
+        if let Some(d) = self.discoverer.as_mut() {
+            match d.try_receive() {
+                Ok(Some((scope, report))) => {
+                    let stale = scope != self.scope;
+                    match report {
+                        Report::Failed(e) => return Err(e),
+                        Report::Connected => turn = DiscoveryTurn::Connected,
+                        _ if stale => {}
+                        Report::Discovered(found) => {
+                            self.apply_discovered(found, s, now, log);
+                            turn = DiscoveryTurn::Applied;
+                        }
+                        Report::Monitored(infos) => {
+                            self.apply_monitored(infos, s, log);
+                            turn = DiscoveryTurn::Applied;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.discoverer = None;
+                    return Err(e);
+                }
             }
-            self.publish_discovery(&changes.added);
+        }
+        if ctx.may_send {
+            self.send_due_job(s, now, ctx)?;
+        }
+        Ok(turn)
+    }
+
+    /// A key-value pass saw stream keys: when one of them matches the patterns and is not
+    /// tracked, discovery runs now (with that pass's list) rather than at its interval.
+    pub fn streams_seen(&mut self, s: &Settings, learned: &Learned, now: Instant) {
+        if !s.stream_auto_discovery || !key_values_cover_discovery(s) {
+            return;
+        }
+        let patterns: Vec<crate::parse::Pattern> =
+            s.stream_discovery_patterns.iter().map(|p| crate::parse::Pattern::new(p)).collect();
+        let new = learned.streams.iter().any(|(db, key)| {
+            s.db_search_range.contains(db)
+                && patterns.iter().any(|p| p.matches(key))
+                && !self.index.contains_key(&(*db, key.clone()))
+        });
+        if new {
+            self.next_discovery = self.next_discovery.min(now);
+        }
+    }
+
+    /// Is a discovery or monitor job under way?
+    pub fn discovery_busy(&self) -> bool {
+        self.discoverer.as_ref().is_some_and(Discoverer::busy)
+    }
+
+    /// When the discovery lane next has something to do.
+    pub fn discovery_wait(&self, s: &Settings, now: Instant) -> Duration {
+        let next = match s.mode {
+            Mode::Sync => self.next_discovery,
+            Mode::Monitor => self.next_discovery.min(self.next_monitor),
+        };
+        next.saturating_duration_since(now)
+    }
+
+    fn send_due_job(&mut self, s: &Settings, now: Instant, ctx: &DiscoveryCtx<'_>) -> Result<()> {
+        if self.discoverer.as_ref().is_some_and(Discoverer::busy) {
             return Ok(());
         }
-        self.ensure_groups(redis, s)?;
-        let in_use: BTreeSet<u8> = self.streams.iter().map(|t| t.db).collect();
-        redis.retain_connections(&in_use);
-        // Slots first (a new stream gets a fresh slot), then the figures that go in them.
-        self.publish_all();
-        self.refresh_info(redis, s)?;
-        self.claim(redis, s)?;
-        // The safety net: anything left in our pending list (a read whose reply was lost)
-        // is read again now. The caller makes sure no read is in flight.
-        self.restart_from_pending();
-        self.publish_discovery(&changes.added);
+        let asked = ctx.requested > self.discover_served;
+        let job = if asked || ctx.probe || now >= self.next_discovery {
+            self.serving = ctx.requested;
+            // The stream keys of a complete key-value pass that started after the last
+            // discovery started stand in for a walk; a request of redis_sync_discover()
+            // always walks (it answers for the keyspace as it is now).
+            let since = self.discovery_started;
+            let fresh = ctx.learned.filter(|l| {
+                !asked && key_values_cover_discovery(s) && since.is_some_and(|t| l.at >= t)
+            });
+            self.discovery_started = Some(now);
+            self.log_search(s, fresh.is_some());
+            Job::Discover {
+                settings: Box::new(s.clone()),
+                supplied: fresh.map(|l| l.streams.clone()),
+                has_group: self
+                    .streams
+                    .iter()
+                    .filter(|t| matches!(t.state, StreamState::Active | StreamState::Error))
+                    .map(|t| (t.db, t.key.clone()))
+                    .collect(),
+                scope: self.scope,
+            }
+        } else if s.mode == Mode::Monitor && now >= self.next_monitor {
+            self.next_monitor = now + s.monitor_interval;
+            Job::Monitor {
+                settings: Box::new(s.clone()),
+                streams: self.streams.iter().map(|t| (t.db, t.key.clone())).collect(),
+                scope: self.scope,
+            }
+        } else {
+            return Ok(());
+        };
+        let d = match self.discoverer.as_mut() {
+            Some(d) => d,
+            None => {
+                let wake = ctx
+                    .waker
+                    .handle()
+                    .map_err(|e| SyncError::Config(format!("cannot start discovery: {e}")))?;
+                self.discoverer.insert(Discoverer::start(ctx.budget.clone(), wake)?)
+            }
+        };
+        if let Err(e) = d.send(job) {
+            self.discoverer = None;
+            return Err(e);
+        }
         Ok(())
     }
 
-    /// The configured streams, and with discovery on every stream whose name matches a
-    /// pattern in a database of the search range (SCAN ... TYPE stream, never KEYS).
-    fn candidates(
-        &mut self,
-        redis: &mut Redis,
-        s: &Settings,
-        log: &dyn Fn(&str),
-    ) -> Result<Vec<Found>> {
-        let mut found: Vec<Found> =
-            s.streams.iter().map(|name| (s.redis.db, name.as_bytes().to_vec(), true)).collect();
+    /// "Searching Redis databases ..." once per change of what is searched.
+    fn log_search(&mut self, s: &Settings, _learned: bool) {
         if !s.stream_auto_discovery || s.stream_discovery_patterns.is_empty() {
-            return Ok(found);
+            return;
         }
-        let patterns: Vec<Pattern> =
-            s.stream_discovery_patterns.iter().map(|p| Pattern::new(p)).collect();
         let search = format!(
             "Searching Redis databases {} for streams matching {}",
             crate::parse::format_db_range(&s.db_search_range),
             s.stream_discovery_patterns.join(", ")
         );
         if search != self.last_search {
-            log(&search);
             self.last_search = search;
+            self.search_logged = false;
         }
-        let globs = crate::parse::redis_globs(&patterns);
-        for (db, key) in redis.scan_streams(&s.db_search_range, &globs, SCAN_COUNT)? {
-            // Confirm client-side: fnmatch semantics are the contract.
-            if patterns.iter().any(|p| p.matches(&key)) {
-                found.push((db, key, false));
+    }
+
+    /// Applies a discovery: the tracked set reconciled, groups, figures and claims taken in,
+    /// every stream's pending entries read first again (the safety net for a read whose
+    /// reply was lost), a new generation published.
+    fn apply_discovered(&mut self, d: Discovered, s: &Settings, now: Instant, log: &Log) {
+        self.next_discovery = now + s.stream_discovery_interval;
+        self.group = s.consumer_group.clone();
+        if !self.search_logged {
+            let mut line = self.last_search.clone();
+            if !d.missing_dbs.is_empty() {
+                line.push_str(&format!(
+                    " (the server has no database {}: skipped)",
+                    crate::parse::format_db_range(&d.missing_dbs)
+                ));
+            }
+            if !line.is_empty() {
+                log.info(&line);
+            }
+            self.search_logged = true;
+        }
+        // Streams whose group cannot be made are not tracked; say why once.
+        let mut kept = Vec::new();
+        let mut outcome: HashMap<(u8, Vec<u8>), Found> = HashMap::new();
+        for f in d.found {
+            if let Some(GroupState::Failed(e)) = &f.group {
+                log.warning(&format!(
+                    "stream \"{}\" cannot be synced: {e}",
+                    stream_key_name(f.db, s.redis.db, &f.key)
+                ));
+                continue;
+            }
+            kept.push((f.db, f.key.clone(), f.configured));
+            outcome.insert((f.db, f.key.clone()), f);
+        }
+        let changes = self.reconcile(kept, s.redis.db);
+        log_changes(&changes, log);
+        let mut slots = Vec::new();
+        for (i, t) in self.streams.iter_mut().enumerate() {
+            let Some(f) = outcome.remove(&(t.db, t.key.clone())) else { continue };
+            match (&f.group, s.mode) {
+                (_, Mode::Monitor) => t.state = StreamState::Monitored,
+                (Some(GroupState::Missing), _) => {
+                    t.state = StreamState::NoGroup;
+                    t.last_error = format!(
+                        "consumer group \"{}\" does not exist and redis_sync.auto_create_consumer_groups is off",
+                        s.consumer_group
+                    );
+                }
+                (_, Mode::Sync) => {
+                    if matches!(t.state, StreamState::NoGroup | StreamState::Monitored) {
+                        t.state = StreamState::Active;
+                        t.last_error.clear();
+                    }
+                }
+            }
+            if let Some(info) = &f.info {
+                t.group_pending = info.pending;
+                t.group_consumers = info.consumers;
+                slots.push((i, info.clone()));
+            }
+            match f.claimed {
+                Ok(0) => {}
+                Ok(_) => t.cursor = Cursor::Pending("0".into()),
+                Err(e) => t.last_error = e,
             }
         }
-        Ok(found)
+        if s.mode == Mode::Sync {
+            self.restart_from_pending();
+        }
+        // Slots first (a new stream gets a fresh slot), then the figures that go in them.
+        self.publish_all();
+        shmem::update_streams(|tbl| {
+            for (i, info) in &slots {
+                if let Some(slot) = tbl.slots.get_mut(*i) {
+                    slot.set_info(info);
+                }
+            }
+        });
+        self.discover_served = self.serving;
+        self.publish_discovery(&changes.added);
     }
 
     /// Keeps what is still there, adds what is new (in name order), drops discovered streams
     /// that are gone (their entries went with them). Pure: no Redis, no Postgres.
-    fn reconcile(&mut self, found: Vec<Found>, default_db: u8) -> Reconciled {
+    fn reconcile(&mut self, found: Vec<Found3>, default_db: u8) -> Reconciled {
         let mut keep: HashMap<(u8, Vec<u8>), bool> = HashMap::new();
         for (db, key, configured) in found {
             *keep.entry((db, key)).or_insert(false) |= configured;
@@ -122,107 +312,6 @@ impl StreamSync {
         Reconciled { added, removed }
     }
 
-    /// Groups for the new streams (and for any stream still waiting for its group); a
-    /// stream whose group cannot be created is no longer tracked.
-    fn ensure_groups(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
-        let mut gone = Vec::new();
-        for i in 0..self.streams.len() {
-            let t = &self.streams[i];
-            let fresh = t.messages_synced == 0 && t.last_id.is_empty();
-            if !(fresh || t.state == StreamState::NoGroup) {
-                continue;
-            }
-            match self.ensure_group(redis, i, s) {
-                Ok(()) => {}
-                Err(e) if e.connection_lost() => return Err(e),
-                Err(_) => gone.push(i),
-            }
-        }
-        for i in gone.into_iter().rev() {
-            self.streams.remove(i);
-        }
-        self.reindex();
-        Ok(())
-    }
-
-    /// Creates the consumer group of stream `i` when missing (and allowed to).
-    fn ensure_group(&mut self, redis: &mut Redis, i: usize, s: &Settings) -> Result<()> {
-        let t = &mut self.streams[i];
-        if s.auto_create_consumer_groups {
-            match redis.create_group(t.db, &t.key, &s.consumer_group, t.configured) {
-                Ok(_) => {
-                    t.state = StreamState::Active;
-                    Ok(())
-                }
-                Err(e) => {
-                    t.last_error = e.to_string();
-                    Err(e)
-                }
-            }
-        } else {
-            let info = redis.stream_info(t.db, &s.consumer_group, &[&t.key])?;
-            let exists = info.first().and_then(|i| i.as_ref()).is_some_and(|i| i.group_exists);
-            t.state = if exists { StreamState::Active } else { StreamState::NoGroup };
-            if !exists {
-                t.last_error = format!(
-                    "consumer group \"{}\" does not exist and redis_sync.auto_create_consumer_groups is off",
-                    s.consumer_group
-                );
-            }
-            Ok(())
-        }
-    }
-
-    /// Length, first/last IDs, pending, lag and consumers of every stream: one pipelined
-    /// round trip per database.
-    fn refresh_info(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
-        for (db, idx) in self.by_db() {
-            let keys: Vec<&[u8]> = idx.iter().map(|&i| self.streams[i].key.as_slice()).collect();
-            let infos = redis.stream_info(db, &s.consumer_group, &keys)?;
-            let mut slots = Vec::new();
-            for (&i, info) in idx.iter().zip(infos) {
-                let Some(info) = info else { continue };
-                let t = &mut self.streams[i];
-                t.group_pending = info.pending;
-                t.group_consumers = info.consumers;
-                slots.push((i, info));
-            }
-            shmem::update_streams(|tbl| {
-                for (i, info) in &slots {
-                    if let Some(slot) = tbl.slots.get_mut(*i) {
-                        slot.set_info(info);
-                    }
-                }
-            });
-        }
-        Ok(())
-    }
-
-    /// Claims entries other consumers left pending longer than `claim_min_idle`; they join
-    /// our pending list and are read from there.
-    fn claim(&mut self, redis: &mut Redis, s: &Settings) -> Result<()> {
-        for t in &mut self.streams {
-            if t.state != StreamState::Active || t.group_pending == 0 || t.group_consumers < 2 {
-                continue;
-            }
-            let n = redis.claim_idle(
-                t.db,
-                &t.key,
-                &s.consumer_group,
-                &s.consumer_name,
-                s.claim_min_idle,
-                s.batch_size,
-            );
-            match n {
-                Ok(0) => {}
-                Ok(_) => t.cursor = Cursor::Pending("0".into()),
-                Err(e) if e.connection_lost() => return Err(e),
-                Err(e) => t.last_error = e.to_string(),
-            }
-        }
-        Ok(())
-    }
-
     /// Ends a discovery pass: a new generation, with which streams it found and added, for
     /// `redis_sync_discover()`.
     fn publish_discovery(&mut self, added: &[String]) {
@@ -238,11 +327,12 @@ impl StreamSync {
                 }
             }
             t.discovery_gen = gen;
+            t.discovery_answered = self.discover_served;
         });
     }
 }
 
-fn log_changes(changes: &Reconciled, log: &dyn Fn(&str)) {
+fn log_changes(changes: &Reconciled, log: &Log) {
     if !changes.added.is_empty() {
         let added = &changes.added;
         shmem::bump(|c| &c.streams_discovered, added.len() as u64);
@@ -252,10 +342,13 @@ fn log_changes(changes: &Reconciled, log: &dyn Fn(&str)) {
         } else {
             String::new()
         };
-        log(&format!("tracking {} new stream(s): {}{more}", added.len(), shown.join(", ")));
+        log.info(&format!("tracking {} new stream(s): {}{more}", added.len(), shown.join(", ")));
     }
     if changes.removed > 0 {
-        log(&format!("{} stream(s) no longer exist and are no longer tracked", changes.removed));
+        log.info(&format!(
+            "{} stream(s) no longer exist and are no longer tracked",
+            changes.removed
+        ));
     }
 }
 

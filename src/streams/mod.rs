@@ -8,6 +8,7 @@
 //! - `monitor`: monitor mode (look, do not touch)
 //! - `writer`: the stream-table writer (COPY, INSERT fallback, dead letters)
 
+mod discoverer;
 mod discovery;
 mod monitor;
 mod reader;
@@ -15,13 +16,17 @@ mod round;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::encode::encode_name;
 use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
 
-pub use reader::Reader;
+pub use discoverer::Discoverer;
+pub use discovery::{DiscoveryCtx, DiscoveryTurn, Learned};
+pub use round::Feed;
 pub use writer::StreamWriter;
+
+use reader::Reader;
 
 use monitor::Trend;
 use reader::Acks;
@@ -76,8 +81,6 @@ impl Tracked {
 }
 
 pub struct StreamSync {
-    /// Set by the worker: a read may block for `poll_interval` when there is nothing to do.
-    pub may_block: bool,
     streams: Vec<Tracked>,
     index: HashMap<(u8, Vec<u8>), usize>,
     next_discovery: Instant,
@@ -85,13 +88,16 @@ pub struct StreamSync {
     /// Round-robin start per database, so every stream gets its turn when not all fit in
     /// one read.
     rr: BTreeMap<u8, usize>,
-    /// Which database the next read goes to (round-robin).
-    next_db: usize,
+    /// A reader thread per database in use.
+    readers: BTreeMap<u8, Reader>,
+    /// Replies to reads made before the last failure, pause or change of scope are dropped
+    /// unread (their entries stay in our pending list and are read again from there).
+    epoch: u64,
     /// Entries whose rows are committed but not yet acknowledged, by database: they ride
     /// along with the next read of that database (one round trip for both).
     unacked: BTreeMap<u8, Acks>,
-    /// The last read found nothing: the next one may block.
-    idle: bool,
+    /// Per database: the last read found nothing, so the next one may block.
+    idle: BTreeMap<u8, bool>,
     /// Moving average of an entry's size in bytes, for the read budget.
     avg_entry_bytes: usize,
     group: String,
@@ -99,6 +105,19 @@ pub struct StreamSync {
     last_search: String,
     /// Monitor mode: when the next health check is due.
     next_monitor: Instant,
+    /// The discovery thread, started on first use.
+    discoverer: Option<Discoverer>,
+    /// Bumped when what is tracked is cleared: a discovery made for an older scope is
+    /// dropped.
+    scope: u64,
+    /// `redis_sync_discover()` requests answered by the last discovery, and those the one
+    /// under way will answer.
+    discover_served: u64,
+    serving: u64,
+    /// Whether `last_search` was logged.
+    search_logged: bool,
+    /// When the last discovery job was sent.
+    discovery_started: Option<Instant>,
 }
 
 /// The name a stream is stored under.
@@ -113,20 +132,32 @@ pub fn stream_key_name(db: u8, default_db: u8, key: &[u8]) -> String {
 impl StreamSync {
     pub fn new(now: Instant) -> StreamSync {
         StreamSync {
-            may_block: true,
             streams: Vec::new(),
             index: HashMap::new(),
             next_discovery: now,
             discovery_gen: 0,
             rr: BTreeMap::new(),
-            next_db: 0,
+            readers: BTreeMap::new(),
+            epoch: 0,
             unacked: BTreeMap::new(),
-            idle: false,
+            idle: BTreeMap::new(),
             avg_entry_bytes: 1024,
             group: String::new(),
             last_search: String::new(),
             next_monitor: now,
+            discoverer: None,
+            scope: 0,
+            discover_served: 0,
+            serving: 0,
+            search_logged: false,
+            discovery_started: None,
         }
+    }
+
+    /// Takes up where the last worker left `redis_sync_discover()` requests: those it did
+    /// not answer are answered by this one's first discovery.
+    pub fn requests_answered_before(&mut self, answered: u64) {
+        self.discover_served = answered;
     }
 
     pub fn tracked(&self) -> usize {
@@ -140,43 +171,41 @@ impl StreamSync {
         }
     }
 
-    /// Forgets everything (the Redis server changed).
-    pub fn clear(&mut self, now: Instant) {
+    /// Drops whatever reads are under way (their replies are not landed) and makes every
+    /// stream read its pending entries first when reads start again: after a failure, a
+    /// pause, a mode change.
+    pub fn drop_reads(&mut self) {
+        self.epoch += 1;
+        self.restart_from_pending();
+    }
+
+    /// As [`StreamSync::drop_reads`], and reads blocked in Redis are ended at once (so that
+    /// none goes on taking entries into our pending list while paused or monitoring).
+    pub fn stop_reads(&mut self, settings: &crate::gucs::RedisSettings) {
+        self.drop_reads();
+        let ids = self.readers.values().filter_map(Reader::blocked_client).collect();
+        reader::unblock(settings, ids);
+    }
+
+    /// Forgets the tracked streams (their scope changed) and makes discovery due now.
+    /// Acknowledgements of committed entries are kept and still sent, unless `other_server`
+    /// (the Redis server itself changed): then the readers and what they owed go too.
+    pub fn clear(&mut self, now: Instant, old: &crate::gucs::RedisSettings, other_server: bool) {
+        self.stop_reads(old);
+        self.scope += 1;
         self.streams.clear();
-        self.unacked.clear();
         self.index.clear();
+        if other_server {
+            self.unacked.clear();
+            self.readers.clear();
+        }
         self.next_discovery = now;
         self.publish_all();
-    }
-
-    /// Makes discovery due now (`redis_sync_discover()`).
-    pub fn discover_now(&mut self, now: Instant) {
-        self.next_discovery = now;
-    }
-
-    pub fn discovery_due(&self, now: Instant) -> bool {
-        now >= self.next_discovery
-    }
-
-    /// Time until discovery is due, for the latch wait when there is nothing to read.
-    pub fn idle_wait(&self, now: Instant) -> Duration {
-        self.next_discovery.saturating_duration_since(now)
     }
 
     fn reindex(&mut self) {
         self.index =
             self.streams.iter().enumerate().map(|(i, t)| ((t.db, t.key.clone()), i)).collect();
-    }
-
-    /// Indexes of streams that can be read (not waiting for a group), by database.
-    fn by_db(&self) -> BTreeMap<u8, Vec<usize>> {
-        let mut m: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
-        for (i, t) in self.streams.iter().enumerate() {
-            if t.state != StreamState::NoGroup {
-                m.entry(t.db).or_default().push(i);
-            }
-        }
-        m
     }
 
     /// Writes the per-stream figures of streams `idx` to shared memory.

@@ -2,13 +2,9 @@
 //! created, nothing is read through the group, acknowledged or written; every
 //! `monitor_interval` each stream's figures are refreshed and judged.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-
 use super::StreamSync;
-use crate::error::Result;
 use crate::gucs::Settings;
-use crate::redis::{Redis, StreamInfo};
+use crate::redis::StreamInfo;
 use crate::shmem;
 use crate::worker::Log;
 
@@ -79,73 +75,53 @@ impl Trend {
 }
 
 impl StreamSync {
-    /// Monitor mode: no reads through the group, no acknowledgements, no writes. Discovery
-    /// runs as usual; every `monitor_interval` each stream's figures are refreshed (length,
-    /// first and last IDs, groups, consumers, pending, lag) and judged, a change of verdict
-    /// is logged (WARNING when trouble starts, LOG when it clears) and shown in
-    /// `redis_sync_streams().health`. Returns how long the loop may wait.
-    pub fn monitor(
+    /// Takes in a health check of monitor mode: each stream's figures (length, first and last
+    /// IDs, groups, consumers, pending, lag) are judged, a change of verdict is logged
+    /// (WARNING when trouble starts, LOG when it clears) and shown in
+    /// `redis_sync_streams().health`.
+    pub(super) fn apply_monitored(
         &mut self,
-        redis: &mut Redis,
+        infos: Vec<(u8, Vec<u8>, Option<StreamInfo>)>,
         s: &Settings,
-        now: Instant,
         log: &Log,
-    ) -> Result<Duration> {
-        if self.discovery_due(now) {
-            self.discover(redis, s, now, &|m| log.info(m))?;
-            self.next_monitor = now;
-        }
-        if now < self.next_monitor {
-            return Ok(self.next_monitor.min(self.next_discovery) - now);
-        }
-        self.next_monitor = now + s.monitor_interval;
+    ) {
         let stall_ms = (s.monitor_interval * 3).max(s.claim_min_idle).as_millis() as i64;
-        let mut dbs: BTreeMap<u8, Vec<usize>> = BTreeMap::new();
-        for (i, t) in self.streams.iter().enumerate() {
-            dbs.entry(t.db).or_default().push(i);
-        }
-        for (db, idx) in dbs {
-            let keys: Vec<&[u8]> = idx.iter().map(|&i| self.streams[i].key.as_slice()).collect();
-            let infos =
-                redis.stream_health(db, &s.consumer_group, &keys, Some(&s.consumer_name))?;
-            let mut slots = Vec::new();
-            for (&i, found) in idx.iter().zip(infos) {
-                // A stream gone since discovery: the next discovery drops it.
-                let Some(found) = found else { continue };
-                let t = &mut self.streams[i];
-                let (kinds, verdict) = t.trend.judge(&found, stall_ms);
-                log.debug(&format!(
-                    "stream {}: length {}, entries {}..{}, {} group(s), {} consumer(s) in \"{}\", {} pending, lag {}",
-                    t.stream_key,
-                    found.length,
-                    found.first_entry_id.as_deref().unwrap_or("-"),
-                    found.last_entry_id.as_deref().unwrap_or("-"),
-                    found.groups,
-                    found.consumers,
-                    s.consumer_group,
-                    found.pending,
-                    found.lag.map_or("unknown".to_owned(), |l| l.to_string()),
-                ));
-                if kinds != t.trend.kinds {
-                    if kinds.is_empty() {
-                        log.info(&format!("stream {}: healthy again", t.stream_key));
-                    } else {
-                        log.warning(&format!("stream {}: {verdict}", t.stream_key));
-                    }
-                    t.trend.kinds = kinds;
+        let mut slots = Vec::new();
+        for (db, key, found) in infos {
+            // A stream gone since discovery: the next discovery drops it.
+            let (Some(found), Some(&i)) = (found, self.index.get(&(db, key))) else { continue };
+            let t = &mut self.streams[i];
+            let (kinds, verdict) = t.trend.judge(&found, stall_ms);
+            log.debug(&format!(
+                "stream {}: length {}, entries {}..{}, {} group(s), {} consumer(s) in \"{}\", {} pending, lag {}",
+                t.stream_key,
+                found.length,
+                found.first_entry_id.as_deref().unwrap_or("-"),
+                found.last_entry_id.as_deref().unwrap_or("-"),
+                found.groups,
+                found.consumers,
+                s.consumer_group,
+                found.pending,
+                found.lag.map_or("unknown".to_owned(), |l| l.to_string()),
+            ));
+            if kinds != t.trend.kinds {
+                if kinds.is_empty() {
+                    log.info(&format!("stream {}: healthy again", t.stream_key));
+                } else {
+                    log.warning(&format!("stream {}: {verdict}", t.stream_key));
                 }
-                slots.push((i, found, verdict));
+                t.trend.kinds = kinds;
             }
-            shmem::update_streams(|tbl| {
-                for (i, found, warning) in &slots {
-                    if let Some(slot) = tbl.slots.get_mut(*i) {
-                        slot.set_info(found);
-                        slot.health.set(warning);
-                    }
-                }
-            });
+            slots.push((i, found, verdict));
         }
-        Ok(s.monitor_interval.min(self.next_discovery.saturating_duration_since(now)))
+        shmem::update_streams(|tbl| {
+            for (i, found, warning) in &slots {
+                if let Some(slot) = tbl.slots.get_mut(*i) {
+                    slot.set_info(found);
+                    slot.health.set(warning);
+                }
+            }
+        });
     }
 }
 

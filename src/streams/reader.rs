@@ -1,19 +1,24 @@
-//! The reader thread: runs `XREADGROUP` and turns the reply into rows while the main thread
-//! writes the previous batch into Postgres (two cores, two halves of the work).
+//! A reader thread per Redis database in use: runs `XREADGROUP` (blocking in Redis when there
+//! is nothing to read, so an idle worker sleeps) with the acknowledgements of committed
+//! entries in the same round trip, and turns the reply into rows and COPY text while the main
+//! thread writes the previous batch.
 //!
-//! It owns its own Redis connections, talks to the main thread over bounded channels, has
-//! every signal blocked, and never calls Postgres: only the atomics of `shmem::bump`.
+//! Each owns its connection, takes its round trips from the stream lane's share of the rate
+//! limit, talks to the main thread over bounded channels (and wakes it through the wake-up
+//! pipe), has every signal blocked, and never calls Postgres.
 
-use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::writer::StreamRow;
 use crate::encode::{entry_id_millis, entry_json, push_copy_field, push_utc_millis};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
-use crate::redis::RedisConn;
+use crate::pg::WakeHandle;
+use crate::ratelimit::Lane;
+use crate::redis::{RedisConn, SharedBudget};
 
 /// Entries to acknowledge: stream key and IDs.
 pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
@@ -24,6 +29,8 @@ pub struct ReadStream {
     pub key: Vec<u8>,
     pub after: String,
     pub stream_key: String,
+    /// Named in `redis_sync.streams` (its group is created with MKSTREAM).
+    pub configured: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -34,9 +41,15 @@ pub struct ReadRequest {
     pub consumer: String,
     pub count: u32,
     pub block: Option<Duration>,
+    /// May be empty: then only the acknowledgements are sent.
     pub streams: Vec<ReadStream>,
     /// Entries whose rows are committed, acknowledged in the same round trip as the read.
     pub acks: Acks,
+    /// `redis_sync.auto_create_consumer_groups`: whether a missing group is created again.
+    pub auto_create: bool,
+    /// The stream lane's epoch when the request was made: a reply to an older epoch is
+    /// dropped unread (its entries stay in our pending list and are read from there).
+    pub epoch: u64,
 }
 
 /// What one stream gave: every entry ID (to acknowledge) and a row for each entry that
@@ -50,103 +63,165 @@ pub struct StreamBatch {
     pub copy: Vec<u8>,
 }
 
-pub struct ReadReply {
-    pub request: ReadRequest,
-    pub result: Result<Vec<StreamBatch>>,
+/// What became of a stream's consumer group after the read found it missing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupFix {
+    /// Created again from the start of the stream.
+    Recreated,
+    /// It exists (another stream of the read was the one missing it).
+    Exists,
+    /// Missing, and `auto_create_consumer_groups` is off.
+    Missing,
+    /// It cannot be created (the stream is gone, or another type now): the error.
+    Failed(String),
 }
 
+#[derive(Debug)]
+pub enum ReadOutcome {
+    Entries(Vec<StreamBatch>),
+    /// The read met `NOGROUP` (a stream or its group disappeared): what was done about each
+    /// stream of the request.
+    Groups(Vec<(Vec<u8>, GroupFix)>),
+}
+
+pub struct ReadReply {
+    pub request: ReadRequest,
+    pub result: Result<ReadOutcome>,
+}
+
+/// The main thread's handle on one database's reader thread.
 pub struct Reader {
     requests: SyncSender<ReadRequest>,
     replies: Receiver<ReadReply>,
-    _thread: JoinHandle<()>,
-    in_flight: usize,
+    in_flight: bool,
+    /// The reader connection's `CLIENT ID` (0 until known), to end a blocked read early.
+    client_id: Arc<AtomicU64>,
 }
 
 impl Reader {
-    pub fn start() -> Result<Reader> {
-        // One request queued and one reply waiting at most: memory stays at two batches.
+    pub fn start(db: u8, budget: SharedBudget, wake: WakeHandle) -> Result<Reader> {
+        // One request and one reply at most: memory stays at two reads per database.
         let (req_tx, req_rx) = sync_channel::<ReadRequest>(1);
         let (rep_tx, rep_rx) = sync_channel::<ReadReply>(1);
-        let thread =
-            crate::worker::spawn_helper("redis_pg_sync reader", move || serve(req_rx, rep_tx))
-                .map_err(|e| SyncError::Config(format!("cannot start the reader thread: {e}")))?;
-        Ok(Reader { requests: req_tx, replies: rep_rx, _thread: thread, in_flight: 0 })
+        let client_id = Arc::new(AtomicU64::new(0));
+        let id = client_id.clone();
+        crate::worker::spawn_helper(&format!("redis_pg_sync reader db{db}"), move || {
+            serve(req_rx, rep_tx, budget, wake, id)
+        })
+        .map_err(|e| SyncError::Config(format!("cannot start a reader thread: {e}")))?;
+        Ok(Reader { requests: req_tx, replies: rep_rx, in_flight: false, client_id })
+    }
+
+    /// The `CLIENT ID` of a read under way, when known.
+    pub fn blocked_client(&self) -> Option<u64> {
+        let id = self.client_id.load(Ordering::Relaxed);
+        (self.in_flight && id != 0).then_some(id)
     }
 
     pub fn in_flight(&self) -> bool {
-        self.in_flight > 0
+        self.in_flight
     }
 
     pub fn send(&mut self, req: ReadRequest) -> Result<()> {
         self.requests.send(req).map_err(|_| SyncError::ThreadStopped("reader"))?;
-        self.in_flight += 1;
+        self.in_flight = true;
         Ok(())
     }
 
-    /// Waits for the reply to the oldest request, calling `tick` every 100 ms meanwhile
-    /// (the worker checks for interrupts there).
-    pub fn receive(&mut self, tick: &dyn Fn()) -> Result<ReadReply> {
-        loop {
-            match self.replies.recv_timeout(Duration::from_millis(100)) {
-                Ok(r) => {
-                    self.in_flight -= 1;
-                    return Ok(r);
-                }
-                Err(RecvTimeoutError::Timeout) => tick(),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(SyncError::ThreadStopped("reader"))
-                }
+    /// The reply to the request in flight, if it has come.
+    pub fn try_receive(&mut self) -> Result<Option<ReadReply>> {
+        match self.replies.try_recv() {
+            Ok(r) => {
+                self.in_flight = false;
+                Ok(Some(r))
             }
-        }
-    }
-
-    /// Waits for and drops every reply still due (after a failure, what was read sits in
-    /// our pending list and is read again from there).
-    pub fn discard(&mut self, tick: &dyn Fn()) {
-        while self.in_flight > 0 {
-            if self.receive(tick).is_err() {
-                self.in_flight = 0;
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => {
+                self.in_flight = false;
+                Err(SyncError::ThreadStopped("reader"))
             }
         }
     }
 }
 
-fn serve(requests: Receiver<ReadRequest>, replies: SyncSender<ReadReply>) {
-    let mut conns: HashMap<u8, (RedisSettings, RedisConn)> = HashMap::new();
+fn serve(
+    requests: Receiver<ReadRequest>,
+    replies: SyncSender<ReadReply>,
+    budget: SharedBudget,
+    wake: WakeHandle,
+    client_id: Arc<AtomicU64>,
+) {
+    let mut conn: Option<(RedisSettings, RedisConn)> = None;
     for req in requests {
-        let result = read(&mut conns, &req);
+        budget.take(Lane::Streams);
+        let result = read(&mut conn, &req, &client_id);
         if result.as_ref().is_err_and(|e| e.connection_lost()) {
-            conns.remove(&req.db);
+            conn = None;
         }
         if replies.send(ReadReply { request: req, result }).is_err() {
             return;
         }
+        wake.wake();
     }
 }
 
 fn read(
-    conns: &mut HashMap<u8, (RedisSettings, RedisConn)>,
+    conn: &mut Option<(RedisSettings, RedisConn)>,
     req: &ReadRequest,
-) -> Result<Vec<StreamBatch>> {
-    let stale = conns.get(&req.db).is_some_and(|(s, _)| *s != req.settings);
-    if stale || !conns.contains_key(&req.db) {
-        conns.remove(&req.db);
-        let c = RedisConn::connect(&req.settings, req.db)?;
-        conns.insert(req.db, (req.settings.clone(), c));
+    client_id: &AtomicU64,
+) -> Result<ReadOutcome> {
+    if conn.as_ref().is_none_or(|(s, _)| *s != req.settings) {
+        *conn = None;
+        client_id.store(0, Ordering::Relaxed);
+        let mut c = RedisConn::connect(&req.settings, req.db)?;
+        client_id.store(c.client_id().unwrap_or(0), Ordering::Relaxed);
+        *conn = Some((req.settings.clone(), c));
     }
-    let Some((_, conn)) = conns.get_mut(&req.db) else {
+    let Some((_, c)) = conn.as_mut() else {
         return Err(SyncError::Config("no reader connection".into()));
     };
     let pairs: Vec<(&[u8], &str)> =
         req.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect();
-    let reply =
-        conn.read_group(&req.group, &req.consumer, req.count, req.block, &pairs, &req.acks)?;
-    let names: HashMap<&[u8], &str> =
-        req.streams.iter().map(|s| (s.key.as_slice(), s.stream_key.as_str())).collect();
-    Ok(reply
+    match c.read_group(&req.group, &req.consumer, req.count, req.block, &pairs, &req.acks) {
+        Ok(reply) => Ok(ReadOutcome::Entries(batches(req, reply))),
+        Err(e) if e.is_nogroup() => Ok(ReadOutcome::Groups(fix_groups(c, req))),
+        Err(e) => Err(e),
+    }
+}
+
+/// A stream or its group disappeared under the read: every stream of the request gets its
+/// group again (from the start) where that is allowed and possible.
+fn fix_groups(c: &mut RedisConn, req: &ReadRequest) -> Vec<(Vec<u8>, GroupFix)> {
+    req.streams
+        .iter()
+        .map(|s| {
+            let fix = if req.auto_create {
+                match c.create_group(&s.key, &req.group, s.configured) {
+                    Ok(true) => GroupFix::Recreated,
+                    Ok(false) => GroupFix::Exists,
+                    Err(e) => GroupFix::Failed(e.to_string()),
+                }
+            } else {
+                match c.group_exists(&s.key, &req.group) {
+                    Ok(true) => GroupFix::Exists,
+                    Ok(false) => GroupFix::Missing,
+                    Err(e) => GroupFix::Failed(e.to_string()),
+                }
+            };
+            (s.key.clone(), fix)
+        })
+        .collect()
+}
+
+fn batches(
+    req: &ReadRequest,
+    reply: Vec<(Vec<u8>, Vec<crate::redis::RawEntry>)>,
+) -> Vec<StreamBatch> {
+    reply
         .into_iter()
         .map(|(key, entries)| {
-            let stream_key = names.get(key.as_slice()).copied().unwrap_or("");
+            let stream_key =
+                req.streams.iter().find(|s| s.key == key).map_or("", |s| s.stream_key.as_str());
             let mut batch =
                 StreamBatch { ids: Vec::with_capacity(entries.len()), ..Default::default() };
             for e in entries {
@@ -165,7 +240,7 @@ fn read(
             batch.key = key;
             batch
         })
-        .collect())
+        .collect()
 }
 
 fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
@@ -177,4 +252,19 @@ fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
     out.push(b'\t');
     push_utc_millis(out, row.millis);
     out.push(b'\n');
+}
+
+/// Ends the reads now blocked in Redis (on the readers' connections) at once, from a
+/// short-lived thread of its own: after a pause, a change of mode or of what is synced, no
+/// read keeps taking entries for up to `poll_interval`. Best effort.
+pub fn unblock(settings: &RedisSettings, ids: Vec<u64>) {
+    if ids.is_empty() {
+        return;
+    }
+    let settings = settings.clone();
+    let _ = crate::worker::spawn_helper("redis_pg_sync unblock", move || {
+        if let Ok(mut c) = RedisConn::connect(&settings, settings.db) {
+            c.unblock(&ids);
+        }
+    });
 }

@@ -1,18 +1,23 @@
-//! One round of stream sync: take the reply of the read in flight (or read now), start the
-//! next read when it cannot depend on this one, write the batch in one transaction, and
-//! queue its acknowledgements for after the commit.
+//! The stream lane on the main thread: take the replies the reader threads have, land each
+//! in one transaction, queue its acknowledgements to ride on that database's next read, and
+//! keep every database's reader busy.
 //!
 //! The bookkeeping that exactly-once rests on is plain code, tested without Postgres or
 //! Redis: which read comes next ([`StreamSync::next_request`]), how cursors move on a reply
 //! ([`StreamSync::advance_cursors`]), and that only committed entries are acknowledged
 //! ([`StreamSync::land`]).
 
-use super::reader::{ReadRequest, ReadStream, Reader, StreamBatch};
+use std::collections::BTreeSet;
+
+use super::reader::{
+    GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
+};
 use super::writer::{StreamRow, Target};
-use super::{Cursor, StreamSync};
-use crate::error::Result;
+use super::{Cursor, StreamSync, StreamWriter};
+use crate::error::{Result, SyncError};
 use crate::gucs::Settings;
-use crate::redis::Redis;
+use crate::pg::Waker;
+use crate::redis::SharedBudget;
 use crate::shmem::{self, StreamState};
 use crate::worker::Log;
 
@@ -20,61 +25,191 @@ use crate::worker::Log;
 /// streams go in one call when the batch size is large): memory stays bounded by settings.
 const MAX_ENTRIES_PER_READ: u32 = 2_000;
 /// What one read may bring back, roughly: COUNT is lowered for streams of large entries so
-/// a read of huge values cannot take the worker's memory with it (two reads are in memory at
-/// most, each held twice: as rows and as COPY text).
+/// a read of huge values cannot take the worker's memory with it (two reads per database
+/// are in memory at most, each held twice: as rows and as COPY text).
 const READ_BYTES_BUDGET: usize = 16 << 20;
 
 /// Where a batch's rows go: the stream-table writer, or a stand-in in unit tests.
 pub trait BatchWriter {
-    /// Writes the rows in one transaction; returns how many were dead-lettered.
+    /// Writes the rows in one transaction, durably; returns how many were dead-lettered.
     fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize>;
     /// Forgets prepared statements after a failure.
     fn reset(&mut self);
 }
 
-impl BatchWriter for super::StreamWriter {
+impl BatchWriter for StreamWriter {
     fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
-        super::StreamWriter::write(self, rows, copy)
+        StreamWriter::write(self, rows, copy)
     }
     fn reset(&mut self) {
-        super::StreamWriter::reset(self)
+        StreamWriter::reset(self)
     }
 }
 
+/// What one turn of the stream lane did.
+#[derive(Debug, Default)]
+pub struct Pumped {
+    /// Replies taken (also empty ones, and those dropped for an older epoch).
+    pub replies: usize,
+    /// Entries landed.
+    pub landed: usize,
+}
+
+/// What the stream lane needs to start reads.
+pub struct Feed<'a> {
+    pub budget: &'a SharedBudget,
+    pub waker: &'a Waker,
+}
+
 impl StreamSync {
-    /// Sends every acknowledgement still waiting for a read to ride on (before discovery,
-    /// which re-reads our pending entries).
-    pub fn flush_acks(&mut self, redis: &mut Redis, group: &str) -> Result<()> {
-        while let Some((db, acks)) = self.unacked.pop_first() {
-            let req: Vec<(&[u8], Vec<&str>)> = acks
-                .iter()
-                .map(|(k, ids)| (k.as_slice(), ids.iter().map(String::as_str).collect()))
-                .collect();
-            redis.ack(db, group, &req)?;
+    /// Takes every reply that has come and lands it; with `feed`, starts the next read of
+    /// every database in use that has none in flight. Returns the entries landed. An error
+    /// is the stream lane's failure: every reply still in flight is dropped unread and every
+    /// stream reads its pending entries first when reads start again.
+    pub fn pump(
+        &mut self,
+        writer: &mut StreamWriter,
+        s: &Settings,
+        log: &Log,
+        feed: Option<&Feed<'_>>,
+    ) -> Result<Pumped> {
+        let outcome = self.pump_inner(writer, s, log, feed);
+        if outcome.is_err() {
+            self.epoch += 1;
+            self.restart_from_pending();
+        }
+        outcome
+    }
+
+    fn pump_inner(
+        &mut self,
+        writer: &mut StreamWriter,
+        s: &Settings,
+        log: &Log,
+        feed: Option<&Feed<'_>>,
+    ) -> Result<Pumped> {
+        let mut pumped = Pumped::default();
+        let dbs: Vec<u8> = self.readers.keys().copied().collect();
+        for db in dbs {
+            let Some(reader) = self.readers.get_mut(&db) else { continue };
+            let reply = match reader.try_receive() {
+                Ok(Some(reply)) => reply,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.readers.remove(&db);
+                    return Err(e);
+                }
+            };
+            pumped.replies += 1;
+            pumped.landed += self.handle(reply, writer, s, log, feed)?;
+        }
+        if let Some(feed) = feed {
+            self.feed(s, feed)?;
+        }
+        Ok(pumped)
+    }
+
+    fn handle(
+        &mut self,
+        reply: ReadReply,
+        writer: &mut StreamWriter,
+        s: &Settings,
+        log: &Log,
+        feed: Option<&Feed<'_>>,
+    ) -> Result<usize> {
+        if reply.request.epoch != self.epoch {
+            return Ok(0);
+        }
+        let db = reply.request.db;
+        let batches = match reply.result? {
+            ReadOutcome::Entries(batches) => batches,
+            ReadOutcome::Groups(fixes) => {
+                self.apply_group_fixes(db, fixes, s, log);
+                return Ok(0);
+            }
+        };
+        self.advance_cursors(&reply.request, &batches);
+        self.note_reply(db, &batches);
+        // Read ahead while this batch is written, when the next read cannot depend on it.
+        let caught_up = self.streams.iter().filter(|t| t.db == db).all(|t| t.cursor == Cursor::New);
+        if let (true, Some(feed)) = (caught_up, feed) {
+            self.send_next(db, s, feed)?;
+        }
+        let target = Target {
+            schema: s.schema.clone(),
+            stream_table: s.stream_table.clone(),
+            overwrite: s.stream_conflict_overwrite,
+        };
+        writer.prepare(&target)?;
+        let now = shmem::now();
+        let landed = self.land(writer, db, batches, now);
+        self.publish_landed(&landed, now);
+        landed.result
+    }
+
+    /// Starts the next read of every database in use whose reader is free (starting readers
+    /// for databases new to it, ending those of databases no longer in use).
+    fn feed(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
+        let mut in_use: BTreeSet<u8> =
+            self.streams.iter().filter(|t| t.state != StreamState::NoGroup).map(|t| t.db).collect();
+        in_use.extend(self.unacked.keys().copied());
+        self.readers.retain(|db, r| in_use.contains(db) || r.in_flight());
+        for db in in_use {
+            if !self.readers.get(&db).is_some_and(Reader::in_flight) {
+                self.send_next(db, s, feed)?;
+            }
         }
         Ok(())
     }
 
-    /// The next read: the streams of the next database in turn (round-robin within it when
-    /// they do not all fit in one read), each from its cursor, carrying the acknowledgements
-    /// of that database's committed entries. Blocks for up to `poll_interval` only when the
-    /// previous read found nothing and no stream is re-reading its pending entries.
-    pub(super) fn next_request(&mut self, s: &Settings, idle: bool) -> Option<ReadRequest> {
-        let groups = self.by_db();
-        if groups.is_empty() {
+    fn send_next(&mut self, db: u8, s: &Settings, feed: &Feed<'_>) -> Result<()> {
+        let Some(req) = self.next_request(db, s) else { return Ok(()) };
+        let reader = match self.readers.get_mut(&db) {
+            Some(r) => r,
+            None => {
+                let wake = feed
+                    .waker
+                    .handle()
+                    .map_err(|e| SyncError::Config(format!("cannot start a reader: {e}")))?;
+                self.readers.entry(db).or_insert(Reader::start(db, feed.budget.clone(), wake)?)
+            }
+        };
+        if let Err(e) = reader.send(req) {
+            self.readers.remove(&db);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The next read of database `db`: its streams from their cursors (round-robin when they
+    /// do not all fit in one read), carrying the acknowledgements of that database's committed
+    /// entries. When the last read of `db` found nothing and no stream there re-reads pending
+    /// entries, the read covers every stream of `db` and blocks in Redis for up to
+    /// `poll_interval`: a new entry ends it at once. `None` when there is nothing to send.
+    pub(super) fn next_request(&mut self, db: u8, s: &Settings) -> Option<ReadRequest> {
+        let idx: Vec<usize> = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.db == db && t.state != StreamState::NoGroup)
+            .map(|(i, _)| i)
+            .collect();
+        let acks = self.unacked.remove(&db).unwrap_or_default();
+        if idx.is_empty() && acks.is_empty() {
             return None;
         }
-        let dbs: Vec<u8> = groups.keys().copied().collect();
-        let db = dbs[self.next_db % dbs.len()];
-        self.next_db = self.next_db.wrapping_add(1);
-        let idx = &groups[&db];
+        let idle = self.idle.get(&db).copied().unwrap_or(false);
+        let pending = idx.iter().any(|&i| self.streams[i].cursor != Cursor::New);
+        let block = idle && !pending && !idx.is_empty();
         let per_read = (MAX_ENTRIES_PER_READ / s.batch_size.max(1)).max(1) as usize;
-        let start = self.rr.get(&db).copied().unwrap_or(0) % idx.len();
-        let take: Vec<usize> =
-            idx.iter().cycle().skip(start).take(per_read.min(idx.len())).copied().collect();
-        self.rr.insert(db, start + take.len());
-        let any_pending = take.iter().any(|&i| self.streams[i].cursor != Cursor::New);
-        let streams = take
+        let take: Vec<usize> = if block || idx.len() <= per_read {
+            idx.clone()
+        } else {
+            let start = self.rr.get(&db).copied().unwrap_or(0) % idx.len();
+            self.rr.insert(db, start + per_read);
+            idx.iter().cycle().skip(start).take(per_read).copied().collect()
+        };
+        let streams: Vec<ReadStream> = take
             .iter()
             .map(|&i| {
                 let t = &self.streams[i];
@@ -85,26 +220,30 @@ impl StreamSync {
                         Cursor::New => ">".to_owned(),
                     },
                     stream_key: t.stream_key.clone(),
+                    configured: t.configured,
                 }
             })
             .collect();
-        let fit = READ_BYTES_BUDGET / self.avg_entry_bytes.max(1) / take.len().max(1);
+        let n = streams.len().max(1);
+        let fit = READ_BYTES_BUDGET / self.avg_entry_bytes.max(1) / n;
+        let spread = (MAX_ENTRIES_PER_READ as usize / n).max(1);
         Some(ReadRequest {
-            acks: self.unacked.remove(&db).unwrap_or_default(),
+            acks,
             settings: s.redis.clone(),
             db,
             group: s.consumer_group.clone(),
             consumer: s.consumer_name.clone(),
-            count: (fit.max(1) as u32).min(s.batch_size),
-            block: (idle && !any_pending && dbs.len() == 1 && self.may_block)
-                .then_some(s.poll_interval),
+            count: (fit.min(spread).max(1) as u32).min(s.batch_size),
+            block: block.then_some(s.poll_interval),
             streams,
+            auto_create: s.auto_create_consumer_groups,
+            epoch: self.epoch,
         })
     }
 
     /// Moves cursors after a reply: a pending re-read goes on after its last entry, or
     /// switches to new entries once it comes back empty. A cursor moved elsewhere since the
-    /// request was made (a reconnect sent it back to `0`) is left alone.
+    /// request was made (sent back to `0`) is left alone.
     pub(super) fn advance_cursors(&mut self, request: &ReadRequest, batches: &[StreamBatch]) {
         let db = request.db;
         for asked in &request.streams {
@@ -122,103 +261,40 @@ impl StreamSync {
     }
 
     /// Keeps the moving average of entry sizes that the read budget uses, and whether the
-    /// read found nothing.
-    fn note_reply(&mut self, batches: &[StreamBatch]) {
+    /// read of `db` found nothing.
+    fn note_reply(&mut self, db: u8, batches: &[StreamBatch]) {
         let entries: usize = batches.iter().map(|b| b.ids.len()).sum();
-        self.idle = entries == 0;
+        self.idle.insert(db, entries == 0);
         let bytes: usize = batches.iter().map(|b| b.copy.len()).sum();
         if let Some(avg) = bytes.checked_div(entries) {
             self.avg_entry_bytes = (self.avg_entry_bytes * 3 + avg) / 4;
         }
     }
 
-    /// One round (see the module comment). Returns the entries handled.
-    pub fn step(
+    /// The group or the stream disappeared under a read (deleted, or deleted and added
+    /// again): the reader made the groups again where it could; streams that are gone are no
+    /// longer tracked.
+    fn apply_group_fixes(
         &mut self,
-        redis: &mut Redis,
-        reader: &mut Reader,
-        writer: &mut super::StreamWriter,
-        s: &Settings,
-        log: &Log,
-        tick: &dyn Fn(),
-    ) -> Result<usize> {
-        let target = Target {
-            schema: s.schema.clone(),
-            stream_table: s.stream_table.clone(),
-            overwrite: s.stream_conflict_overwrite,
-        };
-        if let Err(e) = writer.prepare(&target) {
-            reader.discard(tick);
-            self.restart_from_pending();
-            return Err(e);
-        }
-        if !reader.in_flight() {
-            let Some(req) = self.next_request(s, self.idle) else {
-                return Ok(0);
-            };
-            redis.take_token();
-            reader.send(req)?;
-        }
-        let reply = reader.receive(tick)?;
-        let batches = match reply.result {
-            Ok(b) => b,
-            Err(e) if e.is_nogroup() => {
-                reader.discard(tick);
-                let db = reply.request.db;
-                let idx: Vec<usize> = reply
-                    .request
-                    .streams
-                    .iter()
-                    .filter_map(|r| self.index.get(&(db, r.key.clone())).copied())
-                    .collect();
-                self.recreate_groups(redis, db, &idx, s, log)?;
-                return Ok(0);
-            }
-            Err(e) => {
-                reader.discard(tick);
-                self.restart_from_pending();
-                return Err(e);
-            }
-        };
-        self.advance_cursors(&reply.request, &batches);
-        self.note_reply(&batches);
-        // Read ahead while this batch is written, when the next read cannot depend on it.
-        if self.streams.iter().all(|t| t.cursor == Cursor::New) {
-            if let Some(next) = self.next_request(s, self.idle) {
-                redis.take_token();
-                reader.send(next)?;
-            }
-        }
-        let now = shmem::now();
-        let landed = self.land(writer, reply.request.db, batches, now);
-        self.publish_landed(&landed, now);
-        match landed.result {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                reader.discard(tick);
-                self.restart_from_pending();
-                Err(e)
-            }
-        }
-    }
-
-    /// The group or the stream disappeared under us (deleted, or deleted and added again):
-    /// create the group again from the start, and stop tracking streams that are gone.
-    fn recreate_groups(
-        &mut self,
-        redis: &mut Redis,
         db: u8,
-        idx: &[usize],
+        fixes: Vec<(Vec<u8>, GroupFix)>,
         s: &Settings,
         log: &Log,
-    ) -> Result<()> {
+    ) {
         let mut gone = Vec::new();
-        for &i in idx {
+        for (key, fix) in fixes {
+            let Some(&i) = self.index.get(&(db, key)) else { continue };
             let t = &mut self.streams[i];
-            if !s.auto_create_consumer_groups {
-                let info = redis.stream_info(db, &s.consumer_group, &[&t.key])?;
-                let exists = info.first().and_then(|i| i.as_ref()).is_some_and(|i| i.group_exists);
-                if !exists {
+            match fix {
+                GroupFix::Recreated => {
+                    log.warning(&format!(
+                        "consumer group \"{}\" re-created on stream \"{}\": the stream or its group disappeared; reading it again from the start",
+                        s.consumer_group, t.stream_key
+                    ));
+                    t.cursor = Cursor::Pending("0".into());
+                }
+                GroupFix::Exists => {}
+                GroupFix::Missing => {
                     t.state = StreamState::NoGroup;
                     t.last_error = format!(
                         "consumer group \"{}\" disappeared and redis_sync.auto_create_consumer_groups is off",
@@ -226,30 +302,15 @@ impl StreamSync {
                     );
                     log.warning(&format!("stream \"{}\": {}", t.stream_key, t.last_error));
                 }
-                continue;
-            }
-            match redis.create_group(db, &t.key, &s.consumer_group, t.configured) {
-                Ok(true) => {
-                    log.warning(&format!(
-                        "consumer group \"{}\" re-created on stream \"{}\": the stream or its group disappeared; reading it again from the start",
-                        s.consumer_group, t.stream_key
-                    ));
-                    t.cursor = Cursor::Pending("0".into());
-                }
-                Ok(false) => {}
-                Err(e) if e.connection_lost() => return Err(e),
-                Err(_) => gone.push(i),
+                GroupFix::Failed(_) => gone.push(i),
             }
         }
-        if !gone.is_empty() {
-            gone.sort_unstable();
-            for i in gone.into_iter().rev() {
-                self.streams.remove(i);
-            }
-            self.reindex();
-            self.publish_all();
+        gone.sort_unstable();
+        for i in gone.iter().rev() {
+            self.streams.remove(*i);
         }
-        Ok(())
+        self.reindex();
+        self.publish_all();
     }
 
     /// Writes the rows of one read of database `db` in one transaction. Only when it
@@ -391,16 +452,20 @@ mod tests {
     fn pending_first_then_new_and_cursors_follow_replies() {
         let settings = Settings::default();
         let mut s = sync_with(&[(0, "a"), (0, "b")]);
-        let r = s.next_request(&settings, false).expect("a read");
+        let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "0"), ("b", "0")]);
         // `a` still had pending entries, `b` none: `a` goes on after its last one.
         s.advance_cursors(&r, &[batch("a", &["1-0", "2-0"])]);
-        let r = s.next_request(&settings, false).expect("a read");
+        let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "2-0"), ("b", ">")]);
         s.advance_cursors(&r, &[]);
-        let r = s.next_request(&settings, true).expect("a read");
+        s.note_reply(0, &[batch("a", &["3-0"])]);
+        let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", ">"), ("b", ">")]);
-        // Only now, idle with nothing pending, may the read block.
+        assert_eq!(r.block, None, "the last read found entries: no waiting");
+        // Only once a read came back empty, with nothing pending, does the read block.
+        s.note_reply(0, &[]);
+        let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(r.block, Some(settings.poll_interval));
     }
 
@@ -408,9 +473,9 @@ mod tests {
     fn a_reply_to_a_stale_request_does_not_move_a_cursor_sent_back_to_pending() {
         let settings = Settings::default();
         let mut s = sync_with(&[(0, "a")]);
-        let r = s.next_request(&settings, false).expect("a read");
+        let r = s.next_request(0, &settings).expect("a read");
         s.advance_cursors(&r, &[]);
-        let stale = s.next_request(&settings, false).expect("a read");
+        let stale = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&stale), vec![("a", ">")]);
         s.restart_from_pending();
         s.advance_cursors(&stale, &[batch("a", &["9-0"])]);
@@ -418,17 +483,55 @@ mod tests {
     }
 
     #[test]
-    fn reads_take_databases_in_turn_and_never_block_across_several() {
+    fn each_database_reads_and_blocks_on_its_own() {
         let settings = Settings::default();
-        let mut s = sync_with(&[(0, "a"), (3, "b")]);
-        s.restart_from_pending();
+        let mut s = sync_with(&[(0, "a"), (3, "b"), (3, "c")]);
         for st in &mut s.streams {
             st.cursor = Cursor::New;
         }
-        let dbs: Vec<u8> =
-            (0..4).filter_map(|_| s.next_request(&settings, true)).map(|r| r.db).collect();
-        assert_eq!(dbs, vec![0, 3, 0, 3]);
-        assert!(s.next_request(&settings, true).is_some_and(|r| r.block.is_none()));
+        s.note_reply(0, &[]);
+        let r0 = s.next_request(0, &settings).expect("a read of db 0");
+        let r3 = s.next_request(3, &settings).expect("a read of db 3");
+        assert_eq!((r0.db, afters(&r0)), (0, vec![("a", ">")]));
+        assert_eq!((r3.db, afters(&r3)), (3, vec![("b", ">"), ("c", ">")]));
+        // db 0 is idle, db 3 is not: only db 0's read waits in Redis.
+        assert_eq!((r0.block, r3.block), (Some(settings.poll_interval), None));
+        assert!(s.next_request(5, &settings).is_none(), "nothing to read in db 5");
+    }
+
+    #[test]
+    fn many_streams_take_turns_unless_the_read_blocks() {
+        let settings = Settings { batch_size: 1000, ..Settings::default() };
+        let names: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
+        let streams: Vec<(u8, &str)> = names.iter().map(|n| (0, n.as_str())).collect();
+        let mut s = sync_with(&streams);
+        for st in &mut s.streams {
+            st.cursor = Cursor::New;
+        }
+        // 2,000 entries a read at most: two streams of COUNT 1000 per read, in turn.
+        let firsts: Vec<String> = (0..3)
+            .map(|_| s.next_request(0, &settings).expect("a read"))
+            .map(|r| afters(&r).iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>().join(","))
+            .collect();
+        assert_eq!(firsts, vec!["s0,s1", "s2,s3", "s4,s0"]);
+        // A blocking read covers them all, with COUNT lowered to keep the same bound.
+        s.note_reply(0, &[]);
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!((r.streams.len(), r.count), (5, 400));
+    }
+
+    #[test]
+    fn acknowledgements_of_a_database_no_longer_read_are_still_sent() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(2, "a")]);
+        let mut table = Table::default();
+        assert!(s.land(&mut table, 2, vec![batch("a", &["1-0"])], 1).result.is_ok());
+        s.streams.clear();
+        s.reindex();
+        let r = s.next_request(2, &settings).expect("an acknowledgement");
+        assert!(r.streams.is_empty());
+        assert_eq!(r.acks, vec![(b"a".to_vec(), vec!["1-0".to_owned()])]);
+        assert!(s.next_request(2, &settings).is_none());
     }
 
     #[test]
@@ -449,10 +552,10 @@ mod tests {
         // After the failure the worker re-reads from its pending list: the next read starts
         // at 0 and carries the acknowledgements of the committed batch only.
         s.restart_from_pending();
-        let r = s.next_request(&settings, false).expect("a read");
+        let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "0")]);
         assert_eq!(r.acks, vec![(b"a".to_vec(), vec!["1-0".to_owned(), "2-0".to_owned()])]);
-        assert!(s.next_request(&settings, false).is_some_and(|r| r.acks.is_empty()));
+        assert!(s.next_request(0, &settings).is_some_and(|r| r.acks.is_empty()));
         assert_eq!(table.rows, vec!["1-0", "2-0"]);
     }
 }

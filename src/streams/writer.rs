@@ -92,10 +92,18 @@ impl StreamWriter {
     /// COPY text format) in one transaction: Postgres' own bulk path, with multi-row heap
     /// inserts. When the batch meets rows already stored, or COPY cannot be used, the rows go
     /// through `INSERT ... ON CONFLICT` instead. Returns how many rows were dead-lettered.
+    /// When it returns, the commit is flushed to the local WAL (see
+    /// [`crate::pg::flush_last_commit`]): the entries may be acknowledged.
     pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
         if rows.is_empty() {
             return Ok(0);
         }
+        let dead = self.write_batch(rows, copy)?;
+        crate::pg::flush_last_commit();
+        Ok(dead)
+    }
+
+    fn write_batch(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
         if self.use_conflict_for > 0 {
             self.use_conflict_for -= 1;
         } else if !self.copy_unusable {

@@ -5,8 +5,10 @@
 //!   signal blocked
 //! - `main_loop`: the loop in the style of pg_cron and autoprewarm (reload at the top, one
 //!   transaction per batch, every wait on the latch and ending with the postmaster)
+//! - `lanes`: each lane's health and backoff, and the link to Redis they share
 //! - `log`: the worker's own log lines and the GRANTs a permission error needs
 
+mod lanes;
 mod log;
 mod main_loop;
 mod signals;
@@ -66,5 +68,10 @@ pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
         s.started_at = started;
         s.redis_server.set(&settings.redis.server());
     });
-    main_loop::Worker::new(settings).run();
+    let waker = match crate::pg::Waker::new() {
+        Ok(w) => w,
+        // The postmaster starts the worker again after its restart time.
+        Err(e) => pgrx::error!("redis_pg_sync: cannot create the worker's wake-up pipe: {e}"),
+    };
+    main_loop::Worker::new(settings, waker).run();
 }
