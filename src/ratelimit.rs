@@ -113,21 +113,41 @@ impl Budget {
             return Ok(());
         }
         self.refill(now);
+        // Stream reads take what the other lanes left before their own share (which then
+        // stays ready for a burst); the others take their own share first, and the spare
+        // only above the stream reserve.
+        let keep = match lane {
+            Lane::Streams => 0.0,
+            _ => STREAM_RESERVE * self.rate as f64,
+        };
+        let spare_first = lane == Lane::Streams;
+        if spare_first && self.spare >= 1.0 {
+            self.spare -= 1.0;
+            return Ok(());
+        }
         let own = &mut self.own[lane as usize];
         if *own >= 1.0 {
             *own -= 1.0;
             return Ok(());
         }
-        let keep = match lane {
-            Lane::Streams => 0.0,
-            _ => STREAM_RESERVE * self.rate as f64,
-        };
         if self.spare >= 1.0 + keep {
             self.spare -= 1.0;
             return Ok(());
         }
-        let missing = 1.0 - self.own[lane as usize];
-        Err(Duration::from_secs_f64(missing / self.cap(lane)))
+        // Until the own bucket has a token, or the spare one has enough (it fills at the
+        // rate of the lanes whose buckets are full).
+        let own_wait = (1.0 - self.own[lane as usize]) / self.cap(lane);
+        let overflow: f64 = Lane::ALL
+            .iter()
+            .filter(|l| **l != lane && self.own[**l as usize] >= self.cap(**l))
+            .map(|l| self.cap(*l))
+            .sum();
+        let spare_wait = if overflow > 0.0 {
+            ((1.0 + keep - self.spare) / overflow).max(0.0)
+        } else {
+            f64::INFINITY
+        };
+        Err(Duration::from_secs_f64(own_wait.min(spare_wait)))
     }
 }
 
@@ -195,9 +215,14 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(10, t0);
         while b.try_take(Lane::Discovery, t0).is_ok() {}
+        // The other lanes are idle: their overflow (9/s) refills the spare above the
+        // reserve (2) sooner than the own 1/s share.
         let wait = b.try_take(Lane::Discovery, t0).expect_err("empty");
-        // One token of a 1/s share.
-        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-9, "{wait:?}");
+        assert!((wait.as_secs_f64() - 1.0 / 9.0).abs() < 1e-9, "{wait:?}");
+        // With stream reads busy too, only the own share is left.
+        while b.try_take(Lane::Streams, t0).is_ok() {}
+        let wait = b.try_take(Lane::Discovery, t0).expect_err("empty");
+        assert!((wait.as_secs_f64() - 1.0 / 1.0).abs() < 1e-9, "{wait:?}");
     }
 
     #[test]

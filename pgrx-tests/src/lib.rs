@@ -15,6 +15,7 @@
 //! must be installed there (`make test` does it). As root, `initdb` and `postgres` run as the
 //! `postgres` OS user.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
@@ -23,7 +24,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use postgres;
 pub use redis;
@@ -309,9 +310,14 @@ pub fn chown_to_pg(path: &Path) {
 }
 
 /// How to build a cluster; `Cluster::start` covers the usual case.
+#[derive(Default)]
 pub struct ClusterOptions {
     pub preload: bool,
     pub settings: Vec<(String, String)>,
+    /// As users run Postgres: `fsync` and `synchronous_commit` on (the suites' default is
+    /// `fsync = off`, for speed), and `track_commit_timestamp` on so a row's commit time
+    /// can be read back.
+    pub durable: bool,
 }
 
 /// A Postgres cluster (initdb + postmaster) in a temporary directory.
@@ -337,6 +343,21 @@ impl Cluster {
         Cluster::start_with(ClusterOptions {
             preload: true,
             settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            durable: false,
+        })
+    }
+
+    /// A cluster as a user would run it: durable, every `redis_sync.*` setting at its
+    /// default but the Redis address, then `settings`; `CREATE EXTENSION` done.
+    pub fn start_defaults(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
+        let port = redis.port.to_string();
+        let mut all: Vec<(&str, &str)> =
+            vec![("redis_sync.redis_host", "127.0.0.1"), ("redis_sync.redis_port", &port)];
+        all.extend_from_slice(settings);
+        Cluster::start_with(ClusterOptions {
+            preload: true,
+            settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            durable: true,
         })
     }
 
@@ -358,7 +379,12 @@ impl Cluster {
         .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let mut conf = String::from("\n# written by the redis_pg_sync test harness\n");
-        conf += "listen_addresses = '127.0.0.1'\nfsync = off\nlog_min_messages = warning\n";
+        conf += "listen_addresses = '127.0.0.1'\nlog_min_messages = warning\n";
+        conf += if opts.durable {
+            "fsync = on\nsynchronous_commit = on\ntrack_commit_timestamp = on\n"
+        } else {
+            "fsync = off\n"
+        };
         conf += "log_line_prefix = '%m [%p] %b '\n";
         if opts.preload {
             conf += "shared_preload_libraries = 'redis_pg_sync'\n";
@@ -471,6 +497,19 @@ impl Cluster {
 
     pub fn postmaster_pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL to the postmaster (by PID), reaped; its children are left to notice.
+    pub fn kill_postmaster(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            send_signal(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the postmaster again on the same data directory (after a stop or a kill).
+    pub fn start_again(&mut self) {
+        self.launch();
     }
 
     /// A new client session as the superuser `postgres`.
@@ -629,6 +668,44 @@ pub fn pending(r: &mut redis::Connection, stream: &str, group: &str) -> i64 {
     }
 }
 
+/// Is process `pid` still running (a zombie waiting to be reaped counts as gone)?
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    !status
+        .lines()
+        .any(|l| l.starts_with("State:") && (l.contains("Z (zombie)") || l.contains("X (dead)")))
+}
+
+/// CPU time (user + system) process `pid` has used so far, from /proc.
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold blanks: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// `INFO stats` `total_commands_processed` of a Redis.
+pub fn commands_processed(r: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(r).expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Percentile `p` (0-100) of sorted `values`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// The resident anonymous memory of process `pid` in KiB (what the process itself
 /// allocated, without shared buffers), from /proc.
 pub fn rss_anon_kb(pid: i32) -> Option<u64> {
@@ -728,4 +805,219 @@ pub fn write_owned_by_pg(path: &Path, contents: &str, mode: u32) {
     fs::write(path, contents).expect("write file");
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
     chown_to_pg(path);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario helpers shared by the scenario suite and the benchmark
+
+/// The default consumer group.
+pub const GROUP: &str = "redis-pg-sync";
+
+/// How long the scenario helpers wait for the worker to catch up.
+const CATCH_UP: Duration = Duration::from_secs(300);
+
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+pub fn select(r: &mut redis::Connection, db: u8) {
+    let _: () = redis::cmd("SELECT").arg(db).query(r).expect("SELECT");
+}
+
+/// `n` string keys `k:<i>` in database `db`, pipelined.
+pub fn load_keys(r: &mut redis::Connection, db: u8, n: usize) {
+    select(r, db);
+    for start in (0..n).step_by(10_000) {
+        let mut p = redis::pipe();
+        for i in start..(start + 10_000).min(n) {
+            p.cmd("SET").arg(format!("k:{i}")).arg(format!("value-{i}")).ignore();
+        }
+        let _: () = p.query(r).expect("SET");
+    }
+}
+
+/// Adds entries carrying their send time (`sent_us`) to `streams` (db, key) in turn, at
+/// `rate` a second for `secs`; returns every ID Redis gave, by stream.
+pub fn produce(
+    port: u16,
+    streams: &[(u8, String)],
+    rate: u64,
+    secs: f64,
+) -> BTreeMap<(u8, String), Vec<String>> {
+    let mut conns: BTreeMap<u8, redis::Connection> = BTreeMap::new();
+    for (db, _) in streams {
+        conns.entry(*db).or_insert_with(|| {
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .and_then(|c| c.get_connection())
+                .expect("producer connection");
+            select(&mut c, *db);
+            c
+        });
+    }
+    let total = (rate as f64 * secs) as u64;
+    let t0 = Instant::now();
+    let mut ids: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+    for i in 0..total {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let (db, key) = &streams[i as usize % streams.len()];
+        let Some(c) = conns.get_mut(db) else { continue };
+        let id: String = redis::cmd("XADD")
+            .arg(key)
+            .arg("*")
+            .arg("sent_us")
+            .arg(unix_micros())
+            .arg("n")
+            .arg(i)
+            .query(c)
+            .expect("XADD");
+        ids.entry((*db, key.clone())).or_default().push(id);
+    }
+    ids
+}
+
+/// Milliseconds from each entry's send time to its row's commit (track_commit_timestamp),
+/// sorted.
+pub fn commit_latencies(pg: &Cluster) -> Vec<f64> {
+    let mut c = pg.client();
+    let rows = c
+        .query(
+            "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6
+                     - (data->>'sent_us')::float8) / 1000.0
+               FROM redis_streams WHERE data ? 'sent_us'",
+            &[],
+        )
+        .expect("latencies");
+    let mut v: Vec<f64> = rows.iter().map(|r| r.get::<_, f64>(0)).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// The stored name of stream `key` of database `db` (default database 0).
+pub fn stored(db: u8, key: &str) -> String {
+    if db == 0 {
+        key.to_owned()
+    } else {
+        format!("db{db}:{key}")
+    }
+}
+
+/// Entries of `stream` pending in our group, and entries not yet delivered to it (lag).
+pub fn pending_and_lag(r: &mut redis::Connection, db: u8, stream: &str) -> (i64, i64) {
+    select(r, db);
+    let p = pending(r, stream, GROUP);
+    let groups: redis::Value =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query(r).expect("XINFO");
+    let mut lag = -1;
+    if let redis::Value::Array(gs) = groups {
+        for g in gs {
+            let redis::Value::Array(kv) = g else { continue };
+            let mut name = String::new();
+            let mut l = -1;
+            for pair in kv.chunks(2) {
+                if let [redis::Value::BulkString(k), v] = pair {
+                    match (k.as_slice(), v) {
+                        (b"name", redis::Value::BulkString(n)) => {
+                            name = String::from_utf8_lossy(n).into_owned()
+                        }
+                        (b"lag", redis::Value::Int(n)) => l = *n,
+                        _ => {}
+                    }
+                }
+            }
+            if name == GROUP {
+                lag = l;
+            }
+        }
+    }
+    (p, lag)
+}
+
+/// Waits until every entry of `ids` was delivered to our group and acknowledged, then
+/// returns how many of them have no row (lost), and how many rows there are too many.
+pub fn lost_and_duplicated(
+    pg: &Cluster,
+    r: &mut redis::Connection,
+    ids: &BTreeMap<(u8, String), Vec<String>>,
+) -> (usize, i64) {
+    for (db, key) in ids.keys() {
+        wait_for(&format!("{key} read and acknowledged"), CATCH_UP, || {
+            (pending_and_lag(r, *db, key) == (0, 0)).then_some(())
+        });
+    }
+    let mut lost = 0;
+    let mut c = pg.client();
+    let mut expected = 0i64;
+    for ((db, key), want) in ids {
+        let rows = c
+            .query(
+                "SELECT message_id FROM redis_streams WHERE stream_key = $1",
+                &[&stored(*db, key)],
+            )
+            .expect("rows");
+        let have: HashSet<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        lost += want.iter().filter(|id| !have.contains(*id)).count();
+        expected += want.len() as i64;
+    }
+    let keys: Vec<String> = ids.keys().map(|(db, k)| stored(*db, k)).collect();
+    let total: i64 = c
+        .query_one("SELECT count(*) FROM redis_streams WHERE stream_key = ANY($1)", &[&keys])
+        .expect("count")
+        .get(0);
+    (lost, total - expected)
+}
+
+/// Adds `n` entries to `stream`, pipelined; returns their IDs.
+pub fn produce_fast(r: &mut redis::Connection, stream: &str, n: usize) -> Vec<String> {
+    select(r, 0);
+    let mut ids = Vec::with_capacity(n);
+    for start in (0..n).step_by(2000) {
+        let mut p = redis::pipe();
+        for i in start..(start + 2000).min(n) {
+            p.cmd("XADD").arg(stream).arg("*").arg("n").arg(i);
+        }
+        let got: Vec<String> = p.query(r).expect("XADD");
+        ids.extend(got);
+    }
+    ids
+}
+
+/// As [`produce`], for high rates: every millisecond, the entries due then go in one
+/// pipelined round trip, each carrying the time it was sent.
+pub fn produce_batched(
+    port: u16,
+    streams: &[(u8, String)],
+    rate: u64,
+    secs: f64,
+) -> BTreeMap<(u8, String), Vec<String>> {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .and_then(|c| c.get_connection())
+        .expect("producer connection");
+    let total = (rate as f64 * secs) as u64;
+    let t0 = Instant::now();
+    let mut ids: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((t0.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        if due <= sent {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let mut p = redis::pipe();
+        let mut keys = Vec::new();
+        for i in sent..due {
+            let (db, key) = &streams[i as usize % streams.len()];
+            assert_eq!(*db, 0, "produce_batched writes to database 0");
+            p.cmd("XADD").arg(key).arg("*").arg("sent_us").arg(unix_micros()).arg("n").arg(i);
+            keys.push((*db, key.clone()));
+        }
+        let got: Vec<String> = p.query(&mut c).expect("XADD");
+        for (k, id) in keys.into_iter().zip(got) {
+            ids.entry(k).or_default().push(id);
+        }
+        sent = due;
+    }
+    ids
 }

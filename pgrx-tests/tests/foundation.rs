@@ -95,7 +95,7 @@ fn reload_moves_the_worker_to_another_redis() {
 
 #[test]
 fn not_loaded_without_shared_preload_libraries() {
-    let pg = Cluster::start_with(ClusterOptions { preload: false, settings: vec![] });
+    let pg = Cluster::start_with(ClusterOptions { preload: false, ..Default::default() });
     assert_eq!(pg.status("state").as_deref(), Some("not_loaded"));
     assert_eq!(pg.status("worker_pid"), None);
     let hint = pg.status("last_error").unwrap_or_default();

@@ -60,6 +60,8 @@ pub struct KeySync {
     chunk: Option<Chunk>,
     /// Stream keys the last complete pass saw (discovery may use them instead of a walk).
     learned: Option<Learned>,
+    /// Rows a chunk of a page writes, following the measured cost of a row.
+    chunk_rows: usize,
 }
 
 /// What the key-value lane needs from the main loop for one turn.
@@ -80,6 +82,8 @@ pub struct KvTurn {
     pub notify_flags: Option<Option<String>>,
     /// Something was done (a message taken, a chunk written).
     pub worked: bool,
+    /// Rows were written and committed.
+    pub wrote: bool,
 }
 
 impl KeySync {
@@ -96,6 +100,7 @@ impl KeySync {
             event_times: HashMap::default(),
             chunk: None,
             learned: None,
+            chunk_rows: 200,
         }
     }
 

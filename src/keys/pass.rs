@@ -21,9 +21,24 @@ use crate::streams::Learned;
 
 /// Live keys read from the table per step of the deletion check.
 const CHECK_CHUNK: i64 = 10_000;
-/// Rows written per transaction while working through a page: a turn of the main loop stays
-/// short, so stream batches never wait long behind a pass.
-const WRITE_CHUNK: usize = 1000;
+/// How long one chunk of a page may take to write: a turn of the main loop stays short, so
+/// stream batches never wait long behind a pass. The rows per chunk follow the measured cost
+/// of a row.
+const CHUNK_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+/// Rows per chunk, at least and at most.
+const CHUNK_ROWS: (usize, usize) = (50, 2000);
+
+/// Rows per chunk that take about [`CHUNK_TIME`] to write, from the last chunk's rows and
+/// time, smoothed with the current figure. Pure.
+pub(super) fn next_chunk_rows(current: usize, rows: usize, took: std::time::Duration) -> usize {
+    if rows == 0 {
+        return current;
+    }
+    let per_row = took.as_secs_f64() / rows as f64;
+    let fit = if per_row > 0.0 { CHUNK_TIME.as_secs_f64() / per_row } else { CHUNK_ROWS.1 as f64 };
+    let next = (current as f64 * 0.5 + fit * 0.5) as usize;
+    next.clamp(CHUNK_ROWS.0, CHUNK_ROWS.1)
+}
 /// Keys asked about per confirmation.
 const CONFIRM_CHUNK: usize = 1000;
 
@@ -141,8 +156,8 @@ impl KeySync {
     pub(super) fn advance(&mut self, writer: &mut KvWriter, s: &Settings) -> Result<KvTurn> {
         let worked = KvTurn { worked: true, ..Default::default() };
         if self.chunk.is_some() {
-            self.write_chunk(writer)?;
-            return Ok(worked);
+            let wrote = self.write_chunk(writer)?;
+            return Ok(KvTurn { wrote, ..worked });
         }
         if self.pass.as_ref().is_some_and(Pass::has_local_work) {
             return self.walk_live_chunk(writer, s);
@@ -158,12 +173,12 @@ impl KeySync {
             }
             Msg::Page(page) => {
                 self.take_page(page);
-                self.write_chunk(writer)?;
-                Ok(worked)
+                let wrote = self.write_chunk(writer)?;
+                Ok(KvTurn { wrote, ..worked })
             }
             Msg::Done { run_id, notify_flags } => {
                 let finished = self.scanned(&run_id, s);
-                Ok(KvTurn { finished, notify_flags: Some(notify_flags), worked: true })
+                Ok(KvTurn { finished, notify_flags: Some(notify_flags), ..worked })
             }
             Msg::Types { db, keys, types } => {
                 let finished = self.confirmed(writer, s, db, keys, types)?;
@@ -196,10 +211,11 @@ impl KeySync {
     }
 
     /// Compares keys of the page in hand until a chunk of rows needs writing (or the page
-    /// ends), writes them in one transaction, and remembers what committed.
-    fn write_chunk(&mut self, writer: &mut KvWriter) -> Result<()> {
+    /// ends), writes them in one transaction, and remembers what committed. Returns whether
+    /// rows were written.
+    fn write_chunk(&mut self, writer: &mut KvWriter) -> Result<bool> {
         let (Some(pass), Some(chunk)) = (self.pass.as_mut(), self.chunk.as_mut()) else {
-            return Ok(());
+            return Ok(false);
         };
         let db = chunk.db;
         let number = pass.number;
@@ -238,7 +254,7 @@ impl KeySync {
             pass.keys += 1;
             rows.push(row);
             pending.push((id, fingerprint));
-            if rows.len() >= WRITE_CHUNK {
+            if rows.len() >= self.chunk_rows {
                 exhausted = false;
                 break;
             }
@@ -247,7 +263,9 @@ impl KeySync {
             self.chunk = None;
         }
         let mut refused = Vec::new();
+        let t0 = Instant::now();
         let written = writer.upsert_isolating(db, &rows, &mut refused)?;
+        self.chunk_rows = next_chunk_rows(self.chunk_rows, rows.len(), t0.elapsed());
         // Remembered below like the others, so an unchanged refused key is not tried (and
         // reported) again until it changes or a verifying pass comes.
         report_refused(db, &rows, &refused);
@@ -263,7 +281,7 @@ impl KeySync {
             let now = shmem::now();
             shmem::update(|st| st.last_sync_time = now);
         }
-        Ok(())
+        Ok(!rows.is_empty())
     }
 
     /// Every SCAN is done. Redis must be the same server as at the start (a restart during
@@ -412,5 +430,23 @@ impl KeySync {
             self.learned = Some(Learned { at: pass.started, streams: pass.streams });
         }
         PassSummary { keys: pass.keys, written: pass.written, gone, complete }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn chunks_follow_the_cost_of_a_row() {
+        // 1000 rows in 40 ms: 125 fit in 5 ms; halfway there at once.
+        assert_eq!(next_chunk_rows(1000, 1000, Duration::from_millis(40)), 562);
+        assert_eq!(next_chunk_rows(125, 125, Duration::from_millis(5)), 125);
+        // Cheap rows: up to the most; a stall: down to the least, never to nothing.
+        assert_eq!(next_chunk_rows(2000, 2000, Duration::from_micros(100)), 2000);
+        assert_eq!(next_chunk_rows(100, 100, Duration::from_secs(2)), 50);
+        assert_eq!(next_chunk_rows(300, 0, Duration::ZERO), 300);
     }
 }

@@ -208,6 +208,18 @@ impl KvWriter {
         let next = self.live_next.as_ref();
         let keys = in_transaction(|| {
             Spi::connect(|client| {
+                // Always a range scan of the unique index, in its order: right after a bulk
+                // load the table has no statistics yet, and the planner would read every
+                // matching row and sort them for each chunk.
+                client
+                    .select(
+                        "SELECT pg_catalog.set_config('enable_bitmapscan', 'off', true),
+                                pg_catalog.set_config('enable_seqscan', 'off', true),
+                                pg_catalog.set_config('enable_sort', 'off', true)",
+                        None,
+                        &[],
+                    )
+                    .map_err(spi_err)?;
                 let not_prepared = crate::pg::not_prepared;
                 let rows = match after {
                     None => client.select(

@@ -108,6 +108,19 @@ fn tls_certificates(settings: &RedisSettings) -> Result<::redis::TlsCertificates
     Ok(::redis::TlsCertificates { client_tls, root_cert })
 }
 
+/// What a read of several streams gave: each stream's key and entries.
+pub type StreamEntries = Vec<(Vec<u8>, Vec<RawEntry>)>;
+
+/// One database's part of [`RedisConn::read_groups`].
+pub struct GroupRead<'a> {
+    pub db: u8,
+    pub group: &'a str,
+    pub consumer: &'a str,
+    pub count: u32,
+    pub streams: Vec<(&'a [u8], &'a str)>,
+    pub acks: &'a [(Vec<u8>, Vec<String>)],
+}
+
 impl RedisConn {
     pub fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
         let server = format!("{}:{}/{}", settings.host, settings.port, db);
@@ -143,7 +156,7 @@ impl RedisConn {
         block: Option<Duration>,
         streams: &[(&[u8], &str)],
         acks: &[(Vec<u8>, Vec<String>)],
-    ) -> Result<Vec<(Vec<u8>, Vec<RawEntry>)>> {
+    ) -> Result<StreamEntries> {
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
         for (key, ids) in acks {
@@ -178,6 +191,93 @@ impl RedisConn {
             None => return Err(SyncError::protocol("XREADGROUP", "missing reply")),
         };
         parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+    }
+
+    /// Reads of several databases in one pipelined round trip (none of them blocks): for
+    /// each part, `SELECT` its database when it is not the one selected, its
+    /// acknowledgements, then its `XREADGROUP`; and back to `home` at the end. Each part gets
+    /// its own outcome; a `SELECT` that fails fails the whole call (the connection is then
+    /// made again, since what it had selected is unknown).
+    pub fn read_groups(
+        &mut self,
+        home: u8,
+        parts: &[GroupRead<'_>],
+    ) -> Result<Vec<Result<StreamEntries>>> {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        let mut selects = Vec::new();
+        let mut reads = Vec::new();
+        let mut n = 0usize;
+        let mut current = home;
+        for p in parts {
+            if p.db != current {
+                pipe.cmd("SELECT").arg(p.db);
+                selects.push(n);
+                n += 1;
+                current = p.db;
+            }
+            for (key, ids) in p.acks {
+                pipe.cmd("XACK").arg(key).arg(p.group).arg(ids.as_slice());
+                n += 1;
+            }
+            if p.streams.is_empty() {
+                reads.push(None);
+                continue;
+            }
+            let cmd = pipe.cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(p.group).arg(p.consumer).arg("COUNT").arg(p.count);
+            cmd.arg("STREAMS");
+            for (k, _) in &p.streams {
+                cmd.arg(*k);
+            }
+            for (_, id) in &p.streams {
+                cmd.arg(*id);
+            }
+            reads.push(Some(n));
+            n += 1;
+        }
+        if current != home {
+            pipe.cmd("SELECT").arg(home);
+            selects.push(n);
+        }
+        self.set_block(None)?;
+        let replies = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut self.conn);
+        self.last_check = Instant::now();
+        let mut replies: Vec<Option<::redis::RedisResult<Value>>> =
+            replies.map_err(|e| command_error("XREADGROUP", &e))?.into_iter().map(Some).collect();
+        for i in selects {
+            if let Some(Some(Err(e))) = replies.get(i) {
+                return Err(SyncError::RedisCommand {
+                    command: "SELECT",
+                    detail: e.to_string(),
+                    code: None,
+                });
+            }
+        }
+        Ok(reads
+            .into_iter()
+            .map(|i| {
+                let Some(i) = i else { return Ok(Vec::new()) };
+                match replies.get_mut(i).and_then(Option::take) {
+                    Some(Ok(v)) => parse_read(v)
+                        .ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape")),
+                    Some(Err(e)) => Err(command_error("XREADGROUP", &e)),
+                    None => Err(SyncError::protocol("XREADGROUP", "missing reply")),
+                }
+            })
+            .collect())
+    }
+
+    /// Selects database `db` on this connection.
+    pub fn select(&mut self, db: u8) -> Result<()> {
+        super::count_round_trip();
+        let r = ::redis::cmd("SELECT").arg(db).query::<()>(&mut self.conn);
+        self.last_check = Instant::now();
+        r.map_err(|e| SyncError::RedisCommand {
+            command: "SELECT",
+            detail: e.to_string(),
+            code: None,
+        })
     }
 
     /// This connection's client ID (`CLIENT ID`), for `CLIENT UNBLOCK` from another one.

@@ -24,7 +24,7 @@ use crate::gucs::RedisSettings;
 use crate::ratelimit::{Budget, Lane};
 
 pub use commands::Databases;
-pub use conn::{open_connection, RedisConn};
+pub use conn::{open_connection, GroupRead, RedisConn};
 pub use reply::{bulk_list, KeyMeta, RawEntry, StreamInfo};
 
 use conn::command_error;

@@ -88,16 +88,18 @@ pub struct StreamSync {
     /// Round-robin start per database, so every stream gets its turn when not all fit in
     /// one read.
     rr: BTreeMap<u8, usize>,
-    /// A reader thread per database in use.
+    /// A reader thread per idle database in use, whose reads wait in Redis.
     readers: BTreeMap<u8, Reader>,
+    /// The reader of the busy databases: one round trip reads them all, without waiting.
+    combined: Option<Reader>,
+    /// Databases whose last read found entries, or whose streams re-read pending ones.
+    busy: std::collections::BTreeSet<u8>,
     /// Replies to reads made before the last failure, pause or change of scope are dropped
     /// unread (their entries stay in our pending list and are read again from there).
     epoch: u64,
     /// Entries whose rows are committed but not yet acknowledged, by database: they ride
     /// along with the next read of that database (one round trip for both).
     unacked: BTreeMap<u8, Acks>,
-    /// Per database: the last read found nothing, so the next one may block.
-    idle: BTreeMap<u8, bool>,
     /// Moving average of an entry's size in bytes, for the read budget.
     avg_entry_bytes: usize,
     group: String,
@@ -138,9 +140,10 @@ impl StreamSync {
             discovery_gen: 0,
             rr: BTreeMap::new(),
             readers: BTreeMap::new(),
+            combined: None,
+            busy: std::collections::BTreeSet::new(),
             epoch: 0,
             unacked: BTreeMap::new(),
-            idle: BTreeMap::new(),
             avg_entry_bytes: 1024,
             group: String::new(),
             last_search: String::new(),
@@ -169,6 +172,7 @@ impl StreamSync {
         for s in &mut self.streams {
             s.cursor = Cursor::Pending("0".into());
         }
+        self.busy = self.streams.iter().map(|t| t.db).collect();
     }
 
     /// Drops whatever reads are under way (their replies are not landed) and makes every
@@ -183,7 +187,12 @@ impl StreamSync {
     /// none goes on taking entries into our pending list while paused or monitoring).
     pub fn stop_reads(&mut self, settings: &crate::gucs::RedisSettings) {
         self.drop_reads();
-        let ids = self.readers.values().filter_map(Reader::blocked_client).collect();
+        let ids = self
+            .readers
+            .values()
+            .chain(self.combined.iter())
+            .filter_map(Reader::blocked_client)
+            .collect();
         reader::unblock(settings, ids);
     }
 
@@ -198,6 +207,7 @@ impl StreamSync {
         if other_server {
             self.unacked.clear();
             self.readers.clear();
+            self.combined = None;
         }
         self.next_discovery = now;
         self.publish_all();

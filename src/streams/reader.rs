@@ -18,7 +18,7 @@ use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{RedisConn, SharedBudget};
+use crate::redis::{GroupRead, RedisConn, SharedBudget};
 
 /// Entries to acknowledge: stream key and IDs.
 pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
@@ -89,24 +89,27 @@ pub struct ReadReply {
     pub result: Result<ReadOutcome>,
 }
 
-/// The main thread's handle on one database's reader thread.
+/// The main thread's handle on a reader thread: one database's (whose reads block in Redis
+/// when there is nothing to read), or the one that reads every busy database in one round
+/// trip (which never blocks).
 pub struct Reader {
-    requests: SyncSender<ReadRequest>,
-    replies: Receiver<ReadReply>,
+    requests: SyncSender<Vec<ReadRequest>>,
+    replies: Receiver<Vec<ReadReply>>,
     in_flight: bool,
     /// The reader connection's `CLIENT ID` (0 until known), to end a blocked read early.
     client_id: Arc<AtomicU64>,
 }
 
 impl Reader {
-    pub fn start(db: u8, budget: SharedBudget, wake: WakeHandle) -> Result<Reader> {
-        // One request and one reply at most: memory stays at two reads per database.
-        let (req_tx, req_rx) = sync_channel::<ReadRequest>(1);
-        let (rep_tx, rep_rx) = sync_channel::<ReadReply>(1);
+    /// A reader whose connection has database `home` selected.
+    pub fn start(name: &str, home: u8, budget: SharedBudget, wake: WakeHandle) -> Result<Reader> {
+        // One request and one reply at most: memory stays at two reads per reader.
+        let (req_tx, req_rx) = sync_channel::<Vec<ReadRequest>>(1);
+        let (rep_tx, rep_rx) = sync_channel::<Vec<ReadReply>>(1);
         let client_id = Arc::new(AtomicU64::new(0));
         let id = client_id.clone();
-        crate::worker::spawn_helper(&format!("redis_pg_sync reader db{db}"), move || {
-            serve(req_rx, rep_tx, budget, wake, id)
+        crate::worker::spawn_helper(&format!("redis_pg_sync {name}"), move || {
+            serve(home, req_rx, rep_tx, budget, wake, id)
         })
         .map_err(|e| SyncError::Config(format!("cannot start a reader thread: {e}")))?;
         Ok(Reader { requests: req_tx, replies: rep_rx, in_flight: false, client_id })
@@ -122,14 +125,16 @@ impl Reader {
         self.in_flight
     }
 
-    pub fn send(&mut self, req: ReadRequest) -> Result<()> {
-        self.requests.send(req).map_err(|_| SyncError::ThreadStopped("reader"))?;
+    /// Sends reads of one or more databases (those of several go in one round trip and may
+    /// not block).
+    pub fn send(&mut self, reqs: Vec<ReadRequest>) -> Result<()> {
+        self.requests.send(reqs).map_err(|_| SyncError::ThreadStopped("reader"))?;
         self.in_flight = true;
         Ok(())
     }
 
-    /// The reply to the request in flight, if it has come.
-    pub fn try_receive(&mut self) -> Result<Option<ReadReply>> {
+    /// The replies to the reads in flight, if they have come.
+    pub fn try_receive(&mut self) -> Result<Option<Vec<ReadReply>>> {
         match self.replies.try_recv() {
             Ok(r) => {
                 self.in_flight = false;
@@ -145,20 +150,21 @@ impl Reader {
 }
 
 fn serve(
-    requests: Receiver<ReadRequest>,
-    replies: SyncSender<ReadReply>,
+    home: u8,
+    requests: Receiver<Vec<ReadRequest>>,
+    replies: SyncSender<Vec<ReadReply>>,
     budget: SharedBudget,
     wake: WakeHandle,
     client_id: Arc<AtomicU64>,
 ) {
     let mut conn: Option<(RedisSettings, RedisConn)> = None;
-    for req in requests {
+    for reqs in requests {
         budget.take(Lane::Streams);
-        let result = read(&mut conn, &req, &client_id);
-        if result.as_ref().is_err_and(|e| e.connection_lost()) {
+        let out = read(home, &mut conn, reqs, &client_id);
+        if out.iter().any(|r| r.result.as_ref().is_err_and(|e| e.connection_lost())) {
             conn = None;
         }
-        if replies.send(ReadReply { request: req, result }).is_err() {
+        if replies.send(out).is_err() {
             return;
         }
         wake.wake();
@@ -166,20 +172,78 @@ fn serve(
 }
 
 fn read(
+    home: u8,
     conn: &mut Option<(RedisSettings, RedisConn)>,
-    req: &ReadRequest,
+    reqs: Vec<ReadRequest>,
     client_id: &AtomicU64,
-) -> Result<ReadOutcome> {
-    if conn.as_ref().is_none_or(|(s, _)| *s != req.settings) {
+) -> Vec<ReadReply> {
+    let Some(settings) = reqs.first().map(|r| r.settings.clone()) else { return Vec::new() };
+    if conn.as_ref().is_none_or(|(s, _)| *s != settings) {
         *conn = None;
         client_id.store(0, Ordering::Relaxed);
-        let mut c = RedisConn::connect(&req.settings, req.db)?;
-        client_id.store(c.client_id().unwrap_or(0), Ordering::Relaxed);
-        *conn = Some((req.settings.clone(), c));
+        match RedisConn::connect(&settings, home) {
+            Ok(mut c) => {
+                client_id.store(c.client_id().unwrap_or(0), Ordering::Relaxed);
+                *conn = Some((settings, c));
+            }
+            Err(e) => {
+                return reqs
+                    .into_iter()
+                    .map(|request| ReadReply { request, result: Err(e.clone()) })
+                    .collect()
+            }
+        }
     }
-    let Some((_, c)) = conn.as_mut() else {
-        return Err(SyncError::Config("no reader connection".into()));
+    let Some((_, c)) = conn.as_mut() else { return Vec::new() };
+    if reqs.len() == 1 && reqs[0].db == home {
+        return reqs
+            .into_iter()
+            .map(|request| {
+                let result = read_one(c, &request);
+                ReadReply { request, result }
+            })
+            .collect();
+    }
+    let outcomes = {
+        let parts: Vec<GroupRead<'_>> = reqs
+            .iter()
+            .map(|r| GroupRead {
+                db: r.db,
+                group: &r.group,
+                consumer: &r.consumer,
+                count: r.count,
+                streams: r.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect(),
+                acks: &r.acks,
+            })
+            .collect();
+        c.read_groups(home, &parts)
     };
+    match outcomes {
+        Err(e) => {
+            reqs.into_iter().map(|request| ReadReply { request, result: Err(e.clone()) }).collect()
+        }
+        Ok(outcomes) => reqs
+            .into_iter()
+            .zip(outcomes)
+            .map(|(request, outcome)| {
+                let result = match outcome {
+                    Ok(reply) => Ok(ReadOutcome::Entries(batches(&request, reply))),
+                    Err(e) if e.is_nogroup() => {
+                        // Fixed on this connection, in the part's database.
+                        let fixed = c.select(request.db).map(|()| fix_groups(c, &request));
+                        let back = c.select(home);
+                        fixed.and_then(|f| back.map(|()| ReadOutcome::Groups(f)))
+                    }
+                    Err(e) => Err(e),
+                };
+                ReadReply { request, result }
+            })
+            .collect(),
+    }
+}
+
+/// One read on the reader's own database (it may block).
+fn read_one(c: &mut RedisConn, req: &ReadRequest) -> Result<ReadOutcome> {
     let pairs: Vec<(&[u8], &str)> =
         req.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect();
     match c.read_group(&req.group, &req.consumer, req.count, req.block, &pairs, &req.acks) {

@@ -46,6 +46,15 @@ impl BatchWriter for StreamWriter {
     }
 }
 
+/// The stream table the settings name.
+fn target_of(s: &Settings) -> Target {
+    Target {
+        schema: s.schema.clone(),
+        stream_table: s.stream_table.clone(),
+        overwrite: s.stream_conflict_overwrite,
+    }
+}
+
 /// What one turn of the stream lane did.
 #[derive(Debug, Default)]
 pub struct Pumped {
@@ -53,6 +62,8 @@ pub struct Pumped {
     pub replies: usize,
     /// Entries landed.
     pub landed: usize,
+    /// Every stream reads new entries (none is re-reading its pending ones).
+    pub caught_up: bool,
 }
 
 /// What the stream lane needs to start reads.
@@ -89,93 +100,184 @@ impl StreamSync {
         feed: Option<&Feed<'_>>,
     ) -> Result<Pumped> {
         let mut pumped = Pumped::default();
-        let dbs: Vec<u8> = self.readers.keys().copied().collect();
-        for db in dbs {
-            let Some(reader) = self.readers.get_mut(&db) else { continue };
-            let reply = match reader.try_receive() {
-                Ok(Some(reply)) => reply,
+        if feed.is_some() && !self.streams.is_empty() {
+            // The table exists (is created) as soon as the settings name it, before the
+            // first entry comes.
+            writer.prepare(&target_of(s))?;
+        }
+        // The reader of the busy databases first, then each idle database's own.
+        let mut sources: Vec<Option<u8>> = vec![None];
+        sources.extend(self.readers.keys().copied().map(Some));
+        for source in sources {
+            let reader = match source {
+                None => self.combined.as_mut(),
+                Some(db) => self.readers.get_mut(&db),
+            };
+            let Some(reader) = reader else { continue };
+            let replies = match reader.try_receive() {
+                Ok(Some(replies)) => replies,
                 Ok(None) => continue,
                 Err(e) => {
-                    self.readers.remove(&db);
+                    match source {
+                        None => self.combined = None,
+                        Some(db) => {
+                            self.readers.remove(&db);
+                        }
+                    }
                     return Err(e);
                 }
             };
-            pumped.replies += 1;
-            pumped.landed += self.handle(reply, writer, s, log, feed)?;
+            let from_busy = source.is_none();
+            let mut batches = Vec::new();
+            for reply in replies {
+                pumped.replies += 1;
+                if let Some(b) = self.take_reply(reply, from_busy, s, log)? {
+                    batches.push(b);
+                }
+            }
+            // Read ahead while these batches are written, when the next read cannot depend
+            // on them (no busy database re-reads pending entries).
+            if let (true, Some(feed)) = (from_busy, feed) {
+                let caught_up = self
+                    .streams
+                    .iter()
+                    .filter(|t| self.busy.contains(&t.db))
+                    .all(|t| t.cursor == Cursor::New);
+                if caught_up {
+                    self.send_busy(s, feed)?;
+                }
+            }
+            pumped.landed += self.land_reads(writer, s, batches)?;
         }
         if let Some(feed) = feed {
             self.feed(s, feed)?;
         }
+        pumped.caught_up = self.streams.iter().all(|t| t.cursor == Cursor::New);
         Ok(pumped)
     }
 
-    fn handle(
+    /// Takes one reply: drops it if it belongs to an older epoch, applies group fixes,
+    /// moves cursors, and decides whether its database is busy (read with the others in one
+    /// round trip) or idle (its own read waits in Redis). Returns the batches to land.
+    fn take_reply(
         &mut self,
         reply: ReadReply,
-        writer: &mut StreamWriter,
+        from_busy: bool,
         s: &Settings,
         log: &Log,
-        feed: Option<&Feed<'_>>,
-    ) -> Result<usize> {
+    ) -> Result<Option<(u8, Vec<StreamBatch>)>> {
         if reply.request.epoch != self.epoch {
-            return Ok(0);
+            return Ok(None);
         }
         let db = reply.request.db;
         let batches = match reply.result? {
             ReadOutcome::Entries(batches) => batches,
             ReadOutcome::Groups(fixes) => {
                 self.apply_group_fixes(db, fixes, s, log);
-                return Ok(0);
+                return Ok(None);
             }
         };
         self.advance_cursors(&reply.request, &batches);
-        self.note_reply(db, &batches);
-        // Read ahead while this batch is written, when the next read cannot depend on it.
-        let caught_up = self.streams.iter().filter(|t| t.db == db).all(|t| t.cursor == Cursor::New);
-        if let (true, Some(feed)) = (caught_up, feed) {
-            self.send_next(db, s, feed)?;
+        let entries = self.note_reply(&batches);
+        self.note_busy(db, entries, from_busy);
+        Ok(Some((db, batches)))
+    }
+
+    /// A database whose read found entries, or whose streams re-read pending ones, is busy
+    /// (read with the others in one round trip, without waiting); one whose read with the
+    /// others found nothing is idle again (its own read waits in Redis).
+    pub(super) fn note_busy(&mut self, db: u8, entries: usize, from_busy: bool) {
+        let pending = self.streams.iter().any(|t| t.db == db && t.cursor != Cursor::New);
+        if entries > 0 || pending {
+            self.busy.insert(db);
+        } else if from_busy {
+            self.busy.remove(&db);
         }
-        let target = Target {
-            schema: s.schema.clone(),
-            stream_table: s.stream_table.clone(),
-            overwrite: s.stream_conflict_overwrite,
-        };
-        writer.prepare(&target)?;
+    }
+
+    /// Lands the batches of one round trip's reads, in one transaction.
+    fn land_reads(
+        &mut self,
+        writer: &mut StreamWriter,
+        s: &Settings,
+        reads: Vec<(u8, Vec<StreamBatch>)>,
+    ) -> Result<usize> {
+        if reads.iter().all(|(_, b)| b.iter().all(|b| b.ids.is_empty())) {
+            return Ok(0);
+        }
+        writer.prepare(&target_of(s))?;
         let now = shmem::now();
-        let landed = self.land(writer, db, batches, now);
+        let landed = self.land(writer, reads, now);
         self.publish_landed(&landed, now);
         landed.result
     }
 
-    /// Starts the next read of every database in use whose reader is free (starting readers
-    /// for databases new to it, ending those of databases no longer in use).
+    /// Starts the next reads: one round trip for every busy database (when none is in
+    /// flight), and a read that waits in Redis for every idle database whose reader is free
+    /// (starting readers for databases new to it, ending those no longer needed).
     fn feed(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
-        let mut in_use: BTreeSet<u8> =
+        let readable: BTreeSet<u8> =
             self.streams.iter().filter(|t| t.state != StreamState::NoGroup).map(|t| t.db).collect();
-        in_use.extend(self.unacked.keys().copied());
-        self.readers.retain(|db, r| in_use.contains(db) || r.in_flight());
-        for db in in_use {
-            if !self.readers.get(&db).is_some_and(Reader::in_flight) {
-                self.send_next(db, s, feed)?;
+        self.busy.retain(|db| readable.contains(db));
+        // Acknowledgements owed to a database with nothing left to read go with the others.
+        let owed: Vec<u8> =
+            self.unacked.keys().copied().filter(|db| !readable.contains(db)).collect();
+        self.busy.extend(owed);
+        let busy = &self.busy;
+        self.readers.retain(|db, r| (readable.contains(db) && !busy.contains(db)) || r.in_flight());
+        if !self.combined.as_ref().is_some_and(Reader::in_flight) {
+            self.send_busy(s, feed)?;
+        }
+        for db in readable {
+            if self.busy.contains(&db) || self.readers.get(&db).is_some_and(Reader::in_flight) {
+                continue;
+            }
+            let Some(req) = self.next_request(db, s) else { continue };
+            let reader = match self.readers.get_mut(&db) {
+                Some(r) => r,
+                None => {
+                    let wake = feed
+                        .waker
+                        .handle()
+                        .map_err(|e| SyncError::Config(format!("cannot start a reader: {e}")))?;
+                    let r =
+                        Reader::start(&format!("reader db{db}"), db, feed.budget.clone(), wake)?;
+                    self.readers.entry(db).or_insert(r)
+                }
+            };
+            if let Err(e) = reader.send(vec![req]) {
+                self.readers.remove(&db);
+                return Err(e);
             }
         }
         Ok(())
     }
 
-    fn send_next(&mut self, db: u8, s: &Settings, feed: &Feed<'_>) -> Result<()> {
-        let Some(req) = self.next_request(db, s) else { return Ok(()) };
-        let reader = match self.readers.get_mut(&db) {
+    /// One round trip reading every busy database.
+    fn send_busy(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
+        let dbs: Vec<u8> = self.busy.iter().copied().collect();
+        let reqs: Vec<ReadRequest> =
+            dbs.into_iter().filter_map(|db| self.next_request(db, s)).collect();
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let reader = match self.combined.as_mut() {
             Some(r) => r,
             None => {
                 let wake = feed
                     .waker
                     .handle()
                     .map_err(|e| SyncError::Config(format!("cannot start a reader: {e}")))?;
-                self.readers.entry(db).or_insert(Reader::start(db, feed.budget.clone(), wake)?)
+                self.combined.insert(Reader::start(
+                    "reader",
+                    s.redis.db,
+                    feed.budget.clone(),
+                    wake,
+                )?)
             }
         };
-        if let Err(e) = reader.send(req) {
-            self.readers.remove(&db);
+        if let Err(e) = reader.send(reqs) {
+            self.combined = None;
             return Err(e);
         }
         Ok(())
@@ -183,9 +285,10 @@ impl StreamSync {
 
     /// The next read of database `db`: its streams from their cursors (round-robin when they
     /// do not all fit in one read), carrying the acknowledgements of that database's committed
-    /// entries. When the last read of `db` found nothing and no stream there re-reads pending
-    /// entries, the read covers every stream of `db` and blocks in Redis for up to
-    /// `poll_interval`: a new entry ends it at once. `None` when there is nothing to send.
+    /// entries. A busy database (its last read found entries, or a stream there re-reads
+    /// pending ones) is read without waiting; an idle one with a read that covers every stream
+    /// of `db` and blocks in Redis for up to `poll_interval`: a new entry ends it at once.
+    /// `None` when there is nothing to send.
     pub(super) fn next_request(&mut self, db: u8, s: &Settings) -> Option<ReadRequest> {
         let idx: Vec<usize> = self
             .streams
@@ -198,9 +301,8 @@ impl StreamSync {
         if idx.is_empty() && acks.is_empty() {
             return None;
         }
-        let idle = self.idle.get(&db).copied().unwrap_or(false);
         let pending = idx.iter().any(|&i| self.streams[i].cursor != Cursor::New);
-        let block = idle && !pending && !idx.is_empty();
+        let block = !self.busy.contains(&db) && !pending && !idx.is_empty();
         let per_read = (MAX_ENTRIES_PER_READ / s.batch_size.max(1)).max(1) as usize;
         let take: Vec<usize> = if block || idx.len() <= per_read {
             idx.clone()
@@ -260,15 +362,15 @@ impl StreamSync {
         }
     }
 
-    /// Keeps the moving average of entry sizes that the read budget uses, and whether the
-    /// read of `db` found nothing.
-    fn note_reply(&mut self, db: u8, batches: &[StreamBatch]) {
+    /// Keeps the moving average of entry sizes that the read budget uses; returns the
+    /// entries the read found.
+    fn note_reply(&mut self, batches: &[StreamBatch]) -> usize {
         let entries: usize = batches.iter().map(|b| b.ids.len()).sum();
-        self.idle.insert(db, entries == 0);
         let bytes: usize = batches.iter().map(|b| b.copy.len()).sum();
         if let Some(avg) = bytes.checked_div(entries) {
             self.avg_entry_bytes = (self.avg_entry_bytes * 3 + avg) / 4;
         }
+        entries
     }
 
     /// The group or the stream disappeared under a read (deleted, or deleted and added
@@ -313,8 +415,9 @@ impl StreamSync {
         self.publish_all();
     }
 
-    /// Writes the rows of one read of database `db` in one transaction. Only when it
-    /// committed are the entries queued for acknowledgement (with the next read of `db`);
+    /// Writes the rows of one round trip's reads (of one or more databases) in one
+    /// transaction. Only when it committed are the entries queued for acknowledgement (with
+    /// the next read of their database);
     /// when it failed, nothing is queued: the entries stay in our pending list and are read
     /// again from there once Postgres takes them. `now` is the Postgres timestamp recorded
     /// as the streams' last sync time. Plain bookkeeping: what it changed is published by
@@ -322,21 +425,22 @@ impl StreamSync {
     pub(super) fn land(
         &mut self,
         writer: &mut impl BatchWriter,
-        db: u8,
-        batches: Vec<StreamBatch>,
+        reads: Vec<(u8, Vec<StreamBatch>)>,
         now: i64,
     ) -> Landed {
         let mut rows = Vec::new();
         let mut copy = Vec::new();
         let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
-        for b in batches {
-            if b.ids.is_empty() {
-                continue;
+        for (db, batches) in reads {
+            for b in batches {
+                if b.ids.is_empty() {
+                    continue;
+                }
+                let Some(&i) = self.index.get(&(db, b.key)) else { continue };
+                rows.extend(b.rows);
+                copy.push(b.copy);
+                acks.push((i, b.ids));
             }
-            let Some(&i) = self.index.get(&(db, b.key)) else { continue };
-            rows.extend(b.rows);
-            copy.push(b.copy);
-            acks.push((i, b.ids));
         }
         let touched: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
         if acks.is_empty() {
@@ -363,9 +467,9 @@ impl StreamSync {
             t.last_error.clear();
             handled += ids.len();
         }
-        let stash = self.unacked.entry(db).or_default();
         for (i, ids) in acks {
-            stash.push((self.streams[i].key.clone(), ids));
+            let t = &self.streams[i];
+            self.unacked.entry(t.db).or_default().push((t.key.clone(), ids));
         }
         Landed { result: Ok(handled), touched }
     }
@@ -459,12 +563,12 @@ mod tests {
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "2-0"), ("b", ">")]);
         s.advance_cursors(&r, &[]);
-        s.note_reply(0, &[batch("a", &["3-0"])]);
+        s.busy.insert(0);
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", ">"), ("b", ">")]);
-        assert_eq!(r.block, None, "the last read found entries: no waiting");
-        // Only once a read came back empty, with nothing pending, does the read block.
-        s.note_reply(0, &[]);
+        assert_eq!(r.block, None, "a busy database: no waiting");
+        // Only once the database is idle, with nothing pending, does the read block.
+        s.busy.remove(&0);
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(r.block, Some(settings.poll_interval));
     }
@@ -489,7 +593,7 @@ mod tests {
         for st in &mut s.streams {
             st.cursor = Cursor::New;
         }
-        s.note_reply(0, &[]);
+        s.busy.insert(3);
         let r0 = s.next_request(0, &settings).expect("a read of db 0");
         let r3 = s.next_request(3, &settings).expect("a read of db 3");
         assert_eq!((r0.db, afters(&r0)), (0, vec![("a", ">")]));
@@ -497,6 +601,29 @@ mod tests {
         // db 0 is idle, db 3 is not: only db 0's read waits in Redis.
         assert_eq!((r0.block, r3.block), (Some(settings.poll_interval), None));
         assert!(s.next_request(5, &settings).is_none(), "nothing to read in db 5");
+    }
+
+    #[test]
+    fn databases_turn_busy_with_entries_and_idle_when_a_shared_read_finds_none() {
+        let mut s = sync_with(&[(0, "a"), (1, "b")]);
+        // Re-reading pending entries: busy whatever the read found.
+        s.note_busy(1, 0, true);
+        assert!(s.busy.contains(&1));
+        for st in &mut s.streams {
+            st.cursor = Cursor::New;
+        }
+        // The shared read found nothing in db 1: idle, its own read waits in Redis.
+        s.note_busy(1, 0, true);
+        assert!(!s.busy.contains(&1));
+        // Its waiting read came back empty: still idle; with entries: busy.
+        s.note_busy(1, 0, false);
+        assert!(!s.busy.contains(&1));
+        s.note_busy(1, 3, false);
+        assert!(s.busy.contains(&1));
+        assert!(!s.busy.contains(&0));
+        // After a failure or a discovery every database starts over busy, pending first.
+        s.restart_from_pending();
+        assert_eq!(s.busy.iter().copied().collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]
@@ -509,13 +636,14 @@ mod tests {
             st.cursor = Cursor::New;
         }
         // 2,000 entries a read at most: two streams of COUNT 1000 per read, in turn.
+        s.busy.insert(0);
         let firsts: Vec<String> = (0..3)
             .map(|_| s.next_request(0, &settings).expect("a read"))
             .map(|r| afters(&r).iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>().join(","))
             .collect();
         assert_eq!(firsts, vec!["s0,s1", "s2,s3", "s4,s0"]);
+        s.busy.clear();
         // A blocking read covers them all, with COUNT lowered to keep the same bound.
-        s.note_reply(0, &[]);
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!((r.streams.len(), r.count), (5, 400));
     }
@@ -525,7 +653,7 @@ mod tests {
         let settings = Settings::default();
         let mut s = sync_with(&[(2, "a")]);
         let mut table = Table::default();
-        assert!(s.land(&mut table, 2, vec![batch("a", &["1-0"])], 1).result.is_ok());
+        assert!(s.land(&mut table, vec![(2, vec![batch("a", &["1-0"])])], 1).result.is_ok());
         s.streams.clear();
         s.reindex();
         let r = s.next_request(2, &settings).expect("an acknowledgement");
@@ -535,18 +663,34 @@ mod tests {
     }
 
     #[test]
+    fn one_write_for_the_reads_of_several_databases_acknowledges_each_in_its_own() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a"), (4, "b")]);
+        let mut table = Table::default();
+        let reads = vec![(0, vec![batch("a", &["1-0"])]), (4, vec![batch("b", &["7-0", "8-0"])])];
+        assert_eq!(s.land(&mut table, reads, 1).result.ok(), Some(3));
+        assert_eq!(table.rows, vec!["1-0", "7-0", "8-0"]);
+        let acks = |s: &mut StreamSync, db| s.next_request(db, &settings).map(|r| r.acks);
+        assert_eq!(acks(&mut s, 0), Some(vec![(b"a".to_vec(), vec!["1-0".to_owned()])]));
+        assert_eq!(
+            acks(&mut s, 4),
+            Some(vec![(b"b".to_vec(), vec!["7-0".to_owned(), "8-0".to_owned()])])
+        );
+    }
+
+    #[test]
     fn only_committed_entries_are_acknowledged() {
         let settings = Settings::default();
         let mut s = sync_with(&[(0, "a")]);
         let mut table = Table::default();
         assert_eq!(
-            s.land(&mut table, 0, vec![batch("a", &["1-0", "2-0"])], 1).result.ok(),
+            s.land(&mut table, vec![(0, vec![batch("a", &["1-0", "2-0"])])], 1).result.ok(),
             Some(2)
         );
         // The write of the next batch fails: nothing of it is queued for XACK, and the
         // stream says why.
         table.fail = true;
-        assert!(s.land(&mut table, 0, vec![batch("a", &["3-0"])], 2).result.is_err());
+        assert!(s.land(&mut table, vec![(0, vec![batch("a", &["3-0"])])], 2).result.is_err());
         assert_eq!(s.streams[0].state, StreamState::Error);
         assert_eq!(s.streams[0].messages_synced, 2);
         // After the failure the worker re-reads from its pending list: the next read starts

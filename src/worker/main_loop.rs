@@ -21,6 +21,9 @@ use crate::redis::SharedBudget;
 use crate::shmem::{self, LaneState, WorkerState};
 use crate::streams::{DiscoveryCtx, DiscoveryTurn, Feed, StreamSync, StreamWriter};
 
+/// A turn longer than this is logged at debug level, with what took the time.
+const SLOW_TURN: Duration = Duration::from_millis(100);
+
 /// Batches of notified changes written per turn, at most.
 const CHANGES_PER_TURN: usize = 4;
 
@@ -163,15 +166,37 @@ impl Worker {
         }
         self.held = false;
         let mut worked = false;
+        let mut times = [Duration::ZERO; 4];
+        let mut clock = Instant::now();
+        let mut lap = |i: usize| {
+            let t = Instant::now();
+            times[i] = t - clock;
+            clock = t;
+        };
         if self.settings.mode == Mode::Sync {
             worked |= self.stream_turn(now);
         } else {
             let _ = self.streams.pump(&mut self.stream_writer, &self.settings, &self.log, None);
         }
+        lap(0);
         worked |= self.discovery_turn(now);
+        lap(1);
         if self.settings.mode == Mode::Sync {
             worked |= self.key_value_turn(now);
+            lap(2);
             worked |= self.notification_turn(now);
+            lap(3);
+        }
+        let total: Duration = times.iter().sum();
+        if total >= SLOW_TURN {
+            self.log.debug(&format!(
+                "slow turn of {} ms: streams {} ms, discovery {} ms, key-value pass {} ms, notifications {} ms",
+                total.as_millis(),
+                times[0].as_millis(),
+                times[1].as_millis(),
+                times[2].as_millis(),
+                times[3].as_millis()
+            ));
         }
         self.publish(worked);
         (worked, self.wait(now))
@@ -190,7 +215,9 @@ impl Worker {
         let health = self.lanes.get(Lane::Streams);
         match outcome {
             Ok(p) => {
-                if p.replies > 0 {
+                // Working again: entries landed, or reads work and nothing waits to be read
+                // again after a failed write.
+                if p.landed > 0 || (p.replies > 0 && p.caught_up) {
                     health.succeeded(&self.log);
                 }
                 health.state = if p.landed > 0 { LaneState::Running } else { LaneState::Idle };
@@ -255,7 +282,7 @@ impl Worker {
         let outcome = self.keys.step(&mut self.kv_writer, &self.settings, now, &ctx);
         let worked = match outcome {
             Ok(turn) => {
-                if turn.worked {
+                if turn.wrote || turn.finished.is_some() {
                     self.lanes.get(Lane::KeyValues).succeeded(&self.log);
                 }
                 if let Some(flags) = turn.notify_flags {

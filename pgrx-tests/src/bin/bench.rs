@@ -1,20 +1,30 @@
-//! `make bench`: measures stream sync against COPY on this machine, in one run, and writes
-//! the figures to bench/RESULTS.md.
+//! `make bench`: measured figures of the worker on this machine, in one run, side by side,
+//! written to bench/RESULTS.md with the settings each figure used. Every cluster runs with
+//! fsync and synchronous_commit on (as users run Postgres).
 //!
-//! 1. A backlog of N entries (default 1,000,000) over 10 streams, 5 short fields each.
-//! 2. Drain rate with batch_size=1000, rate_limit=0, then with the defaults (new consumer
-//!    group, new table, same backlog).
-//! 3. COPY of the same rows into an identical empty table: the ceiling.
-//! 4. The worker's peak private memory (RssAnon) while draining.
-//! 5. Latency from XADD to row visible at a steady 5,000 entries/s.
+//! 1. At the defaults, on a production-shaped Redis: 1,000,000 ordinary keys beside 20
+//!    streams in 3 databases that receive 1,000 entries/s in all: XADD-to-commit latency
+//!    (the producer's send time in the entry against the row's commit timestamp) while the
+//!    keys are mirrored, and how long the mirror takes.
+//! 2. An idle worker (streams in 3 databases, a few keys, nothing changing): its CPU and the
+//!    commands Redis sees from it, at the default rate limit and unlimited.
+//! 3. A key-value table the worker may not write: a 200,000-entry drain with and without
+//!    the grant.
+//! 4. Tuned stream sync (batch_size=1000, rate_limit=0): drain against COPY of the same rows,
+//!    latency at 10,000 entries/s; and the same drain at the defaults.
+//! 5. Key-value sync of 1,000,000 string keys (initial sync against COPY, idle and verifying
+//!    passes, one changed key by scanning and by notification).
 //!
-//! Environment: BENCH_ENTRIES (default 1000000), BENCH_LATENCY_SECS (default 10),
-//! PG_CONFIG (the Postgres with the extension installed, built with --release).
+//! Environment: BENCH_ENTRIES (default 1000000), BENCH_KEYS (default 1000000),
+//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams or keys: one
+//! part alone, printed, RESULTS.md untouched), PG_CONFIG (the Postgres with the extension
+//! installed, built with --release).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use redis_pg_sync_e2e::*;
 
@@ -22,6 +32,19 @@ const STREAMS: usize = 10;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Durable settings for tuned runs, on top of the harness's fast retries.
+const ROOMY: [(&str, &str); 2] = [("shared_buffers", "512MB"), ("max_wal_size", "4GB")];
+
+fn durable(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
+    let port = redis.port.to_string();
+    let mut all: Vec<(String, String)> = vec![
+        ("redis_sync.redis_host".into(), "127.0.0.1".into()),
+        ("redis_sync.redis_port".into(), port),
+    ];
+    all.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Cluster::start_with(ClusterOptions { preload: true, settings: all, durable: true })
 }
 
 fn fill(r: &mut redis::Connection, total: usize) {
@@ -108,94 +131,6 @@ fn drain(pg: &Cluster, table: &str, total: usize) -> Drain {
     Drain { rows_per_s: total as f64 / secs, secs, peak_rss_kb }
 }
 
-fn micros_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
-}
-
-/// Adds entries at `rate`/s over 10 streams for `secs`, while a reader polls the table for
-/// new rows; returns (p50, p99, max) latency in ms over all rows.
-fn latency(
-    redis: &Redis,
-    pg: &Cluster,
-    prefix: &str,
-    table: &str,
-    rate: u64,
-    secs: u64,
-) -> (f64, f64, f64, usize) {
-    let prefix = prefix.to_owned();
-    let done = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let producer = {
-        let mut r = redis.client();
-        let done = done.clone();
-        let sent = sent.clone();
-        std::thread::spawn(move || {
-            let tick = Duration::from_millis(10);
-            let per_tick = (rate / 100).max(1);
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < Duration::from_secs(secs) {
-                let due = start + tick * (n / per_tick) as u32;
-                if let Some(w) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(w);
-                }
-                let mut p = redis::pipe();
-                for _ in 0..per_tick {
-                    p.cmd("XADD")
-                        .arg(format!("{prefix}-{}-stream", n % STREAMS as u64))
-                        .arg("*")
-                        .arg("sent_us")
-                        .arg(micros_now())
-                        .arg("heart_rate")
-                        .arg(70)
-                        .ignore();
-                    n += 1;
-                }
-                let _: () = p.query(&mut r).expect("XADD");
-            }
-            sent.store(n, Ordering::SeqCst);
-            done.store(true, Ordering::SeqCst);
-        })
-    };
-    let mut c = pg.client();
-    let mut last_id: i64 = 0;
-    let mut lat_ms: Vec<f64> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(secs + 60);
-    loop {
-        let rows = c
-            .query(
-                &format!(
-                    "SELECT id, (data->>'sent_us')::bigint FROM {table} WHERE id > $1 ORDER BY id"
-                ),
-                &[&last_id],
-            )
-            .expect("poll");
-        let now = micros_now();
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let sent_us: i64 = row.get(1);
-            last_id = last_id.max(id);
-            lat_ms.push((now as i64 - sent_us) as f64 / 1000.0);
-        }
-        if done.load(Ordering::SeqCst) && lat_ms.len() as u64 >= sent.load(Ordering::SeqCst) {
-            break;
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    let _ = producer.join();
-    lat_ms.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        lat_ms
-            .get(((lat_ms.len() as f64 * p) as usize).min(lat_ms.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    (pct(0.5), pct(0.99), lat_ms.last().copied().unwrap_or(f64::NAN), lat_ms.len())
-}
-
 struct KvFigures {
     keys: usize,
     rate: f64,
@@ -249,7 +184,7 @@ fn bench_keys(total: usize) -> KvFigures {
         }
         let _: () = p.query(&mut r).expect("SET");
     }
-    let pg = Cluster::start(
+    let pg = durable(
         &redis,
         &[
             ("redis_sync.enabled", "off"),
@@ -257,8 +192,8 @@ fn bench_keys(total: usize) -> KvFigures {
             ("redis_sync.stream_auto_discovery", "off"),
             ("redis_sync.db_search_range", "0"),
             ("redis_sync.sync_interval", "1s"),
-            ("shared_buffers", "512MB"),
-            ("max_wal_size", "4GB"),
+            ROOMY[0],
+            ROOMY[1],
         ],
     );
     eprintln!("[bench] key-value initial sync");
@@ -384,44 +319,328 @@ fn bench_keys(total: usize) -> KvFigures {
     }
 }
 
-fn main() {
-    if std::env::var("BENCH_ONLY").as_deref() == Ok("keys") {
-        // Key-value part alone, printed and not written to bench/RESULTS.md.
-        let kv = bench_keys(env_num("BENCH_KEYS", 1_000_000) as usize);
-        eprintln!(
-            "[bench] initial {:.0} rows/s vs COPY {:.0} ({:.2}); idle pass {:.2} s; verifying pass {:.2} s; changed key {:.0?} ms",
-            kv.rate, kv.copy_rate, kv.rate / kv.copy_rate, kv.idle_pass_secs, kv.verify_pass_secs, kv.scan_delay_ms
-        );
-        return;
+/// Figures of the deployment at the defaults.
+struct Defaults {
+    keys: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    entries: usize,
+    mirrored_secs: f64,
+    lost: usize,
+    duplicated: i64,
+    errors: i64,
+}
+
+fn bench_defaults(keys: usize) -> Defaults {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    eprintln!("[bench] defaults: {keys} keys and 20 streams in 3 databases");
+    load_keys(&mut r, 0, keys);
+    let streams: Vec<(u8, String)> =
+        (0..20).map(|i| ((i % 3) as u8, format!("sensor-{i}"))).collect();
+    let mut ids: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+    for (db, key) in &streams {
+        select(&mut r, *db);
+        let id: String =
+            redis::cmd("XADD").arg(key).arg("*").arg("seed").arg(1).query(&mut r).expect("XADD");
+        ids.insert((*db, key.clone()), vec![id]);
     }
-    let total = env_num("BENCH_ENTRIES", 1_000_000) as usize;
-    let lat_secs = env_num("BENCH_LATENCY_SECS", 10);
+    let started = Instant::now();
+    // BENCH_SET="name=value,..." changes settings of this scenario (to compare).
+    let extra: Vec<(String, String)> = std::env::var("BENCH_SET")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pg = Cluster::start_defaults(&redis, &extra);
+    assert!(pg.wait_until_running());
+    pg.wait_number("SELECT count(*) FROM redis_streams", 20, Duration::from_secs(60));
+    // 1,000 entries a second while the keys are mirrored, and 10 s more after.
+    let port = redis.port;
+    let done = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (streams, done) = (streams.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut all: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+            while !done.load(Ordering::Relaxed) {
+                for (k, v) in produce(port, &streams, 1000, 5.0) {
+                    all.entry(k).or_default().extend(v);
+                }
+            }
+            all
+        })
+    };
+    let mirror = !extra.contains(&("redis_sync.key_value_auto_discovery", "off"));
+    let mirrored = if !mirror {
+        std::thread::sleep(Duration::from_secs(30));
+        started.elapsed()
+    } else {
+        wait_for("every key mirrored", Duration::from_secs(900), || {
+            // The worker's own counter (cheap), not count(*) over a growing table, which would
+            // take a core away from the worker.
+            let n: usize = pg
+                .try_query_text("SELECT key_values_processed FROM redis_sync_status()")?
+                .parse()
+                .ok()?;
+            (n >= keys).then(|| started.elapsed())
+        })
+    };
+    if mirror {
+        eprintln!("[bench]   keys mirrored {:.1} s after start", mirrored.as_secs_f64());
+        assert_eq!(pg.number("SELECT count(*) FROM redis_key_values"), keys as i64);
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    done.store(true, Ordering::Relaxed);
+    let produced = producer.join().expect("producer");
+    let entries: usize = produced.values().map(Vec::len).sum();
+    for (k, v) in produced {
+        ids.entry(k).or_default().extend(v);
+    }
+    let (lost, duplicated) = lost_and_duplicated(&pg, &mut r, &ids);
+    let lat = commit_latencies(&pg);
+    if std::env::var("BENCH_TRACE").is_ok() {
+        // Latency by second of the run, to see where it comes from.
+        let mut c = pg.client();
+        let gaps = c
+            .query_one(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY gap),
+                        percentile_cont(0.9) WITHIN GROUP (ORDER BY gap),
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY gap), max(gap), count(*),
+                        (SELECT avg(n) FROM (SELECT count(*) n FROM redis_streams GROUP BY xmin) x)::float8
+                   FROM (SELECT (extract(epoch FROM ts - lag(ts) OVER (ORDER BY ts)) * 1000)::float8 AS gap
+                           FROM (SELECT DISTINCT pg_xact_commit_timestamp(xmin) AS ts
+                                   FROM redis_streams) a) b",
+                &[],
+            )
+            .expect("gaps");
+        eprintln!(
+            "[trace] gaps between commits: p50 {:.1} ms, p90 {:.1}, p99 {:.1}, max {:.1}, {} commits, {:.1} rows each",
+            gaps.get::<_, f64>(0),
+            gaps.get::<_, f64>(1),
+            gaps.get::<_, f64>(2),
+            gaps.get::<_, f64>(3),
+            gaps.get::<_, i64>(4),
+            gaps.get::<_, f64>(5)
+        );
+        for row in c
+            .query(
+                "SELECT floor(extract(epoch FROM pg_xact_commit_timestamp(xmin)))::int8 % 1000 AS s,
+                        count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY l), max(l)
+                   FROM (SELECT xmin, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6
+                                 - (data->>'sent_us')::float8) / 1000.0 AS l
+                           FROM redis_streams WHERE data ? 'sent_us') x
+                  GROUP BY 1 ORDER BY 1",
+                &[],
+            )
+            .expect("trace")
+        {
+            eprintln!(
+                "[trace] {:>4} {:>5} p50 {:>7.1} max {:>7.1}",
+                row.get::<_, i64>(0),
+                row.get::<_, i64>(1),
+                row.get::<_, f64>(2),
+                row.get::<_, f64>(3)
+            );
+        }
+    }
+    let d = Defaults {
+        keys,
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        max: lat.last().copied().unwrap_or(f64::NAN),
+        entries,
+        mirrored_secs: mirrored.as_secs_f64(),
+        lost,
+        duplicated,
+        errors: pg.number("SELECT errors FROM redis_sync_status()"),
+    };
+    eprintln!(
+        "[bench]   XADD to commit p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} entries; lost {}, duplicated {}",
+        d.p50, d.p99, d.max, d.entries, d.lost, d.duplicated
+    );
+    d
+}
+
+/// CPU (percent of a core) and Redis commands per second of an idle worker, at the default
+/// rate limit and unlimited.
+fn bench_idle() -> Vec<(&'static str, f64, f64)> {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for db in 0..3u8 {
+        select(&mut r, db);
+        let _: String = redis::cmd("XADD")
+            .arg(format!("idle-{db}"))
+            .arg("*")
+            .arg("a")
+            .arg(1)
+            .query(&mut r)
+            .expect("XADD");
+        for k in 0..4 {
+            let _: () =
+                redis::cmd("SET").arg(format!("key-{k}")).arg("v").query(&mut r).expect("SET");
+        }
+    }
+    let pg = Cluster::start_defaults(&redis, &[]);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 3, Duration::from_secs(60));
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 12, Duration::from_secs(60));
+    let pid = pg.worker_pid().expect("worker");
+    let mut out = Vec::new();
+    for (label, rate) in [("rate_limit = 100 (default)", "100"), ("rate_limit = 0", "0")] {
+        pg.set("redis_sync.rate_limit", rate);
+        std::thread::sleep(Duration::from_secs(3));
+        let window = Duration::from_secs(10);
+        let (cpu0, cmd0) = (cpu_time(pid).expect("cpu"), commands_processed(&mut r));
+        std::thread::sleep(window);
+        let (cpu1, cmd1) = (cpu_time(pid).expect("cpu"), commands_processed(&mut r));
+        let cpu = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+        let cmds = (cmd1 - cmd0 - 1) as f64 / window.as_secs_f64();
+        eprintln!("[bench] idle, {label}: CPU {cpu:.2} %, {cmds:.1} commands/s");
+        out.push((label, cpu, cmds));
+    }
+    out
+}
+
+/// Seconds a 200,000-entry drain takes at the defaults, with the worker's role allowed to
+/// write the key-value table, and not.
+fn bench_grants(entries: usize) -> (f64, f64, String) {
+    let mut secs = Vec::new();
+    let mut lane = String::new();
+    for granted in [true, false] {
+        let redis = Redis::start();
+        let mut r = redis.client();
+        load_keys(&mut r, 0, 10_000);
+        let pg = Cluster::start_defaults(&redis, &[("redis_sync.role", "syncer")]);
+        pg.execute(
+            "CREATE ROLE syncer LOGIN;
+             CREATE TABLE redis_key_values (id bigserial PRIMARY KEY, redis_key text NOT NULL,
+                redis_value text, redis_db int NOT NULL, value_type text NOT NULL,
+                value_encoding text, expires_at timestamptz, deleted_at timestamptz,
+                \"timestamp\" timestamptz NOT NULL DEFAULT now(), UNIQUE (redis_db, redis_key));
+             GRANT USAGE, CREATE ON SCHEMA public TO syncer;",
+        );
+        if granted {
+            pg.execute(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON redis_key_values TO syncer;
+                 GRANT USAGE ON SEQUENCE redis_key_values_id_seq TO syncer;",
+            );
+            pg.wait_number(
+                "SELECT count(*) FROM redis_key_values",
+                10_000,
+                Duration::from_secs(300),
+            );
+        } else {
+            wait_for("the key-value lane failing", Duration::from_secs(300), || {
+                let s = pg.try_query_text(
+                    "SELECT state FROM redis_sync_lanes() WHERE lane = 'key_values'",
+                )?;
+                (s == "backing_off").then_some(())
+            });
+        }
+        let ids = produce_fast(&mut r, "drained", entries);
+        let t0 = Instant::now();
+        pg.wait_number(
+            "SELECT count(*) FROM redis_streams WHERE stream_key = 'drained'",
+            ids.len() as i64,
+            Duration::from_secs(1800),
+        );
+        secs.push(t0.elapsed().as_secs_f64());
+        if !granted {
+            lane = pg
+                .query_text("SELECT state || ': ' || coalesce(last_error, '') FROM redis_sync_lanes() WHERE lane = 'key_values'")
+                .unwrap_or_default();
+        }
+        eprintln!(
+            "[bench] drain of {entries} with the key-value grant {}: {:.1} s",
+            if granted { "present" } else { "missing" },
+            secs[secs.len() - 1]
+        );
+    }
+    (secs[0], secs[1], lane)
+}
+
+/// Latency in ms (p50, p99, max) from XADD to commit at `rate`/s over 10 streams for `secs`.
+fn commit_latency(
+    redis: &Redis,
+    pg: &Cluster,
+    prefix: &str,
+    table: &str,
+    rate: u64,
+    secs: u64,
+) -> (f64, f64, f64, usize) {
+    let streams: Vec<(u8, String)> =
+        (0..STREAMS).map(|s| (0u8, format!("{prefix}-{s}-stream"))).collect();
+    let mut r = redis.client();
+    for (_, key) in &streams {
+        let _: String =
+            redis::cmd("XADD").arg(key).arg("*").arg("seed").arg(1).query(&mut r).expect("XADD");
+    }
+    pg.wait_number(
+        &format!("SELECT count(*) FROM {table}"),
+        STREAMS as i64,
+        Duration::from_secs(60),
+    );
+    let ids = produce_batched(redis.port, &streams, rate, secs as f64);
+    let n: usize = ids.values().map(Vec::len).sum();
+    pg.wait_number(
+        &format!("SELECT count(*) FROM {table} WHERE data ? 'sent_us'"),
+        n as i64,
+        Duration::from_secs(300),
+    );
+    let mut c = pg.client();
+    let rows = c
+        .query(
+            &format!(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6
+                         - (data->>'sent_us')::float8) / 1000.0 FROM {table} WHERE data ? 'sent_us'"
+            ),
+            &[],
+        )
+        .expect("latencies");
+    let mut lat: Vec<f64> = rows.iter().map(|r| r.get::<_, f64>(0)).collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN),
+        lat.len(),
+    )
+}
+
+struct Tuned {
+    fast: Drain,
+    copy_rate: f64,
+    copy_secs: f64,
+    defaults: Drain,
+    latency: (f64, f64, f64, usize),
+    total: usize,
+}
+
+fn bench_streams(total: usize, lat_secs: u64) -> Tuned {
     let redis = Redis::start();
     let mut r = redis.client();
     eprintln!("[bench] filling {total} entries over {STREAMS} streams");
-    let t = Instant::now();
     fill(&mut r, total);
-    eprintln!("[bench] filled in {:.1}s", t.elapsed().as_secs_f64());
-
-    let pg = Cluster::start(
+    let pg = durable(
         &redis,
         &[
             ("redis_sync.enabled", "off"),
             ("redis_sync.batch_size", "1000"),
             ("redis_sync.rate_limit", "0"),
-            ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+            ("redis_sync.stream_discovery_patterns", "biosignal-*,lat-*"),
             ("redis_sync.key_value_auto_discovery", "off"),
-            ("shared_buffers", "512MB"),
-            ("max_wal_size", "4GB"),
+            ROOMY[0],
+            ROOMY[1],
         ],
     );
-    eprintln!("[bench] drain 1: batch_size=1000, rate_limit=0");
+    eprintln!("[bench] drain: batch_size=1000, rate_limit=0");
     let fast = drain(&pg, "redis_streams", total);
     eprintln!(
         "[bench]   {:.0} rows/s ({:.1}s), peak RssAnon {} KiB",
         fast.rows_per_s, fast.secs, fast.peak_rss_kb
     );
-
     eprintln!("[bench] COPY of the same rows into an identical empty table");
     let dump = pg.data_dir().join("bench_rows.copy");
     let dump = dump.to_string_lossy();
@@ -436,78 +655,73 @@ fn main() {
     ));
     let copy_secs = t.elapsed().as_secs_f64();
     let copy_rate = total as f64 / copy_secs;
-    eprintln!("[bench]   COPY {:.0} rows/s ({:.1}s)", copy_rate, copy_secs);
+    eprintln!("[bench]   COPY {copy_rate:.0} rows/s ({copy_secs:.1}s)");
     pg.execute("DROP TABLE copy_target; CHECKPOINT");
-
-    eprintln!("[bench] drain 2: defaults (batch_size=100, rate_limit=100)");
+    eprintln!(
+        "[bench] latency at 10,000 entries/s for {lat_secs}s (batch_size=1000, rate_limit=0)"
+    );
+    pg.execute("ALTER SYSTEM SET redis_sync.stream_table = 'redis_streams_lat'");
+    pg.reload();
+    let latency = commit_latency(&redis, &pg, "lat", "redis_streams_lat", 10_000, lat_secs);
+    eprintln!(
+        "[bench]   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} rows",
+        latency.0, latency.1, latency.2, latency.3
+    );
+    eprintln!("[bench] drain at the defaults (batch_size=100, rate_limit=100)");
     pg.set("redis_sync.enabled", "off");
     wait_for("paused", Duration::from_secs(30), || {
         (pg.status("state").as_deref() == Some("paused")).then_some(())
     });
     for sql in [
-        // The defaults, set explicitly (postgresql.conf still holds the first drain's values).
         "ALTER SYSTEM SET redis_sync.batch_size = 100",
         "ALTER SYSTEM SET redis_sync.rate_limit = 100",
         "ALTER SYSTEM SET redis_sync.consumer_group = 'bench-defaults'",
         "ALTER SYSTEM SET redis_sync.stream_table = 'redis_streams_defaults'",
+        "ALTER SYSTEM SET redis_sync.stream_discovery_patterns = 'biosignal-*'",
     ] {
         pg.execute(sql);
     }
     pg.reload();
     let defaults = drain(&pg, "redis_streams_defaults", total);
-    eprintln!(
-        "[bench]   {:.0} rows/s ({:.1}s), peak RssAnon {} KiB",
-        defaults.rows_per_s, defaults.secs, defaults.peak_rss_kb
-    );
+    eprintln!("[bench]   {:.0} rows/s ({:.1}s)", defaults.rows_per_s, defaults.secs);
+    Tuned { fast, copy_rate, copy_secs, defaults, latency, total }
+}
 
-    let mut lat = Vec::new();
-    for (prefix, label, settings) in [
-        ("lat", "defaults", [("redis_sync.batch_size", "100"), ("redis_sync.rate_limit", "100")]),
-        (
-            "latfast",
-            "batch_size=1000, rate_limit=0",
-            [("redis_sync.batch_size", "1000"), ("redis_sync.rate_limit", "0")],
-        ),
-    ] {
-        eprintln!("[bench] latency at 5000 entries/s for {lat_secs}s ({label})");
-        let table = format!("redis_streams_{prefix}");
-        pg.execute(&format!(
-            "ALTER SYSTEM SET redis_sync.stream_discovery_patterns = '{prefix}-*'"
-        ));
-        pg.execute(&format!("ALTER SYSTEM SET redis_sync.stream_table = '{table}'"));
-        for (k, v) in settings {
-            pg.execute(&format!("ALTER SYSTEM SET {k} = '{v}'"));
+fn main() {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let keys = env_num("BENCH_KEYS", 1_000_000) as usize;
+    let entries = env_num("BENCH_ENTRIES", 1_000_000) as usize;
+    let lat_secs = env_num("BENCH_LATENCY_SECS", 10);
+    match only.as_str() {
+        "" => {}
+        "defaults" => {
+            bench_defaults(keys);
+            return;
         }
-        pg.reload();
-        // The ten streams exist before the clock starts, so discovery is not measured.
-        for s in 0..STREAMS {
-            let _: String = redis::cmd("XADD")
-                .arg(format!("{prefix}-{s}-stream"))
-                .arg("*")
-                .arg("sent_us")
-                .arg(micros_now())
-                .query(&mut r)
-                .expect("XADD");
+        "idle" => {
+            bench_idle();
+            return;
         }
-        pg.wait_number(
-            "SELECT count(*) FROM redis_sync_streams()",
-            STREAMS as i64,
-            Duration::from_secs(60),
-        );
-        pg.wait_number(
-            &format!("SELECT count(*) FROM {table}"),
-            STREAMS as i64,
-            Duration::from_secs(60),
-        );
-        pg.execute(&format!("TRUNCATE {table}"));
-        let (p50, p99, max, n) = latency(&redis, &pg, prefix, &table, 5000, lat_secs);
-        eprintln!("[bench]   p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms over {n} rows");
-        lat.push((label, p50, p99, max, n));
+        "grants" => {
+            bench_grants(200_000);
+            return;
+        }
+        "streams" => {
+            bench_streams(entries, lat_secs);
+            return;
+        }
+        "keys" => {
+            bench_keys(keys);
+            return;
+        }
+        other => panic!("BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys"),
     }
+    let d = bench_defaults(keys);
+    let idle = bench_idle();
+    let (with_grant, without_grant, lane) = bench_grants(200_000);
+    let t = bench_streams(entries, lat_secs);
+    let kv = bench_keys(keys);
 
-    let kv = bench_keys(env_num("BENCH_KEYS", 1_000_000) as usize);
-
-    let ratio = fast.rows_per_s / copy_rate;
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -517,7 +731,13 @@ fn main() {
         })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let pg_version = pg.query_text("SELECT version()").unwrap_or_default();
+    let pg_version = std::process::Command::new(
+        std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into()),
+    )
+    .arg("--version")
+    .output()
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    .unwrap_or_default();
     let date = std::process::Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -530,39 +750,68 @@ fn main() {
         md,
         "Written by `make bench` on {date}; machine: {cores} cores, {machine}; {pg_version}."
     );
-    let _ = writeln!(md, "Postgres runs with fsync=off for the worker and for COPY alike; figures from one run, side by side.\n");
-    let _ = writeln!(
-        md,
-        "## Stream sync: {total} entries over {STREAMS} streams, 5 short fields each\n"
-    );
+    let _ = writeln!(md, "Every cluster ran with fsync = on and synchronous_commit = on; one run, side by side. Each section says the settings its figures used.\n");
+
+    let _ = writeln!(md, "## At the defaults, on a production-shaped Redis\n");
+    let _ = writeln!(md, "Every `redis_sync.*` setting at its default (rate_limit 100, batch_size 100, poll_interval 1s, discovery every 10s, key-value sync on, db_search_range 0-15); Redis holds {} string keys in db 0 and 20 streams over dbs 0, 1 and 2, which receive 1,000 entries/s in all from the start until 10 s after the keys are mirrored.\n", d.keys);
     let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| XADD to commit (commit timestamp), {} entries | p50 {:.1} ms, **p99 {:.1} ms**, max {:.1} ms (target p99 <= 50 ms) |", d.entries, d.p50, d.p99, d.max);
     let _ = writeln!(
         md,
-        "| drain, batch_size=1000, rate_limit=0 | {:.0} rows/s ({:.1} s) |",
-        fast.rows_per_s, fast.secs
+        "| all {} keys mirrored, from the worker's start | **{:.1} s** (target <= 60 s) |",
+        d.keys, d.mirrored_secs
     );
     let _ = writeln!(
         md,
-        "| drain, defaults (batch_size=100, rate_limit=100) | {:.0} rows/s ({:.1} s) |",
-        defaults.rows_per_s, defaults.secs
+        "| entries lost / duplicated (IDs compared) | {} / {} |",
+        d.lost, d.duplicated
     );
+    let _ = writeln!(md, "| worker errors meanwhile | {} |", d.errors);
+    let _ = writeln!(md, "\n## An idle worker\n");
+    let _ = writeln!(md, "Defaults; streams in dbs 0, 1 and 2 with one entry each, 4 keys in each, nothing changing, no keyspace notifications; a 10 s window.\n");
+    let _ = writeln!(
+        md,
+        "| rate limit | worker CPU | Redis commands/s from the worker |\n|---|---|---|"
+    );
+    for (label, cpu, cmds) in &idle {
+        let _ = writeln!(
+            md,
+            "| {label} | {cpu:.2} % of a core (target <= 1 %) | {cmds:.1} (target <= 50) |"
+        );
+    }
+    let _ = writeln!(md, "\n## A key-value table the worker may not write\n");
+    let _ = writeln!(md, "Defaults, `redis_sync.role = syncer`, 10,000 keys in Redis; the same 200,000-entry drain with the key-value table's grant present, then missing.\n");
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| drain with the grant | {with_grant:.1} s |");
+    let _ = writeln!(md, "| drain without it | {without_grant:.1} s |");
+    let _ = writeln!(md, "| **ratio** | **{:.2}** (target <= 1.1) |", without_grant / with_grant);
+    let _ = writeln!(
+        md,
+        "| key-value lane meanwhile | {} |",
+        lane.chars().take(160).collect::<String>()
+    );
+    let _ = writeln!(md, "\n## Stream sync, tuned\n");
+    let _ = writeln!(md, "{} entries over {STREAMS} streams, 5 short fields each; batch_size = 1000, rate_limit = 0, key-value sync off, shared_buffers 512MB, max_wal_size 4GB.\n", t.total);
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| drain | {:.0} rows/s ({:.1} s) |", t.fast.rows_per_s, t.fast.secs);
     let _ = writeln!(
         md,
         "| COPY of the same rows into an identical empty table | {:.0} rows/s ({:.1} s) |",
-        copy_rate, copy_secs
+        t.copy_rate, t.copy_secs
     );
-    let _ = writeln!(md, "| **drain (batch 1000) / COPY** | **{ratio:.2}** (target >= 0.5) |");
-    let _ = writeln!(md, "| drain (defaults) / COPY | {:.2} |", defaults.rows_per_s / copy_rate);
     let _ = writeln!(
         md,
-        "| worker peak RssAnon, batch 1000 / defaults | {:.1} MiB / {:.1} MiB (target < 100 MiB) |",
-        fast.peak_rss_kb as f64 / 1024.0,
-        defaults.peak_rss_kb as f64 / 1024.0
+        "| **drain / COPY** | **{:.2}** (target >= 0.8) |",
+        t.fast.rows_per_s / t.copy_rate
     );
-    for (label, p50, p99, max, n) in &lat {
-        let _ = writeln!(md, "| latency XADD -> row visible at 5,000 entries/s ({label}), {n} rows | p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (target p99 < 50 ms) |");
-    }
-    let _ = writeln!(md, "\n## Key-value sync: {} string keys\n", kv.keys);
+    let _ = writeln!(
+        md,
+        "| worker peak RssAnon while draining | {:.1} MiB |",
+        t.fast.peak_rss_kb as f64 / 1024.0
+    );
+    let _ = writeln!(md, "| XADD to commit at 10,000 entries/s, {} rows | p50 {:.1} ms, **p99 {:.1} ms**, max {:.1} ms (target p99 <= 5 ms) |", t.latency.3, t.latency.0, t.latency.1, t.latency.2);
+    let _ = writeln!(md, "| the same drain at the defaults (batch_size 100, rate_limit 100) | {:.0} rows/s ({:.1} s), {:.2} of COPY |", t.defaults.rows_per_s, t.defaults.secs, t.defaults.rows_per_s / t.copy_rate);
+    let _ = writeln!(md, "\n## Key-value sync: {} string keys\n\nrate_limit = 0, stream discovery off, db_search_range 0, sync_interval 1s, shared_buffers 512MB.\n", kv.keys);
     let _ = writeln!(md, "| measure | value |\n|---|---|");
     let _ =
         writeln!(md, "| initial sync (rate_limit=0) | {:.0} rows/s ({:.1} s) |", kv.rate, kv.secs);
@@ -595,10 +844,7 @@ fn main() {
     let worst = kv.scan_delay_ms.iter().copied().fold(0.0, f64::max);
     let _ = writeln!(md, "| one changed key visible, scanning alone (sync_interval=1s), {} trials | {} ms; max {worst:.0} ms (target < 2000 ms) |", kv.scan_delay_ms.len(), kv.scan_delay_ms.iter().map(|d| format!("{d:.0}")).collect::<Vec<_>>().join(", "));
     let _ = writeln!(md, "| one changed key visible with keyspace notifications, {} changes | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms) |", kv.notify_ms.3, kv.notify_ms.0, kv.notify_ms.1, kv.notify_ms.2);
-    let _ = writeln!(
-        md,
-        "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes)."
-    );
+    let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
     if let Some(dir) = out.parent() {
