@@ -25,6 +25,9 @@ const CHECK_CHUNK: i64 = 10_000;
 /// stream batches never wait long behind a pass. The rows per chunk follow the measured cost
 /// of a row.
 const CHUNK_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+/// Keys of a page compared per turn, at most (even when none needs writing): a turn stays
+/// short for the notified keys and stream entries waiting behind it.
+const KEYS_PER_TURN: usize = 2000;
 /// Rows per chunk, at least and at most.
 const CHUNK_ROWS: (usize, usize) = (50, 2000);
 
@@ -222,7 +225,15 @@ impl KeySync {
         let mut rows = Vec::new();
         let mut pending = Vec::new();
         let mut exhausted = true;
-        for (key, (ty, expires, value)) in chunk.items.by_ref() {
+        let mut examined = 0;
+        loop {
+            if rows.len() >= self.chunk_rows || examined >= KEYS_PER_TURN {
+                // The rest of the page at the next turn.
+                exhausted = false;
+                break;
+            }
+            let Some((key, (ty, expires, value))) = chunk.items.next() else { break };
+            examined += 1;
             if ty == "stream" {
                 pass.streams.push((db, key));
                 continue;
@@ -254,10 +265,6 @@ impl KeySync {
             pass.keys += 1;
             rows.push(row);
             pending.push((id, fingerprint));
-            if rows.len() >= self.chunk_rows {
-                exhausted = false;
-                break;
-            }
         }
         if exhausted {
             self.chunk = None;

@@ -18,7 +18,7 @@ use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{Databases, KeyMeta, Redis, SharedBudget};
+use crate::redis::{Databases, KeyMeta, Redis, ScanPage, SharedBudget};
 
 /// Keys asked per SCAN call: Redis does the same work whatever the page size, and a large
 /// page costs a tenth of the round trips of `COUNT 1000` (a million keys in about 200).
@@ -223,25 +223,32 @@ fn scan(
     if !send(number, Msg::Started(dbs)) {
         return Ok(());
     }
+    let keep = |keys: Vec<Vec<u8>>| -> Vec<Vec<u8>> {
+        keys.into_iter().filter(|k| patterns.iter().any(|p| p.matches(k))).collect()
+    };
     for &db in &to_scan {
         for glob in globs {
-            let mut cursor = 0;
+            if current.load(Ordering::Relaxed) != number {
+                return Ok(());
+            }
+            let (mut cursor, keys) = redis.scan_page(db, 0, glob, SCAN_COUNT)?;
+            let mut keys = keep(keys);
             loop {
                 if current.load(Ordering::Relaxed) != number {
                     return Ok(());
                 }
-                let (next, keys) = redis.scan_page(db, cursor, glob, SCAN_COUNT)?;
-                let keys: Vec<Vec<u8>> =
-                    keys.into_iter().filter(|k| patterns.iter().any(|p| p.matches(k))).collect();
+                // This page's values and the next page's keys in one round trip.
+                let next = (cursor != 0).then_some((cursor, glob.as_slice(), SCAN_COUNT));
                 let fetched_at = Instant::now();
-                let metas = fetch(redis, db, &keys)?;
-                if !send(number, Msg::Page(Page { db, keys, metas, fetched_at })) {
+                let (metas, scanned) = fetch_and_scan(redis, db, &keys, next)?;
+                if !keys.is_empty()
+                    && !send(number, Msg::Page(Page { db, keys, metas, fetched_at }))
+                {
                     return Ok(());
                 }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+                let Some((next_cursor, next_keys)) = scanned else { break };
+                cursor = next_cursor;
+                keys = keep(next_keys);
             }
         }
     }
@@ -263,7 +270,17 @@ fn confirm(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
 /// Type, expiry and value of each key: strings in one round trip (with the expiries),
 /// other types in two more.
 pub fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
-    let mut meta = redis.key_meta(db, keys)?;
+    Ok(fetch_and_scan(redis, db, keys, None)?.0)
+}
+
+/// As [`fetch`], with the next SCAN page asked for in the first round trip.
+fn fetch_and_scan(
+    redis: &mut Redis,
+    db: u8,
+    keys: &[Vec<u8>],
+    next: Option<(u64, &[u8], u32)>,
+) -> Result<(Vec<KeyMeta>, Option<ScanPage>)> {
+    let (mut meta, scanned) = redis.key_meta_and_scan(db, keys, next)?;
     let others: Vec<usize> = meta
         .iter()
         .enumerate()
@@ -280,5 +297,5 @@ pub fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>
             meta[i].2 = v;
         }
     }
-    Ok(meta)
+    Ok((meta, scanned))
 }

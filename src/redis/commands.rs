@@ -9,7 +9,7 @@ use ::redis::Value;
 
 use super::conn::command_error;
 use super::reply::{as_int, as_string, bulk_list, parse_info, parse_scan, stalled_consumer};
-use super::{KeyMeta, Redis, StreamInfo};
+use super::{KeyMeta, Redis, ScanPage, StreamInfo};
 use crate::error::{Result, SyncError};
 
 impl Redis {
@@ -90,19 +90,46 @@ impl Redis {
     /// (other types, or gone) get a `TYPE` in a second round trip. The expiry is the
     /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
     /// for none; the value is `None` unless the key is a string.
-    pub fn key_meta(&mut self, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+    ///
+    /// With `next` (cursor, glob, count), the next SCAN page of `db` is asked for in the same
+    /// round trip: a pass then costs one round trip a page for strings. Returns that page.
+    pub fn key_meta_and_scan(
+        &mut self,
+        db: u8,
+        keys: &[Vec<u8>],
+        next: Option<(u64, &[u8], u32)>,
+    ) -> Result<(Vec<KeyMeta>, Option<ScanPage>)> {
+        if keys.is_empty() && next.is_none() {
+            return Ok((Vec::new(), None));
         }
-        let replies = self.pipeline_in_lenient(db, "MGET", |p| {
-            p.cmd("MGET");
-            for k in keys {
-                p.arg(k);
+        let mut replies = self.pipeline_in_lenient(db, "MGET", |p| {
+            if !keys.is_empty() {
+                p.cmd("MGET");
+                for k in keys {
+                    p.arg(k);
+                }
+                for k in keys {
+                    p.cmd("PEXPIRETIME").arg(k);
+                }
             }
-            for k in keys {
-                p.cmd("PEXPIRETIME").arg(k);
+            if let Some((cursor, glob, count)) = next {
+                p.cmd("SCAN").arg(cursor).arg("MATCH").arg(glob).arg("COUNT").arg(count);
             }
         })?;
+        let scanned = match next {
+            Some(_) => match replies.pop() {
+                Some(Ok(v)) => Some(
+                    parse_scan(v)
+                        .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?,
+                ),
+                Some(Err(e)) => return Err(command_error("SCAN", &e)),
+                None => return Err(SyncError::protocol("SCAN", "missing reply")),
+            },
+            None => None,
+        };
+        if keys.is_empty() {
+            return Ok((Vec::new(), scanned));
+        }
         if replies.len() != keys.len() + 1 {
             return Err(SyncError::protocol("MGET", "unexpected number of replies"));
         }
@@ -133,7 +160,7 @@ impl Redis {
                 out[i].0 = ty;
             }
         }
-        Ok(out)
+        Ok((out, scanned))
     }
 
     /// The type of each of `keys` in database `db` (`none` for a missing key), in one

@@ -29,6 +29,9 @@ pub use reply::{bulk_list, KeyMeta, RawEntry, StreamInfo};
 
 use conn::command_error;
 
+/// A SCAN page: the cursor to go on from (0: done) and the keys.
+pub type ScanPage = (u64, Vec<Vec<u8>>);
+
 /// Round trips made by this process and not yet counted in `redis_sync_status().redis_ops`.
 /// Helper threads count here (they never touch shared memory); the main thread moves the
 /// count into the shared counter every turn.

@@ -23,7 +23,7 @@ use crate::worker::Log;
 
 /// At most this many entries are asked for in one read (COUNT is per stream, so fewer
 /// streams go in one call when the batch size is large): memory stays bounded by settings.
-const MAX_ENTRIES_PER_READ: u32 = 2_000;
+const MAX_ENTRIES_PER_READ: u32 = 10_000;
 /// What one read may bring back, roughly: COUNT is lowered for streams of large entries so
 /// a read of huge values cannot take the worker's memory with it (two reads per database
 /// are in memory at most, each held twice: as rows and as COPY text).
@@ -628,14 +628,14 @@ mod tests {
 
     #[test]
     fn many_streams_take_turns_unless_the_read_blocks() {
-        let settings = Settings { batch_size: 1000, ..Settings::default() };
+        let settings = Settings { batch_size: 5000, ..Settings::default() };
         let names: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
         let streams: Vec<(u8, &str)> = names.iter().map(|n| (0, n.as_str())).collect();
         let mut s = sync_with(&streams);
         for st in &mut s.streams {
             st.cursor = Cursor::New;
         }
-        // 2,000 entries a read at most: two streams of COUNT 1000 per read, in turn.
+        // 10,000 entries a read at most: two streams of COUNT 5000 per read, in turn.
         s.busy.insert(0);
         let firsts: Vec<String> = (0..3)
             .map(|_| s.next_request(0, &settings).expect("a read"))
@@ -645,7 +645,7 @@ mod tests {
         s.busy.clear();
         // A blocking read covers them all, with COUNT lowered to keep the same bound.
         let r = s.next_request(0, &settings).expect("a read");
-        assert_eq!((r.streams.len(), r.count), (5, 400));
+        assert_eq!((r.streams.len(), r.count), (5, 2000));
     }
 
     #[test]
