@@ -24,3 +24,12 @@ REVOKE ALL ON FUNCTION @extschema@.redis_sync_lanes() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_lanes() TO pg_monitor;
 COMMENT ON FUNCTION @extschema@.redis_sync_lanes() IS
   'A row per lane of the redis_pg_sync worker (streams, discovery, key_values): state, last success, last error (superuser and pg_monitor).';
+
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_replay_dead_letters(text, integer) FROM PUBLIC;
+COMMENT ON FUNCTION @extschema@.redis_sync_replay_dead_letters(text, integer) IS
+  'Writes dead letters of streams matching stream_pattern back to the stream table; those that land are removed, those still refused stay (superuser; grantable).';
+
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_skipped_keys() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_skipped_keys() TO pg_monitor;
+COMMENT ON FUNCTION @extschema@.redis_sync_skipped_keys() IS
+  'A row per Redis key too big to mirror (redis_sync.key_value_max_size): database, name, type, size in bytes (superuser and pg_monitor).';

@@ -47,6 +47,9 @@ fn redis_sync_status() -> TableIterator<
         name!(last_error_time, Option<TimestampWithTimeZone>),
         name!(started_at, Option<TimestampWithTimeZone>),
         name!(key_value_passes, i64),
+        name!(dead_letters_stored, i64),
+        name!(entries_lost, i64),
+        name!(key_values_skipped, i64),
     ),
 > {
     let mode = gucs::MODE.get().as_str().to_owned();
@@ -71,9 +74,13 @@ fn redis_sync_status() -> TableIterator<
             None,
             None,
             0,
+            0,
+            0,
+            0,
         ));
     };
     let c = shmem::COUNTERS.get();
+    let skipped = shmem::SKIPPED.share().count;
     let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
     TableIterator::once((
         (s.pid != 0).then_some(s.pid),
@@ -95,6 +102,9 @@ fn redis_sync_status() -> TableIterator<
         ts(s.last_error_time),
         ts(s.started_at),
         count(&c.key_value_passes),
+        s.dead_letters_stored,
+        count(&c.entries_lost),
+        skipped,
     ))
 }
 
@@ -164,6 +174,45 @@ fn redis_sync_lanes() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// A row per key too big to mirror (`redis_sync.key_value_max_size`), as the last pass
+/// found it: its database, name (as the key-value table would store it), type, and size in
+/// bytes as Redis measured it. At most 64 are listed; `redis_sync_status()` counts them all.
+#[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_skipped_keys() -> TableIterator<
+    'static,
+    (
+        name!(redis_db, i32),
+        name!(redis_key, String),
+        name!(value_type, String),
+        name!(bytes, i64),
+        name!(skipped_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    if !shmem::preloaded() {
+        return TableIterator::new(Vec::new());
+    }
+    let mut rows: Vec<_> = {
+        let table = shmem::SKIPPED.share();
+        table
+            .slots
+            .iter()
+            .filter(|s| s.used)
+            .map(|s| {
+                (
+                    i32::from(s.db),
+                    s.key.as_str().to_owned(),
+                    s.value_type.as_str().to_owned(),
+                    s.bytes,
+                    ts(s.skipped_at),
+                )
+            })
+            .collect()
+    };
+    rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    TableIterator::new(rows)
+}
+
 /// A row per tracked stream, with what the worker and Redis last said about it.
 #[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
 #[pg_extern(volatile, parallel_safe)]
@@ -186,6 +235,7 @@ fn redis_sync_streams() -> TableIterator<
         name!(last_error, Option<String>),
         name!(groups, i64),
         name!(health, Option<String>),
+        name!(entries_lost, i64),
     ),
 > {
     if !shmem::preloaded() {
@@ -215,11 +265,29 @@ fn redis_sync_streams() -> TableIterator<
                     opt(s.last_error.as_str()),
                     s.groups,
                     opt(s.health.as_str()),
+                    s.entries_lost,
                 )
             })
             .collect()
     };
     TableIterator::new(rows)
+}
+
+/// Writes dead letters back to the stream table (each in a subtransaction) and removes
+/// those that landed; those still refused stay, with `attempts` raised. Only dead letters of
+/// streams matching `stream_pattern` (fnmatch, as stored), at most `max` of them.
+#[pg_extern(volatile)]
+fn redis_sync_replay_dead_letters(
+    stream_pattern: default!(&str, "'*'"),
+    max: default!(Option<i32>, "NULL"),
+) -> TableIterator<'static, (name!(landed, i64), name!(stayed, i64))> {
+    match crate::streams::replay(stream_pattern, max.map(i64::from)) {
+        Ok(r) => TableIterator::once((r.landed, r.stayed)),
+        Err(e) => {
+            e.report(PgLogLevel::ERROR);
+            TableIterator::once((0, 0))
+        }
+    }
 }
 
 /// Asks the worker to run stream discovery now and waits for it (at most 30 s): a row per

@@ -93,41 +93,54 @@ fn push_json_value(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The `data` JSON object of one stream entry, as text ready for a `::jsonb` cast.
+/// The `data` JSON object of one stream entry, as text ready for a `::jsonb` cast. Linear
+/// in the number of fields (a hash of half a million fields takes a moment, not minutes).
 pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
     let mut out = String::with_capacity(
         2 + fields.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 6).sum::<usize>(),
     );
-    out.push('{');
-    let mut first = true;
-    for (i, (name, value)) in fields.iter().enumerate() {
-        let name = name.as_ref();
-        // Later occurrences of a repeated name were already written with the first one.
-        if fields[..i].iter().any(|(n, _)| n.as_ref() == name) {
-            continue;
+    // The values of each name, in order, under the name's first occurrence.
+    let mut groups: Vec<(&[u8], Vec<&[u8]>)> = Vec::new();
+    if fields.len() <= 16 {
+        for (name, value) in fields {
+            let (name, value) = (name.as_ref(), value.as_ref());
+            match groups.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, values)) => values.push(value),
+                None => groups.push((name, vec![value])),
+            }
         }
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        push_json_str(&mut out, &encode_name(name));
-        out.push(':');
-        let repeats = fields[i + 1..].iter().any(|(n, _)| n.as_ref() == name);
-        if repeats {
-            out.push('[');
-            let mut sep = false;
-            for (n, v) in &fields[i..] {
-                if n.as_ref() == name {
-                    if sep {
-                        out.push(',');
-                    }
-                    sep = true;
-                    push_json_value(&mut out, v.as_ref());
+    } else {
+        let mut at: std::collections::HashMap<&[u8], usize> =
+            std::collections::HashMap::with_capacity(fields.len());
+        for (name, value) in fields {
+            let (name, value) = (name.as_ref(), value.as_ref());
+            match at.get(name) {
+                Some(&g) => groups[g].1.push(value),
+                None => {
+                    at.insert(name, groups.len());
+                    groups.push((name, vec![value]));
                 }
             }
-            out.push(']');
+        }
+    }
+    out.push('{');
+    for (g, (name, values)) in groups.iter().enumerate() {
+        if g > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, &encode_name(name));
+        out.push(':');
+        if let [value] = values.as_slice() {
+            push_json_value(&mut out, value);
         } else {
-            push_json_value(&mut out, value.as_ref());
+            out.push('[');
+            for (k, v) in values.iter().enumerate() {
+                if k > 0 {
+                    out.push(',');
+                }
+                push_json_value(&mut out, v);
+            }
+            out.push(']');
         }
     }
     out.push('}');

@@ -31,6 +31,13 @@ pub enum SyncError {
     #[error("{message}")]
     Postgres { sqlstate: PgSqlErrorCode, message: String },
 
+    /// Every row tried was refused (a trigger or a constraint that takes nothing now, a
+    /// foreign key to a table being reloaded), or the dead-letter table is full: the failure
+    /// is the table's, not the rows'. Nothing is dead-lettered or acknowledged; the rows are
+    /// tried again.
+    #[error("{message} (every row tried was refused, so nothing is dead-lettered or acknowledged; tried again every few seconds)")]
+    Refused { sqlstate: PgSqlErrorCode, message: String },
+
     /// The configuration cannot be used as it stands.
     #[error("{0}")]
     Config(String),
@@ -45,7 +52,7 @@ impl SyncError {
             SyncError::Config(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::CopyUnusable => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::ThreadStopped(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            SyncError::Postgres { sqlstate, .. } => *sqlstate,
+            SyncError::Postgres { sqlstate, .. } | SyncError::Refused { sqlstate, .. } => *sqlstate,
         }
     }
 
@@ -58,7 +65,8 @@ impl SyncError {
             SyncError::Config(_)
             | SyncError::CopyUnusable
             | SyncError::ThreadStopped(_)
-            | SyncError::Postgres { .. } => false,
+            | SyncError::Postgres { .. }
+            | SyncError::Refused { .. } => false,
         }
     }
 
@@ -66,6 +74,11 @@ impl SyncError {
     /// was deleted while we were blocked reading it (`UNBLOCKED`).
     pub fn is_nogroup(&self) -> bool {
         matches!(self, SyncError::RedisCommand { code: Some(c), .. } if c == "NOGROUP" || c == "UNBLOCKED")
+    }
+
+    /// Redis said a key of the command is of another type (`WRONGTYPE`).
+    pub fn is_wrong_type(&self) -> bool {
+        matches!(self, SyncError::RedisCommand { code: Some(c), .. } if c == "WRONGTYPE")
     }
 
     /// A Postgres error caused by one row's content (a CHECK constraint, a trigger that
@@ -81,6 +94,11 @@ impl SyncError {
             }
             _ => false,
         }
+    }
+
+    /// A refusal of every row: probed again soon, whatever the backoff says.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, SyncError::Refused { .. })
     }
 
     /// Reports the error at `level` with its SQLSTATE (WARNING or lower: never aborts).

@@ -108,6 +108,10 @@ pub static SYNC_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MONITOR_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static KEY_VALUE_VERIFY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(600);
 pub static QUERY_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static DEAD_LETTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+pub static DEAD_LETTER_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static KEY_VALUE_MAX_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static KEY_VALUE_MAX_REMEMBERED: GucSetting<i32> = GucSetting::<i32>::new(2_000_000);
 
 const HOUR_S: i32 = 3600;
 const DAY_S: i32 = 86_400;
@@ -444,6 +448,43 @@ pub fn init() {
         string(name, desc, setting, GucContext::Sighup, none, Some(check_identifier));
     }
     int(
+        c"redis_sync.dead_letter_max",
+        c"Rows the dead-letter table may hold; past it, refused entries wait in Redis \
+          (nothing more is acknowledged). 0 = no limit.",
+        &DEAD_LETTER_MAX,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        none,
+    );
+    int(
+        c"redis_sync.dead_letter_retention",
+        c"Dead letters older than this are deleted; 0 = kept until replayed or removed.",
+        &DEAD_LETTER_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        s,
+    );
+    int(
+        c"redis_sync.key_value_max_size",
+        c"Largest key value mirrored, as Redis measures it before it is fetched; larger keys are skipped and listed by redis_sync_skipped_keys().",
+        &KEY_VALUE_MAX_SIZE_KB,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"redis_sync.key_value_max_remembered",
+        c"Keys whose fingerprint the worker keeps between passes (32-66 bytes each); keys beyond it are compared with the table at every pass.",
+        &KEY_VALUE_MAX_REMEMBERED,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        none,
+    );
+    int(
         c"redis_sync.query_timeout",
         c"statement_timeout of the worker's writes; 0 = none.",
         &QUERY_TIMEOUT_MS,
@@ -584,7 +625,7 @@ unsafe extern "C-unwind" fn show_password() -> *const c_char {
     }
 }
 
-fn text(setting: &Text) -> String {
+pub fn text(setting: &Text) -> String {
     setting.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
@@ -633,6 +674,11 @@ pub struct Settings {
     pub stream_table: String,
     pub key_value_table: String,
     pub query_timeout: Duration,
+    pub dead_letter_max: u64,
+    pub dead_letter_retention: Duration,
+    /// Bytes.
+    pub key_value_max_size: u64,
+    pub key_value_max_remembered: usize,
 }
 
 /// What identifies "the Redis we talk to": a change to any of it means a new connection.
@@ -800,6 +846,10 @@ impl Settings {
             stream_table: text(&STREAM_TABLE),
             key_value_table: text(&KEY_VALUE_TABLE),
             query_timeout: ms(&QUERY_TIMEOUT_MS),
+            dead_letter_max: DEAD_LETTER_MAX.get().max(0) as u64,
+            dead_letter_retention: secs(&DEAD_LETTER_RETENTION_S),
+            key_value_max_size: KEY_VALUE_MAX_SIZE_KB.get().max(1) as u64 * 1024,
+            key_value_max_remembered: KEY_VALUE_MAX_REMEMBERED.get().max(0) as usize,
         }
     }
 }
@@ -860,6 +910,10 @@ impl Default for Settings {
             stream_table: "redis_streams".into(),
             key_value_table: "redis_key_values".into(),
             query_timeout: Duration::from_secs(30),
+            dead_letter_max: 1_000_000,
+            dead_letter_retention: Duration::ZERO,
+            key_value_max_size: 64 << 20,
+            key_value_max_remembered: 2_000_000,
         }
     }
 }

@@ -22,11 +22,15 @@ mod tests {
         ("redis_sync.consumer_group", "redis-pg-sync", "sighup", ""),
         ("redis_sync.consumer_name", "redis-pg-sync-1", "sighup", ""),
         ("redis_sync.database", "postgres", "postmaster", ""),
+        ("redis_sync.dead_letter_max", "1000000", "sighup", ""),
+        ("redis_sync.dead_letter_retention", "0", "sighup", "s"),
         ("redis_sync.db_search_range", "0-15", "sighup", ""),
         ("redis_sync.enabled", "on", "sighup", ""),
         ("redis_sync.health_check_interval", "60", "sighup", "s"),
         ("redis_sync.key_value_auto_discovery", "on", "sighup", ""),
         ("redis_sync.key_value_deletes", "mark", "sighup", ""),
+        ("redis_sync.key_value_max_remembered", "2000000", "sighup", ""),
+        ("redis_sync.key_value_max_size", "65536", "sighup", "kB"),
         ("redis_sync.key_value_patterns", "*", "sighup", ""),
         ("redis_sync.key_value_table", "redis_key_values", "sighup", ""),
         ("redis_sync.key_value_verify_interval", "600", "sighup", "s"),
@@ -147,7 +151,8 @@ mod tests {
             cols.as_deref(),
             Some(
                 "stream_key,redis_db,consumer_group,state,last_id,messages_synced,pending,lag,\
-                 length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error,groups,health"
+                 length,first_entry_id,last_entry_id,consumers,last_sync_time,last_error,groups,health,\
+                 entries_lost"
             )
         );
     }
@@ -208,7 +213,8 @@ mod tests {
             Some(
                 "worker_pid,state,mode,redis_connected,redis_server,streams_tracked,messages_processed,\
                  key_values_processed,redis_ops,pg_ops,streams_discovered,errors,retries,dead_letters,\
-                 last_sync_time,last_error,last_error_time,started_at,key_value_passes"
+                 last_sync_time,last_error,last_error_time,started_at,key_value_passes,\
+                 dead_letters_stored,entries_lost,key_values_skipped"
             )
         );
         // Nothing listens on port 1: the worker must be alive, not connected, with errors.

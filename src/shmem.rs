@@ -89,6 +89,8 @@ pub struct WorkerStatus {
     pub started_at: i64,
     /// Per lane (in the order of `ratelimit::Lane::ALL`).
     pub lanes: [LaneSlot; 3],
+    /// Rows in the dead-letter table, as the worker last counted and since added.
+    pub dead_letters_stored: i64,
 }
 
 /// What one lane is doing, for `redis_sync_lanes()`.
@@ -150,6 +152,7 @@ impl Default for WorkerStatus {
             last_error_time: 0,
             started_at: 0,
             lanes: [LaneSlot::EMPTY; 3],
+            dead_letters_stored: 0,
         }
     }
 }
@@ -170,6 +173,8 @@ pub struct Counters {
     pub dead_letters: AtomicU64,
     /// Complete key-value passes.
     pub key_value_passes: AtomicU64,
+    /// Stream entries deleted upstream while pending, so never stored.
+    pub entries_lost: AtomicU64,
 }
 
 // SAFETY: atomics only, valid in any process that maps the segment.
@@ -186,6 +191,7 @@ pub fn init() {
     pg_shmem_init!(STATUS);
     pg_shmem_init!(COUNTERS);
     pg_shmem_init!(STREAMS);
+    pg_shmem_init!(SKIPPED);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -283,6 +289,8 @@ pub struct StreamSlot {
     pub last_error: FixedStr<256>,
     /// Monitor mode's verdict ("" = healthy or not judged).
     pub health: FixedStr<256>,
+    /// Entries deleted from the stream while pending.
+    pub entries_lost: i64,
     /// Set by the discovery pass numbered `found_gen` / that first found it (`added_gen`).
     pub found_gen: u64,
     pub added_gen: u64,
@@ -318,6 +326,7 @@ impl StreamSlot {
         last_sync_time: 0,
         last_error: FixedStr::empty(),
         health: FixedStr::empty(),
+        entries_lost: 0,
         found_gen: 0,
         added_gen: 0,
     };
@@ -373,5 +382,96 @@ pub fn discovery_requests() -> u64 {
         STREAMS.share().discovery_requested
     } else {
         0
+    }
+}
+
+/// How many skipped keys `redis_sync_skipped_keys()` can list; more are counted.
+pub const MAX_SKIPPED: usize = 64;
+
+/// A key too big to mirror.
+#[derive(Clone, Copy)]
+pub struct SkippedKey {
+    pub used: bool,
+    /// The worker's id of the key (its database and full name, hashed).
+    pub id: (u64, u64),
+    pub db: u8,
+    /// As stored in the key-value table (encoded), cut to fit.
+    pub key: FixedStr<256>,
+    pub value_type: FixedStr<16>,
+    /// As Redis measured it (`MEMORY USAGE`, `STRLEN`, or what was read before stopping).
+    pub bytes: i64,
+    pub skipped_at: i64,
+}
+
+impl SkippedKey {
+    pub const EMPTY: SkippedKey = SkippedKey {
+        used: false,
+        id: (0, 0),
+        db: 0,
+        key: FixedStr::empty(),
+        value_type: FixedStr::empty(),
+        bytes: 0,
+        skipped_at: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+pub struct SkippedKeys {
+    pub slots: [SkippedKey; MAX_SKIPPED],
+    /// Keys skipped now, listed or not.
+    pub count: i64,
+}
+
+impl Default for SkippedKeys {
+    fn default() -> Self {
+        SkippedKeys { slots: [SkippedKey::EMPTY; MAX_SKIPPED], count: 0 }
+    }
+}
+
+// SAFETY: plain Copy data with no pointers.
+unsafe impl PGRXSharedMemory for SkippedKeys {}
+
+// SAFETY: as for STATUS.
+pub static SKIPPED: PgLwLock<SkippedKeys> = unsafe { PgLwLock::new(c"redis_pg_sync_skipped") };
+
+/// Lists a key as skipped, too big (main thread only): in its own slot, a free one, or
+/// the oldest.
+pub fn add_skipped(id: (u64, u64), db: u8, key: &str, value_type: &str, bytes: u64) {
+    if !preloaded() {
+        return;
+    }
+    let t = now();
+    let mut table = SKIPPED.exclusive();
+    let at = table.slots.iter().position(|s| s.used && s.id == id);
+    if at.is_none() {
+        table.count += 1;
+    }
+    let oldest = (0..MAX_SKIPPED).min_by_key(|&i| table.slots[i].skipped_at).unwrap_or(0);
+    let slot = at.or_else(|| table.slots.iter().position(|s| !s.used)).unwrap_or(oldest);
+    let s = &mut table.slots[slot];
+    *s = SkippedKey { used: true, id, db, skipped_at: t, ..SkippedKey::EMPTY };
+    s.key.set(key);
+    s.value_type.set(value_type);
+    s.bytes = bytes.min(i64::MAX as u64) as i64;
+}
+
+/// Drops the listed keys that `still` says are no longer skipped; `count` is how many are.
+pub fn keep_skipped(still: impl Fn((u64, u64)) -> bool, count: usize) {
+    if !preloaded() {
+        return;
+    }
+    let mut table = SKIPPED.exclusive();
+    for s in table.slots.iter_mut() {
+        if s.used && !still(s.id) {
+            *s = SkippedKey::EMPTY;
+        }
+    }
+    table.count = count as i64;
+}
+
+/// Forgets every skipped key (the worker starts over).
+pub fn clear_skipped() {
+    if preloaded() {
+        *SKIPPED.exclusive() = SkippedKeys::default();
     }
 }

@@ -1021,3 +1021,60 @@ pub fn produce_batched(
     }
     ids
 }
+
+/// Every entry ID Redis holds for `stream` (in the database `r` has selected), in order.
+pub fn entry_ids(r: &mut redis::Connection, stream: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query(r)
+            .expect("XRANGE");
+        let redis::Value::Array(entries) = v else { panic!("XRANGE reply {v:?}") };
+        let page: Vec<String> = entries
+            .iter()
+            .filter_map(|e| match e {
+                redis::Value::Array(parts) => match parts.first() {
+                    Some(redis::Value::BulkString(id)) => {
+                        Some(String::from_utf8_lossy(id).into_owned())
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(page.len(), entries.len(), "XRANGE entries without an ID");
+        let Some(last) = page.last().cloned() else { break };
+        ids.extend(page);
+        start = format!("({last}");
+    }
+    ids
+}
+
+/// The stream table holds one row for each entry Redis holds for `stream` (stored as
+/// `stored_name`), and nothing else: as many rows as Redis returned IDs, with those IDs.
+pub fn assert_rows_are_the_entries(
+    pg: &Cluster,
+    r: &mut redis::Connection,
+    stream: &str,
+    stored_name: &str,
+) {
+    let want = entry_ids(r, stream);
+    let mut c = pg.client();
+    let rows = c
+        .query(
+            "SELECT message_id FROM redis_streams WHERE stream_key = $1 ORDER BY message_id",
+            &[&stored_name],
+        )
+        .expect("rows");
+    let have: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    assert_eq!(have.len(), want.len(), "{stream}: one row per entry in Redis");
+    let have: HashSet<&String> = have.iter().collect();
+    let missing = want.iter().filter(|id| !have.contains(id)).count();
+    assert_eq!(missing, 0, "{stream}: every entry in Redis has its row");
+}

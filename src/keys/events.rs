@@ -1,9 +1,10 @@
 //! Keys named by keyspace notifications, already fetched by the notification thread, written
 //! at once between passes.
 
-use super::memory::{fingerprint, pack, pass_of};
+use super::memory::{pass_of, remember};
 use super::notify::Changed;
-use super::rows::{key_row, report_refused};
+use super::pass::skipped;
+use super::rows::{report_refused, Found};
 use super::writer::{KvTarget, KvWriter};
 use super::KeySync;
 use crate::encode::encode_name;
@@ -25,40 +26,49 @@ impl KeySync {
             return Ok(0);
         }
         writer.prepare(&KvTarget { schema: s.schema.clone(), table: s.key_value_table.clone() })?;
-        let Changed { db, keys, metas, fetched_at } = changed;
+        let Changed { db, keys, found, fetched_at } = changed;
         // A key first met here is not "seen" by the pass under way (if any): should it go
         // away again, the pass's deletion check must find it.
         let unseen = match &self.pass {
             Some(p) => p.number.wrapping_sub(1),
             None => self.number,
         };
+        let cap = s.key_value_max_remembered;
         let mut rows = Vec::new();
         let mut pending = Vec::new();
         let mut gone = Vec::new();
         let mut gone_ids = Vec::new();
-        for (key, (ty, expires, value)) in keys.iter().zip(metas) {
+        for (key, found) in keys.iter().zip(found) {
             let id = self.ids.id(db, key);
             if self.pass.is_some() {
                 self.event_times.insert(id, fetched_at);
             }
-            if ty == "none" {
-                gone.push(encode_name(key));
-                gone_ids.push(id);
-                continue;
-            }
-            let Some(value) = value else { continue };
-            let fingerprint = fingerprint(&ty, expires, &value);
-            if let Some(row) = key_row(key, &ty, expires, value) {
-                rows.push(row);
-                pending.push((id, fingerprint));
+            match found {
+                Found::Value { fingerprint, row } => {
+                    rows.push(row);
+                    pending.push((id, fingerprint));
+                }
+                Found::Gone => {
+                    gone.push(encode_name(key));
+                    gone_ids.push(id);
+                }
+                Found::TooBig { ty, bytes } => {
+                    let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
+                    skipped(&mut self.memory, cap, id, db, key, &ty, bytes, number);
+                }
+                Found::Stream | Found::Other => {}
             }
         }
         let mut refused = Vec::new();
         let mut touched = writer.upsert_isolating(db, &rows, &mut refused)?;
         report_refused(db, &rows, &refused);
+        let mut full = false;
         for (id, fingerprint) in pending {
             let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
-            self.memory.insert(id, pack(fingerprint, number));
+            full |= !remember(&mut self.memory, cap, id, fingerprint, number);
+        }
+        if full {
+            self.memory_full(cap);
         }
         if !gone.is_empty() && s.key_value_deletes != KeyValueDeletes::Ignore {
             touched += writer.gone(db, &gone, s.key_value_deletes == KeyValueDeletes::Delete)?;

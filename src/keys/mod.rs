@@ -6,10 +6,13 @@
 //! keys whose value, type or expiry changed are written. Keys gone from Redis are handled by
 //! `key_value_deletes`, and only after a complete pass against the same Redis server.
 //!
-//! Between passes the worker remembers a fingerprint of every key it mirrored (24 bytes a
-//! key in a hash table, up to twice that with its spare room). A key whose fingerprint is unchanged is not sent to Postgres at all, and
-//! when every remembered key was seen again no deletion check is needed: an idle pass costs
-//! the Redis reads and nothing else. The memory is trusted only while the Redis server
+//! Between passes the worker remembers a fingerprint of every key it mirrored (32 bytes a
+//! key in a hash table, up to about twice that with its spare room), for at most
+//! `key_value_max_remembered` keys: beyond that, keys not remembered are compared with the
+//! table at every pass. A key whose fingerprint is unchanged is not sent to Postgres at all,
+//! and when every remembered key was seen again no deletion check is needed: an idle pass
+//! costs the Redis reads and nothing else. Keys bigger than `key_value_max_size` are never
+//! fetched: they are reported once and listed by `redis_sync_skipped_keys()`. The memory is trusted only while the Redis server
 //! (its run ID), the table (its oid and relfilenode: a TRUNCATE or a re-created table voids
 //! it) and the scope are those it was built with, and at least every
 //! `key_value_verify_interval` a pass compares every key with the table again.
@@ -24,6 +27,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, SyncError};
@@ -50,7 +54,12 @@ pub struct KeySync {
     number: u16,
     /// Start of the last pass that compared every key with the table.
     verified: Option<Instant>,
-    ids: KeyIds,
+    /// Keyed per process; shared with the scanner and notification threads.
+    ids: Arc<KeyIds>,
+    /// The memory reached `key_value_max_remembered` (said once).
+    warned_full: bool,
+    /// Expiries come from `PTTL` (said once).
+    warned_pttl: bool,
     /// The Redis side of every pass; started on first use.
     scanner: Option<Scanner>,
     /// Keys a notification synced during the pass under way, and when their values were
@@ -95,7 +104,9 @@ impl KeySync {
             basis: None,
             number: 0,
             verified: None,
-            ids: KeyIds::new(),
+            ids: Arc::new(KeyIds::new()),
+            warned_full: false,
+            warned_pttl: false,
             scanner: None,
             event_times: HashMap::default(),
             chunk: None,
@@ -125,6 +136,11 @@ impl KeySync {
     /// Starts the next pass now (events may have been missed).
     pub fn pass_now(&mut self, now: Instant) {
         self.next_pass = now;
+    }
+
+    /// The maker of key ids and fingerprints, for the notification thread.
+    pub fn ids(&self) -> Arc<KeyIds> {
+        self.ids.clone()
     }
 
     /// Stream keys the last complete pass saw.

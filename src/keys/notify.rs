@@ -14,13 +14,15 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::memory::KeyIds;
+use super::rows::Found;
 use super::scanner::fetch;
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{open_connection, KeyMeta, Redis, SharedBudget};
+use crate::redis::{open_connection, Redis, SharedBudget};
 
 /// Batches of changed keys waiting for the main thread, at most.
 const QUEUE: usize = 64;
@@ -42,11 +44,11 @@ pub fn parse_channel(channel: &[u8]) -> Option<(u8, Vec<u8>)> {
     Some((db, key.to_vec()))
 }
 
-/// Keys of one database that changed, with what Redis says of them now (type `none`: gone).
+/// Keys of one database that changed, with what Redis says of them now.
 pub struct Changed {
     pub db: u8,
     pub keys: Vec<Vec<u8>>,
-    pub metas: Vec<KeyMeta>,
+    pub found: Vec<Found>,
     pub fetched_at: Instant,
 }
 
@@ -56,6 +58,8 @@ pub struct Scope {
     pub settings: RedisSettings,
     pub dbs: Vec<u8>,
     pub patterns: Vec<String>,
+    /// The largest value fetched, in bytes.
+    pub limit: u64,
 }
 
 pub struct Notifier {
@@ -68,13 +72,18 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn start(scope: Scope, budget: SharedBudget, wake: WakeHandle) -> Result<Notifier> {
+    pub fn start(
+        scope: Scope,
+        budget: SharedBudget,
+        wake: WakeHandle,
+        ids: Arc<KeyIds>,
+    ) -> Result<Notifier> {
         let (tx, rx) = sync_channel(QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicBool::new(false));
         let (sc, st, ov) = (scope.clone(), stop.clone(), overflowed.clone());
         crate::worker::spawn_helper("redis_pg_sync notifications", move || {
-            listen(sc, tx, st, ov, budget, wake)
+            listen(sc, tx, st, ov, budget, wake, ids)
         })
         .map_err(|e| SyncError::Config(format!("cannot start the notification thread: {e}")))?;
         Ok(Notifier { changes: rx, stop, overflowed, scope })
@@ -103,6 +112,7 @@ fn listen(
     overflowed: Arc<AtomicBool>,
     budget: SharedBudget,
     wake: WakeHandle,
+    ids: Arc<KeyIds>,
 ) {
     let patterns: Vec<Pattern> = scope.patterns.iter().map(|p| Pattern::new(p)).collect();
     let settings = &scope.settings;
@@ -157,7 +167,8 @@ fn listen(
                 }
             }
             if !batch.is_empty() {
-                if !hand_over(batch, &mut fetcher, &scope, &budget, &tx, &overflowed) {
+                let to = Handover { scope: &scope, budget: &budget, ids: &ids, tx: &tx };
+                if !hand_over(batch, &mut fetcher, &to, &overflowed) {
                     return;
                 }
                 wake.wake();
@@ -169,16 +180,23 @@ fn listen(
     }
 }
 
+/// Where fetched changes go, and how they are fetched.
+struct Handover<'a> {
+    scope: &'a Scope,
+    budget: &'a SharedBudget,
+    ids: &'a KeyIds,
+    tx: &'a SyncSender<Changed>,
+}
+
 /// Fetches the batch's keys (per database) and queues them for the main thread. Returns
 /// false when the main thread is gone.
 fn hand_over(
     batch: BTreeSet<(u8, Vec<u8>)>,
     fetcher: &mut Option<Redis>,
-    scope: &Scope,
-    budget: &SharedBudget,
-    tx: &SyncSender<Changed>,
+    to: &Handover<'_>,
     overflowed: &AtomicBool,
 ) -> bool {
+    let Handover { scope, budget, ids, tx } = *to;
     let mut by_db: Vec<(u8, Vec<Vec<u8>>)> = Vec::new();
     for (db, key) in batch {
         match by_db.last_mut() {
@@ -196,15 +214,15 @@ fn hand_over(
             continue;
         };
         let fetched_at = Instant::now();
-        let metas = match fetch(redis, db, &keys) {
-            Ok(m) => m,
+        let found = match fetch(redis, ids, db, &keys, scope.limit) {
+            Ok(f) => f,
             Err(_) => {
                 *fetcher = None;
                 overflowed.store(true, Ordering::Relaxed);
                 continue;
             }
         };
-        match tx.try_send(Changed { db, keys, metas, fetched_at }) {
+        match tx.try_send(Changed { db, keys, found, fetched_at }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => overflowed.store(true, Ordering::Relaxed),
             Err(TrySendError::Disconnected(_)) => return false,

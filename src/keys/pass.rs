@@ -6,16 +6,18 @@
 
 use std::time::Instant;
 
-use super::memory::{fingerprint, fingerprint_of, pack, pass_of, Memory, NO_FINGERPRINT};
-use super::rows::{key_row, report_refused, MIRRORED};
+use super::memory::{
+    fingerprint_of, pack, pass_of, remember, KeyId, Memory, NO_FINGERPRINT, TOO_BIG,
+};
+use super::rows::{report_refused, Found, MIRRORED};
 use super::scanner::{Msg, Page, Scanner};
 use super::writer::{KvTarget, KvWriter};
 use super::{KeySync, KvCtx, KvTurn};
-use crate::encode::decode_name;
+use crate::encode::{decode_name, encode_name};
 use crate::error::{Result, SyncError};
 use crate::gucs::{KeyValueDeletes, Settings};
 use crate::parse::Pattern;
-use crate::redis::{Databases, KeyMeta};
+use crate::redis::Databases;
 use crate::shmem;
 use crate::streams::Learned;
 
@@ -78,6 +80,8 @@ pub(super) struct Pass {
     pub(super) keys: usize,
     /// Stream keys seen, for discovery.
     streams: Vec<(u8, Vec<u8>)>,
+    /// Keys remembered at most (`key_value_max_remembered`).
+    pub(super) cap: usize,
 }
 
 impl Pass {
@@ -91,7 +95,7 @@ impl Pass {
 pub(super) struct Chunk {
     db: u8,
     fetched_at: Instant,
-    items: std::iter::Zip<std::vec::IntoIter<Vec<u8>>, std::vec::IntoIter<KeyMeta>>,
+    items: std::iter::Zip<std::vec::IntoIter<Vec<u8>>, std::vec::IntoIter<Found>>,
 }
 
 /// What a pass found, for the log and for tests.
@@ -134,10 +138,15 @@ impl KeySync {
                     .waker
                     .handle()
                     .map_err(|e| SyncError::Config(format!("cannot start the scanner: {e}")))?;
-                self.scanner.insert(Scanner::start(ctx.budget.clone(), wake)?)
+                self.scanner.insert(Scanner::start(ctx.budget.clone(), wake, self.ids.clone())?)
             }
         };
-        scanner.begin(&s.redis, s.db_search_range.clone(), patterns.clone())?;
+        scanner.begin(
+            &s.redis,
+            s.db_search_range.clone(),
+            patterns.clone(),
+            s.key_value_max_size,
+        )?;
         self.event_times.clear();
         self.chunk = None;
         self.pass = Some(Pass {
@@ -151,6 +160,7 @@ impl KeySync {
             written: 0,
             keys: 0,
             streams: Vec::new(),
+            cap: s.key_value_max_remembered,
         });
         Ok(())
     }
@@ -179,7 +189,14 @@ impl KeySync {
                 let wrote = self.write_chunk(writer)?;
                 Ok(KvTurn { wrote, ..worked })
             }
-            Msg::Done { run_id, notify_flags } => {
+            Msg::Done { run_id, notify_flags, pttl } => {
+                if pttl && !self.warned_pttl {
+                    self.warned_pttl = true;
+                    pgrx::warning!(
+                        "redis_pg_sync: this Redis has no PEXPIRETIME (before 7.0): expires_at is \
+                         computed from PTTL at the time of the read, to the second"
+                    );
+                }
                 let finished = self.scanned(&run_id, s);
                 Ok(KvTurn { finished, notify_flags: Some(notify_flags), ..worked })
             }
@@ -209,8 +226,8 @@ impl KeySync {
     }
 
     fn take_page(&mut self, page: Page) {
-        let Page { db, keys, metas, fetched_at } = page;
-        self.chunk = Some(Chunk { db, fetched_at, items: keys.into_iter().zip(metas) });
+        let Page { db, keys, found, fetched_at } = page;
+        self.chunk = Some(Chunk { db, fetched_at, items: keys.into_iter().zip(found) });
     }
 
     /// Compares keys of the page in hand until a chunk of rows needs writing (or the page
@@ -232,15 +249,23 @@ impl KeySync {
                 exhausted = false;
                 break;
             }
-            let Some((key, (ty, expires, value))) = chunk.items.next() else { break };
+            let Some((key, found)) = chunk.items.next() else { break };
             examined += 1;
-            if ty == "stream" {
-                pass.streams.push((db, key));
-                continue;
-            }
-            // No value means the key vanished meanwhile (or is of a type not mirrored).
-            let Some(value) = value else { continue };
-            let fingerprint = fingerprint(&ty, expires, &value);
+            let (fingerprint, row) = match found {
+                Found::Value { fingerprint, row } => (fingerprint, row),
+                Found::Stream => {
+                    pass.streams.push((db, key));
+                    continue;
+                }
+                // Vanished meanwhile, or of a type not mirrored.
+                Found::Gone | Found::Other => continue,
+                Found::TooBig { ty, bytes } => {
+                    pass.keys += 1;
+                    let id = self.ids.id(db, &key);
+                    skipped(&mut self.memory, pass.cap, id, db, &key, &ty, bytes, number);
+                    continue;
+                }
+            };
             let id = self.ids.id(db, &key);
             if self.event_times.get(&id).is_some_and(|t| *t >= chunk.fetched_at) {
                 // A notification synced this key after the page was fetched: the table is
@@ -261,7 +286,6 @@ impl KeySync {
                     continue;
                 }
             }
-            let Some(row) = key_row(&key, &ty, expires, value) else { continue };
             pass.keys += 1;
             rows.push(row);
             pending.push((id, fingerprint));
@@ -277,8 +301,13 @@ impl KeySync {
         // reported) again until it changes or a verifying pass comes.
         report_refused(db, &rows, &refused);
         // Only now, with the rows committed, does the memory vouch for them.
+        let cap = self.pass.as_ref().map_or(0, |p| p.cap);
+        let mut full = false;
         for (id, fingerprint) in pending {
-            self.memory.insert(id, pack(fingerprint, number));
+            full |= !remember(&mut self.memory, cap, id, fingerprint, number);
+        }
+        if full {
+            self.memory_full(cap);
         }
         if let Some(pass) = self.pass.as_mut() {
             pass.written += written;
@@ -303,7 +332,10 @@ impl KeySync {
             return Some(self.close(s, false, 0));
         }
         let unseen = self.memory.values().filter(|v| pass_of(**v) != number).count();
-        let walk = s.key_value_deletes != KeyValueDeletes::Ignore && !(pass.trusted && unseen == 0);
+        // With the memory full, keys the pass saw may not be in it: the table tells.
+        let all_known = self.memory.len() < pass.cap;
+        let walk = s.key_value_deletes != KeyValueDeletes::Ignore
+            && !(pass.trusted && unseen == 0 && all_known);
         if !walk {
             return Some(self.close(s, true, 0));
         }
@@ -395,7 +427,8 @@ impl KeySync {
                 // the next pass compares it with the table (and a later deletion of it is
                 // looked for).
                 let key = decode_name(&name).unwrap_or_default();
-                self.memory.insert(self.ids.id(db, &key), pack(NO_FINGERPRINT, number));
+                let id = self.ids.id(db, &key);
+                remember(&mut self.memory, pass.cap, id, NO_FINGERPRINT, number);
             } else {
                 // (A key that became a stream or another type not mirrored here is gone.)
                 really_gone.push(name);
@@ -430,6 +463,13 @@ impl KeySync {
             // every live key of the table in scope.
             let number = pass.number;
             self.memory.retain(|_, v| pass_of(*v) == number);
+            let skipped: std::collections::HashSet<(u64, u64)> = self
+                .memory
+                .iter()
+                .filter(|(_, v)| fingerprint_of(**v) == TOO_BIG)
+                .map(|(id, _)| id.pair())
+                .collect();
+            shmem::keep_skipped(|pair| skipped.contains(&pair), skipped.len());
             self.basis = pass.basis;
             if !pass.trusted {
                 self.verified = Some(pass.started);
@@ -438,6 +478,47 @@ impl KeySync {
         }
         PassSummary { keys: pass.keys, written: pass.written, gone, complete }
     }
+}
+
+impl KeySync {
+    /// The memory is full: said once per worker run (passes go on, comparing the keys not
+    /// remembered with the table).
+    pub(super) fn memory_full(&mut self, cap: usize) {
+        if !self.warned_full {
+            self.warned_full = true;
+            pgrx::warning!(
+                "redis_pg_sync remembers at most {cap} keys (redis_sync.key_value_max_remembered): \
+                 keys beyond that are compared with the key-value table at every pass"
+            );
+        }
+    }
+}
+
+/// A key bigger than `key_value_max_size`: reported (log, `redis_sync_skipped_keys()`)
+/// when first found so, remembered as seen so that the deletion check keeps its row (the
+/// last value mirrored, if any).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn skipped(
+    memory: &mut Memory,
+    cap: usize,
+    id: KeyId,
+    db: u8,
+    key: &[u8],
+    ty: &str,
+    bytes: u64,
+    number: u16,
+) {
+    let known = memory.get(&id).is_some_and(|v| fingerprint_of(*v) == TOO_BIG);
+    if !known {
+        let name = encode_name(key);
+        let shown: String = name.chars().take(200).collect();
+        pgrx::warning!(
+            "redis_pg_sync skips {ty} key \"{shown}\" of Redis database {db}: about {bytes} bytes, \
+             more than redis_sync.key_value_max_size"
+        );
+        shmem::add_skipped(id.pair(), db, &name, ty, bytes);
+    }
+    remember(memory, cap, id, TOO_BIG, number);
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 
 use ::redis::Value;
 
+use super::memory::KeyIds;
 use super::writer::KeyRow;
 use crate::encode::{encode_name, value_text, Value as Val};
 use crate::redis::bulk_list;
+use crate::redis::KeyMeta;
 use crate::shmem;
 
 /// Keys the table refused (a name too long for its index, a trigger that raises): reported
@@ -16,6 +18,41 @@ pub fn report_refused(db: u8, rows: &[KeyRow], refused: &[(usize, crate::error::
         let msg = format!("key \"{name}\" of Redis database {db} cannot be stored: {e}");
         shmem::record_error(&msg);
         pgrx::warning!("{msg}");
+    }
+}
+
+/// A key as a pass or a notification found it, made ready for the main thread on the thread
+/// that read it (so that the main thread only compares and writes).
+#[derive(Debug)]
+pub enum Found {
+    /// A mirrored type: the fingerprint of what Redis holds, and its row.
+    Value { fingerprint: u64, row: KeyRow },
+    /// A stream: stream sync's.
+    Stream,
+    /// Gone (deleted or expired) by the time it was read.
+    Gone,
+    /// A type not mirrored (a module's), or changed while read: nothing to write now.
+    Other,
+    /// Bigger than `redis_sync.key_value_max_size`: not fetched, not written, reported.
+    TooBig { ty: String, bytes: u64 },
+}
+
+/// What to do with a key Redis described as `meta`.
+pub fn prepare(ids: &KeyIds, key: &[u8], meta: KeyMeta) -> Found {
+    let KeyMeta { ty, expires, value, too_big } = meta;
+    if let Some(bytes) = too_big {
+        return Found::TooBig { ty, bytes };
+    }
+    match ty.as_str() {
+        "stream" => return Found::Stream,
+        "none" => return Found::Gone,
+        _ => {}
+    }
+    let Some(value) = value else { return Found::Other };
+    let fingerprint = ids.fingerprint(&ty, expires, &value);
+    match key_row(key, &ty, expires, value) {
+        Some(row) => Found::Value { fingerprint, row },
+        None => Found::Other,
     }
 }
 

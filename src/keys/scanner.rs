@@ -13,12 +13,14 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TryRe
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::memory::KeyIds;
+use super::rows::{prepare, Found};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{Databases, KeyMeta, Redis, ScanPage, SharedBudget};
+use crate::redis::{Databases, Redis, ScanPage, SharedBudget};
 
 /// Keys asked per SCAN call: Redis does the same work whatever the page size, and a large
 /// page costs a tenth of the round trips of `COUNT 1000` (a million keys in about 200).
@@ -27,11 +29,12 @@ pub const SCAN_COUNT: u32 = 10_000;
 /// A kept connection idle longer than this is checked with a PING before a pass uses it.
 const KEPT_IDLE: Duration = Duration::from_secs(5);
 
-/// One SCAN page with what Redis said about each of its keys that match the patterns.
+/// One SCAN page with what Redis said about each of its keys that match the patterns, made
+/// ready to compare and write.
 pub struct Page {
     pub db: u8,
     pub keys: Vec<Vec<u8>>,
-    pub metas: Vec<KeyMeta>,
+    pub found: Vec<Found>,
     /// When its values were asked for: anything learnt about a key later is newer.
     pub fetched_at: Instant,
 }
@@ -45,6 +48,9 @@ pub enum Msg {
     Done {
         run_id: String,
         notify_flags: Option<String>,
+        /// Expiries were read as `PTTL` (Redis before 7 has no `PEXPIRETIME`): each one
+        /// is the read's time plus the time to live, to the second.
+        pttl: bool,
     },
     /// The types of keys asked about (`none` for a key that is gone).
     Types {
@@ -62,6 +68,8 @@ enum Job {
         range: Vec<u8>,
         globs: Vec<Vec<u8>>,
         patterns: Vec<Pattern>,
+        /// The largest value fetched, in bytes.
+        limit: u64,
     },
     Confirm {
         number: u64,
@@ -84,14 +92,14 @@ pub struct Scanner {
 }
 
 impl Scanner {
-    pub fn start(budget: SharedBudget, wake: WakeHandle) -> Result<Scanner> {
+    pub fn start(budget: SharedBudget, wake: WakeHandle, ids: Arc<KeyIds>) -> Result<Scanner> {
         let (jobs_tx, jobs_rx) = channel::<Job>();
         // At most two pages wait: memory stays at a few pages of keys.
         let (tx, rx) = sync_channel::<(u64, Msg)>(2);
         let current = Arc::new(AtomicU64::new(0));
         let flag = current.clone();
         crate::worker::spawn_helper("redis_pg_sync scanner", move || {
-            serve(jobs_rx, tx, flag, budget, wake)
+            serve(jobs_rx, tx, flag, budget, wake, ids)
         })
         .map_err(|e| SyncError::Config(format!("cannot start the scanner thread: {e}")))?;
         Ok(Scanner { jobs: jobs_tx, msgs: rx, current, number: 0 })
@@ -103,12 +111,13 @@ impl Scanner {
         settings: &RedisSettings,
         range: Vec<u8>,
         patterns: Vec<Pattern>,
+        limit: u64,
     ) -> Result<()> {
         self.number += 1;
         self.current.store(self.number, Ordering::Relaxed);
         let globs = crate::parse::redis_globs(&patterns);
-        let job =
-            Job::Pass { number: self.number, settings: settings.clone(), range, globs, patterns };
+        let settings = settings.clone();
+        let job = Job::Pass { number: self.number, settings, range, globs, patterns, limit };
         self.jobs.send(job).map_err(|_| SyncError::ThreadStopped("scanner"))
     }
 
@@ -151,6 +160,7 @@ fn serve(
     current: Arc<AtomicU64>,
     budget: SharedBudget,
     wake: WakeHandle,
+    ids: Arc<KeyIds>,
 ) {
     let mut conn: Option<Conn> = None;
     let send = |number: u64, msg: Msg| {
@@ -168,8 +178,9 @@ fn serve(
             continue;
         }
         let outcome = connect(&mut conn, &settings, &budget).and_then(|redis| match job {
-            Job::Pass { range, globs, patterns, .. } => {
-                scan(redis, number, &range, &globs, &patterns, &send, &current)
+            Job::Pass { range, globs, patterns, limit, .. } => {
+                let what = Scan { range: &range, globs: &globs, patterns: &patterns, limit };
+                scan(redis, number, &what, &ids, &send, &current)
             }
             Job::Confirm { db, names, keys, .. } => {
                 let types = confirm(redis, db, &keys)?;
@@ -209,15 +220,23 @@ fn connect<'a>(
     }
 }
 
+/// What a pass scans.
+struct Scan<'a> {
+    range: &'a [u8],
+    globs: &'a [Vec<u8>],
+    patterns: &'a [Pattern],
+    limit: u64,
+}
+
 fn scan(
     redis: &mut Redis,
     number: u64,
-    range: &[u8],
-    globs: &[Vec<u8>],
-    patterns: &[Pattern],
+    what: &Scan<'_>,
+    ids: &KeyIds,
     send: &dyn Fn(u64, Msg) -> bool,
     current: &AtomicU64,
 ) -> Result<()> {
+    let Scan { range, globs, patterns, limit } = *what;
     let dbs = redis.databases()?;
     let to_scan = dbs.to_scan(range);
     if !send(number, Msg::Started(dbs)) {
@@ -240,9 +259,9 @@ fn scan(
                 // This page's values and the next page's keys in one round trip.
                 let next = (cursor != 0).then_some((cursor, glob.as_slice(), SCAN_COUNT));
                 let fetched_at = Instant::now();
-                let (metas, scanned) = fetch_and_scan(redis, db, &keys, next)?;
+                let (found, scanned) = fetch_and_scan(redis, ids, db, &keys, next, limit)?;
                 if !keys.is_empty()
-                    && !send(number, Msg::Page(Page { db, keys, metas, fetched_at }))
+                    && !send(number, Msg::Page(Page { db, keys, found, fetched_at }))
                 {
                     return Ok(());
                 }
@@ -254,7 +273,8 @@ fn scan(
     }
     let run_id = redis.databases()?.run_id;
     let notify_flags = redis.notify_flags();
-    send(number, Msg::Done { run_id, notify_flags });
+    let pttl = redis.reads_ttl();
+    send(number, Msg::Done { run_id, notify_flags, pttl });
     Ok(())
 }
 
@@ -267,35 +287,28 @@ fn confirm(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
     redis.key_types(db, keys)
 }
 
-/// Type, expiry and value of each key: strings in one round trip (with the expiries),
-/// other types in two more.
-pub fn fetch(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<KeyMeta>> {
-    Ok(fetch_and_scan(redis, db, keys, None)?.0)
+/// What each of `keys` is now, ready to compare and write (values bigger than `limit`
+/// bytes are not fetched).
+pub fn fetch(
+    redis: &mut Redis,
+    ids: &KeyIds,
+    db: u8,
+    keys: &[Vec<u8>],
+    limit: u64,
+) -> Result<Vec<Found>> {
+    Ok(fetch_and_scan(redis, ids, db, keys, None, limit)?.0)
 }
 
 /// As [`fetch`], with the next SCAN page asked for in the first round trip.
 fn fetch_and_scan(
     redis: &mut Redis,
+    ids: &KeyIds,
     db: u8,
     keys: &[Vec<u8>],
     next: Option<(u64, &[u8], u32)>,
-) -> Result<(Vec<KeyMeta>, Option<ScanPage>)> {
-    let (mut meta, scanned) = redis.key_meta_and_scan(db, keys, next)?;
-    let others: Vec<usize> = meta
-        .iter()
-        .enumerate()
-        .filter(|(_, (t, _, v))| {
-            v.is_none() && matches!(t.as_str(), "string" | "hash" | "list" | "set" | "zset")
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if !others.is_empty() {
-        let typed: Vec<(&[u8], &str)> =
-            others.iter().map(|&i| (keys[i].as_slice(), meta[i].0.as_str())).collect();
-        let values = redis.key_values(db, &typed)?;
-        for (i, v) in others.into_iter().zip(values) {
-            meta[i].2 = v;
-        }
-    }
-    Ok((meta, scanned))
+    limit: u64,
+) -> Result<(Vec<Found>, Option<ScanPage>)> {
+    let (metas, scanned) = redis.fetch_keys(db, keys, next, limit)?;
+    let found = keys.iter().zip(metas).map(|(k, m)| prepare(ids, k, m)).collect();
+    Ok((found, scanned))
 }

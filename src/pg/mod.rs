@@ -43,6 +43,41 @@ pub fn caught(e: CaughtError) -> SyncError {
     }
 }
 
+/// Runs `f` in a subtransaction of the current transaction: an ERROR inside (or an `Err`)
+/// rolls back only what `f` did, and comes back as `Err` with its SQLSTATE.
+pub fn in_subtransaction<R>(
+    f: impl FnOnce() -> crate::error::Result<R>,
+) -> crate::error::Result<R> {
+    // SAFETY: inside a transaction on the main thread of a backend; the memory context and
+    // resource owner are put back as they were, whichever way the subtransaction ends (as
+    // PL/pgSQL's exception blocks do).
+    let (cxt, owner) = unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        (cxt, owner)
+    };
+    let f = std::panic::AssertUnwindSafe(f);
+    let outcome = PgTryBuilder::new(move || {
+        let f = f;
+        (f.0)()
+    })
+    .catch_others(|e| Err(caught(e)))
+    .execute();
+    // SAFETY: the subtransaction begun above is the current one.
+    unsafe {
+        if outcome.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    outcome
+}
+
 /// An SPI failure of pgrx's own (not an ERROR raised by Postgres).
 pub fn spi_err(e: pgrx::spi::SpiError) -> SyncError {
     SyncError::Postgres {
@@ -131,4 +166,17 @@ impl LoopContext {
             pg_sys::MemoryContextReset(self.0);
         }
     }
+}
+
+/// The database's encoding, when it is not UTF8: the worker stores names and values as
+/// UTF-8 text (and escapes what is not), so it runs only in a UTF8 database.
+pub fn non_utf8_encoding() -> Option<String> {
+    // SAFETY: the backend is connected to its database, whose encoding is set for good
+    // during start-up; the name is a static C string.
+    let (encoding, name) = unsafe {
+        let encoding = pg_sys::GetDatabaseEncoding();
+        let name = std::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName());
+        (encoding, name.to_string_lossy().into_owned())
+    };
+    (encoding != pg_sys::pg_enc::PG_UTF8 as i32).then_some(name)
 }

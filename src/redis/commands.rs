@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use ::redis::Value;
 
 use super::conn::command_error;
-use super::reply::{as_int, as_string, bulk_list, parse_info, parse_scan, stalled_consumer};
-use super::{KeyMeta, Redis, ScanPage, StreamInfo};
+use super::reply::{as_string, bulk_list, parse_info, parse_scan, stalled_consumer};
+use super::{Redis, StreamInfo};
 use crate::error::{Result, SyncError};
 
 impl Redis {
@@ -81,86 +81,6 @@ impl Redis {
             .pop()
             .and_then(parse_scan)
             .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))
-    }
-
-    /// Type, expiry and (for strings) value of every key. One pipelined round trip carries
-    /// an `MGET` of all the keys and a `PEXPIRETIME` of each: most keys are strings, whose
-    /// value and expiry are then known (one command for a page of values, which is what
-    /// makes a pass over a million keys cheap for Redis). Keys `MGET` had no value for
-    /// (other types, or gone) get a `TYPE` in a second round trip. The expiry is the
-    /// absolute Unix time in milliseconds (stable from pass to pass, unlike a TTL), `None`
-    /// for none; the value is `None` unless the key is a string.
-    ///
-    /// With `next` (cursor, glob, count), the next SCAN page of `db` is asked for in the same
-    /// round trip: a pass then costs one round trip a page for strings. Returns that page.
-    pub fn key_meta_and_scan(
-        &mut self,
-        db: u8,
-        keys: &[Vec<u8>],
-        next: Option<(u64, &[u8], u32)>,
-    ) -> Result<(Vec<KeyMeta>, Option<ScanPage>)> {
-        if keys.is_empty() && next.is_none() {
-            return Ok((Vec::new(), None));
-        }
-        let mut replies = self.pipeline_in_lenient(db, "MGET", |p| {
-            if !keys.is_empty() {
-                p.cmd("MGET");
-                for k in keys {
-                    p.arg(k);
-                }
-                for k in keys {
-                    p.cmd("PEXPIRETIME").arg(k);
-                }
-            }
-            if let Some((cursor, glob, count)) = next {
-                p.cmd("SCAN").arg(cursor).arg("MATCH").arg(glob).arg("COUNT").arg(count);
-            }
-        })?;
-        let scanned = match next {
-            Some(_) => match replies.pop() {
-                Some(Ok(v)) => Some(
-                    parse_scan(v)
-                        .ok_or_else(|| SyncError::protocol("SCAN", "unexpected reply shape"))?,
-                ),
-                Some(Err(e)) => return Err(command_error("SCAN", &e)),
-                None => return Err(SyncError::protocol("SCAN", "missing reply")),
-            },
-            None => None,
-        };
-        if keys.is_empty() {
-            return Ok((Vec::new(), scanned));
-        }
-        if replies.len() != keys.len() + 1 {
-            return Err(SyncError::protocol("MGET", "unexpected number of replies"));
-        }
-        let mut it = replies.into_iter();
-        let values = match it.next() {
-            Some(Ok(Value::Array(values))) if values.len() == keys.len() => values,
-            Some(Err(e)) => return Err(command_error("MGET", &e)),
-            _ => return Err(SyncError::protocol("MGET", "unexpected reply shape")),
-        };
-        let mut out: Vec<KeyMeta> = values
-            .into_iter()
-            .zip(it)
-            .map(|(value, exp)| {
-                let exp = exp.ok().as_ref().and_then(as_int).filter(|v| *v >= 0);
-                match value {
-                    Value::Nil => (String::new(), exp, None),
-                    v => ("string".to_owned(), exp, Some(v)),
-                }
-            })
-            .collect();
-        let untyped: Vec<usize> =
-            out.iter().enumerate().filter(|(_, m)| m.2.is_none()).map(|(i, _)| i).collect();
-        if !untyped.is_empty() {
-            let untyped_keys: Vec<&[u8]> = untyped.iter().map(|&i| keys[i].as_slice()).collect();
-            let types = self.key_types(db, &untyped_keys)?;
-            // (A key that became a string after the MGET gets its value with the others.)
-            for (i, ty) in untyped.into_iter().zip(types) {
-                out[i].0 = ty;
-            }
-        }
-        Ok((out, scanned))
     }
 
     /// The type of each of `keys` in database `db` (`none` for a missing key), in one
@@ -253,7 +173,8 @@ impl Redis {
     }
 
     /// Claims entries of other consumers idle longer than `min_idle` into our pending list
-    /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed.
+    /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed, and how many pending entries
+    /// Redis found deleted from the stream meanwhile (and dropped from the pending list).
     pub fn claim_idle(
         &mut self,
         db: u8,
@@ -262,9 +183,10 @@ impl Redis {
         consumer: &str,
         min_idle: Duration,
         count: u32,
-    ) -> Result<usize> {
+    ) -> Result<(usize, usize)> {
         let mut start = "0-0".to_owned();
         let mut claimed = 0;
+        let mut deleted = 0;
         // Bounded: at most 10 pages per call; the next pass goes on.
         for _ in 0..10 {
             let mut cmd = ::redis::cmd("XAUTOCLAIM");
@@ -275,16 +197,19 @@ impl Redis {
                 return Err(SyncError::protocol("XAUTOCLAIM", "unexpected reply shape"));
             };
             let next = parts.first().and_then(as_string).unwrap_or_else(|| "0-0".into());
-            claimed += match parts.get(1) {
+            let len = |v: Option<&Value>| match v {
                 Some(Value::Array(ids)) => ids.len(),
                 _ => 0,
             };
+            claimed += len(parts.get(1));
+            // (Redis 7 and later.)
+            deleted += len(parts.get(2));
             if next == "0-0" {
                 break;
             }
             start = next;
         }
-        Ok(claimed)
+        Ok((claimed, deleted))
     }
 
     /// XINFO STREAM and XINFO GROUPS for each key, pipelined in one round trip.

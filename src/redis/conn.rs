@@ -24,7 +24,13 @@ pub struct RedisConn {
 }
 
 pub(super) fn command_error(command: &'static str, e: &::redis::RedisError) -> SyncError {
-    SyncError::RedisCommand { command, detail: e.to_string(), code: e.code().map(str::to_owned) }
+    // As Redis wrote it ("NOPERM this user has no permissions ..."), rather than the
+    // client library's name for the error kind.
+    let detail = match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    };
+    SyncError::RedisCommand { command, detail, code: e.code().map(str::to_owned) }
 }
 
 /// A connection to database `db` of the configured server (over TLS when `redis_tls` is
@@ -313,6 +319,18 @@ impl RedisConn {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
             Err(e) => Err(command_error("XGROUP CREATE", &e)),
         }
+    }
+
+    /// The type of each of `keys` (`none` for a missing one), in one round trip.
+    pub fn types(&mut self, keys: &[&[u8]]) -> Result<Vec<String>> {
+        let mut pipe = ::redis::pipe();
+        for k in keys {
+            pipe.cmd("TYPE").arg(*k);
+        }
+        super::count_round_trip();
+        let r = pipe.query::<Vec<String>>(&mut self.conn);
+        self.last_check = Instant::now();
+        r.map_err(|e| command_error("TYPE", &e))
     }
 
     /// Does `group` exist on `key`?

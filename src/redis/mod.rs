@@ -11,6 +11,7 @@
 mod commands;
 mod conn;
 mod reply;
+mod values;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +91,8 @@ pub struct Redis {
     lane: Lane,
     /// What the server says about its databases, learnt at the first look.
     databases: Option<Databases>,
+    /// The server has no PEXPIRETIME (Redis before 7): expiries are read with PTTL.
+    use_pttl: bool,
 }
 
 impl Redis {
@@ -98,11 +101,23 @@ impl Redis {
         let main = RedisConn::connect(settings, settings.db)?;
         let mut conns = BTreeMap::new();
         conns.insert(settings.db, main);
-        Ok(Redis { settings: settings.clone(), conns, budget, lane, databases: None })
+        Ok(Redis {
+            settings: settings.clone(),
+            conns,
+            budget,
+            lane,
+            databases: None,
+            use_pttl: false,
+        })
     }
 
     pub fn settings(&self) -> &RedisSettings {
         &self.settings
+    }
+
+    /// Expiries are read with PTTL (the server has no PEXPIRETIME).
+    pub fn reads_ttl(&self) -> bool {
+        self.use_pttl
     }
 
     /// Waits for a token and counts the round trip about to be made.

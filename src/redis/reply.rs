@@ -11,9 +11,16 @@ pub struct RawEntry {
     pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
-/// What one round trip tells about a key: its type, absolute expiry in Unix milliseconds,
-/// and its value when it is a string.
-pub type KeyMeta = (String, Option<i64>, Option<Value>);
+/// What a pass learns about a key: its type (`none` when gone), absolute expiry in Unix
+/// milliseconds, and its value, unless it is bigger than the limit (then `too_big` holds
+/// its size, or an estimate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMeta {
+    pub ty: String,
+    pub expires: Option<i64>,
+    pub value: Option<Value>,
+    pub too_big: Option<u64>,
+}
 
 /// What XINFO says about one stream and our group.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -59,6 +59,8 @@ pub struct Found {
     pub info: Option<StreamInfo>,
     /// Entries claimed from consumers idle past `claim_min_idle`, or why claiming failed.
     pub claimed: std::result::Result<usize, String>,
+    /// Pending entries Redis found deleted from the stream while claiming.
+    pub lost: usize,
 }
 
 pub struct Discovered {
@@ -219,6 +221,7 @@ fn discover(
             group: None,
             info: None,
             claimed: Ok(0),
+            lost: 0,
         })
         .collect();
     if s.mode == Mode::Sync {
@@ -299,7 +302,10 @@ fn claim(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<()> {
             s.batch_size,
         );
         f.claimed = match n {
-            Ok(n) => Ok(n),
+            Ok((n, deleted)) => {
+                f.lost = deleted;
+                Ok(n)
+            }
             Err(e) if e.connection_lost() => return Err(e),
             Err(e) => Err(e.to_string()),
         };

@@ -158,7 +158,9 @@ impl StreamSync {
                 has_group: self
                     .streams
                     .iter()
-                    .filter(|t| matches!(t.state, StreamState::Active | StreamState::Error))
+                    .filter(|t| {
+                        !t.unreadable && matches!(t.state, StreamState::Active | StreamState::Error)
+                    })
                     .map(|t| (t.db, t.key.clone()))
                     .collect(),
                 scope: self.scope,
@@ -225,17 +227,9 @@ impl StreamSync {
             }
             self.search_logged = true;
         }
-        // Streams whose group cannot be made are not tracked; say why once.
         let mut kept = Vec::new();
         let mut outcome: HashMap<(u8, Vec<u8>), Found> = HashMap::new();
         for f in d.found {
-            if let Some(GroupState::Failed(e)) = &f.group {
-                log.warning(&format!(
-                    "stream \"{}\" cannot be synced: {e}",
-                    stream_key_name(f.db, s.redis.db, &f.key)
-                ));
-                continue;
-            }
             kept.push((f.db, f.key.clone(), f.configured));
             outcome.insert((f.db, f.key.clone()), f);
         }
@@ -246,6 +240,11 @@ impl StreamSync {
             let Some(f) = outcome.remove(&(t.db, t.key.clone())) else { continue };
             match (&f.group, s.mode) {
                 (_, Mode::Monitor) => t.state = StreamState::Monitored,
+                // Its group cannot be made (another type now, a user without XGROUP, out
+                // of memory): kept in sight, in state error, and looked at again next time.
+                (Some(GroupState::Failed(e)), _) => {
+                    t.mark_unreadable(format!("its consumer group cannot be created: {e}"), log);
+                }
                 (Some(GroupState::Missing), _) => {
                     t.state = StreamState::NoGroup;
                     t.last_error = format!(
@@ -254,7 +253,12 @@ impl StreamSync {
                     );
                 }
                 (_, Mode::Sync) => {
-                    if matches!(t.state, StreamState::NoGroup | StreamState::Monitored) {
+                    if t.unreadable {
+                        log.info(&format!("stream \"{}\" is read again", t.stream_key));
+                        t.unreadable = false;
+                        t.state = StreamState::Active;
+                        t.last_error.clear();
+                    } else if matches!(t.state, StreamState::NoGroup | StreamState::Monitored) {
                         t.state = StreamState::Active;
                         t.last_error.clear();
                     }
@@ -265,6 +269,7 @@ impl StreamSync {
                 t.group_consumers = info.consumers;
                 slots.push((i, info.clone()));
             }
+            t.note_lost(f.lost, log);
             match f.claimed {
                 Ok(0) => {}
                 Ok(_) => t.cursor = Cursor::Pending("0".into()),

@@ -12,6 +12,7 @@ mod discoverer;
 mod discovery;
 mod monitor;
 mod reader;
+mod replay;
 mod round;
 mod writer;
 
@@ -23,6 +24,7 @@ use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
 
 pub use discoverer::Discoverer;
 pub use discovery::{DiscoveryCtx, DiscoveryTurn, Learned};
+pub use replay::replay;
 pub use round::Feed;
 pub use writer::StreamWriter;
 
@@ -58,6 +60,23 @@ struct Tracked {
     group_consumers: i64,
     /// Monitor mode: what the previous checks saw, to tell a trend.
     trend: Trend,
+    /// Left out of reads (another type now, or its group cannot be made): discovery looks
+    /// again.
+    unreadable: bool,
+    /// Entries deleted from the stream (XADD MAXLEN, XTRIM, XDEL) while they were pending,
+    /// so never stored.
+    entries_lost: i64,
+    /// Its pending list holds entries a write refused while nothing showed that the table
+    /// takes rows: they wait in Redis (not in dead letters) for proof.
+    refused: bool,
+    /// The refused entries were re-read from the pending list and refused again: new
+    /// entries are read next, to learn whether the table takes any row.
+    wait_for_new: bool,
+    /// Rows of this stream landed since its entries were refused: a refusal of those now is
+    /// theirs, not the table's, and they go to dead letters.
+    proven: bool,
+    /// The last read of it was a re-read of its pending list.
+    read_pending: bool,
 }
 
 impl Tracked {
@@ -76,6 +95,45 @@ impl Tracked {
             group_pending: 0,
             group_consumers: 0,
             trend: Trend::default(),
+            unreadable: false,
+            entries_lost: 0,
+            refused: false,
+            wait_for_new: false,
+            proven: false,
+            read_pending: false,
+        }
+    }
+
+    /// Counts entries found deleted while pending: logged the first time for the stream,
+    /// counted in `entries_lost` always.
+    fn note_lost(&mut self, n: usize, log: &crate::worker::Log) {
+        if n == 0 {
+            return;
+        }
+        if self.entries_lost == 0 {
+            log.warning(&format!(
+                "stream \"{}\": {n} entries were deleted from the stream (XADD MAXLEN, XTRIM or XDEL) while they were pending, so they cannot be stored; redis_sync_streams().entries_lost counts them",
+                self.stream_key
+            ));
+        }
+        self.entries_lost += n as i64;
+        shmem::bump(|c| &c.entries_lost, n as u64);
+    }
+
+    /// Is the stream read (its group exists, and it is a stream)?
+    fn readable(&self) -> bool {
+        self.state != StreamState::NoGroup && !self.unreadable
+    }
+
+    /// Leaves the stream out of reads with `error` (state `error`); said once in the log and
+    /// counted in `errors`, not again while the error stays the same.
+    fn mark_unreadable(&mut self, error: String, log: &crate::worker::Log) {
+        self.state = StreamState::Error;
+        self.unreadable = true;
+        if self.last_error != error {
+            log.warning(&format!("stream \"{}\": {error}", self.stream_key));
+            shmem::bump(|c| &c.errors, 1);
+            self.last_error = error;
         }
     }
 }
@@ -170,7 +228,10 @@ impl StreamSync {
     /// After a reconnect or a failed round: our pending entries come first again.
     pub fn restart_from_pending(&mut self) {
         for s in &mut self.streams {
-            s.cursor = Cursor::Pending("0".into());
+            // A stream whose pending entries were refused again goes on with new entries:
+            // the next row that lands proves the table writable (see `land`).
+            s.cursor =
+                if s.refused && s.wait_for_new { Cursor::New } else { Cursor::Pending("0".into()) };
         }
         self.busy = self.streams.iter().map(|t| t.db).collect();
     }
@@ -230,6 +291,7 @@ impl StreamSync {
                 slot.messages_synced = t.messages_synced;
                 slot.last_sync_time = t.last_sync_time;
                 slot.last_error.set(&t.last_error);
+                slot.entries_lost = t.entries_lost;
             }
         });
     }
@@ -255,6 +317,7 @@ impl StreamSync {
                 slot.messages_synced = t.messages_synced;
                 slot.last_sync_time = t.last_sync_time;
                 slot.last_error.set(&t.last_error);
+                slot.entries_lost = t.entries_lost;
             }
         });
         shmem::update(|st| st.streams_tracked = n as i64);

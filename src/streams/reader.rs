@@ -61,6 +61,8 @@ pub struct StreamBatch {
     pub rows: Vec<StreamRow>,
     /// The same rows in COPY text format: stream_key, message_id, data, timestamp.
     pub copy: Vec<u8>,
+    /// Entries that came back without fields: deleted from the stream while pending.
+    pub trimmed: usize,
 }
 
 /// What became of a stream's consumer group after the read found it missing.
@@ -82,6 +84,9 @@ pub enum ReadOutcome {
     /// The read met `NOGROUP` (a stream or its group disappeared): what was done about each
     /// stream of the request.
     Groups(Vec<(Vec<u8>, GroupFix)>),
+    /// The read met `WRONGTYPE`: the keys of the request that are no longer streams, with
+    /// their type now.
+    NotStreams(Vec<(Vec<u8>, String)>),
 }
 
 pub struct ReadReply {
@@ -228,11 +233,12 @@ fn read(
             .map(|(request, outcome)| {
                 let result = match outcome {
                     Ok(reply) => Ok(ReadOutcome::Entries(batches(&request, reply))),
-                    Err(e) if e.is_nogroup() => {
-                        // Fixed on this connection, in the part's database.
-                        let fixed = c.select(request.db).map(|()| fix_groups(c, &request));
+                    Err(e) if e.is_nogroup() || e.is_wrong_type() => {
+                        // Looked into on this connection, in the part's database.
+                        let fixed =
+                            c.select(request.db).and_then(|()| after_error(c, &request, &e));
                         let back = c.select(home);
-                        fixed.and_then(|f| back.map(|()| ReadOutcome::Groups(f)))
+                        fixed.and_then(|f| back.map(|()| f))
                     }
                     Err(e) => Err(e),
                 };
@@ -248,9 +254,28 @@ fn read_one(c: &mut RedisConn, req: &ReadRequest) -> Result<ReadOutcome> {
         req.streams.iter().map(|s| (s.key.as_slice(), s.after.as_str())).collect();
     match c.read_group(&req.group, &req.consumer, req.count, req.block, &pairs, &req.acks) {
         Ok(reply) => Ok(ReadOutcome::Entries(batches(req, reply))),
-        Err(e) if e.is_nogroup() => Ok(ReadOutcome::Groups(fix_groups(c, req))),
+        Err(e) if e.is_nogroup() || e.is_wrong_type() => after_error(c, req, &e),
         Err(e) => Err(e),
     }
+}
+
+/// A read failed for one of its streams: `NOGROUP` (a stream or its group disappeared)
+/// gets the groups made again; `WRONGTYPE` names the keys that are no longer streams, so
+/// that they alone are left out and the others read on.
+fn after_error(c: &mut RedisConn, req: &ReadRequest, e: &SyncError) -> Result<ReadOutcome> {
+    if e.is_nogroup() {
+        return Ok(ReadOutcome::Groups(fix_groups(c, req)));
+    }
+    let keys: Vec<&[u8]> = req.streams.iter().map(|s| s.key.as_slice()).collect();
+    let types = c.types(&keys)?;
+    Ok(ReadOutcome::NotStreams(
+        req.streams
+            .iter()
+            .zip(types)
+            .filter(|(_, t)| t != "stream")
+            .map(|(s, t)| (s.key.clone(), t))
+            .collect(),
+    ))
 }
 
 /// A stream or its group disappeared under the read: every stream of the request gets its
@@ -298,6 +323,8 @@ fn batches(
                     };
                     push_copy_row(&mut batch.copy, &row);
                     batch.rows.push(row);
+                } else {
+                    batch.trimmed += 1;
                 }
                 batch.ids.push(e.id);
             }

@@ -32,14 +32,16 @@ const READ_BYTES_BUDGET: usize = 16 << 20;
 /// Where a batch's rows go: the stream-table writer, or a stand-in in unit tests.
 pub trait BatchWriter {
     /// Writes the rows in one transaction, durably; returns how many were dead-lettered.
-    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize>;
+    /// `proven`: the table took rows of these streams since their entries were refused, so
+    /// a refusal now is the rows' own.
+    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize>;
     /// Forgets prepared statements after a failure.
     fn reset(&mut self);
 }
 
 impl BatchWriter for StreamWriter {
-    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
-        StreamWriter::write(self, rows, copy)
+    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize> {
+        StreamWriter::write(self, rows, copy, proven)
     }
     fn reset(&mut self) {
         StreamWriter::reset(self)
@@ -104,6 +106,8 @@ impl StreamSync {
             // The table exists (is created) as soon as the settings name it, before the
             // first entry comes.
             writer.prepare(&target_of(s))?;
+            writer.dead_letter_max = s.dead_letter_max;
+            writer.expire_dead_letters(s.dead_letter_retention)?;
         }
         // The reader of the busy databases first, then each idle database's own.
         let mut sources: Vec<Option<u8>> = vec![None];
@@ -147,7 +151,7 @@ impl StreamSync {
                     self.send_busy(s, feed)?;
                 }
             }
-            pumped.landed += self.land_reads(writer, s, batches)?;
+            pumped.landed += self.land_reads(writer, s, log, batches)?;
         }
         if let Some(feed) = feed {
             self.feed(s, feed)?;
@@ -176,6 +180,10 @@ impl StreamSync {
                 self.apply_group_fixes(db, fixes, s, log);
                 return Ok(None);
             }
+            ReadOutcome::NotStreams(keys) => {
+                self.leave_out(db, keys, log);
+                return Ok(None);
+            }
         };
         self.advance_cursors(&reply.request, &batches);
         let entries = self.note_reply(&batches);
@@ -200,6 +208,7 @@ impl StreamSync {
         &mut self,
         writer: &mut StreamWriter,
         s: &Settings,
+        log: &Log,
         reads: Vec<(u8, Vec<StreamBatch>)>,
     ) -> Result<usize> {
         if reads.iter().all(|(_, b)| b.iter().all(|b| b.ids.is_empty())) {
@@ -208,7 +217,7 @@ impl StreamSync {
         writer.prepare(&target_of(s))?;
         let now = shmem::now();
         let landed = self.land(writer, reads, now);
-        self.publish_landed(&landed, now);
+        self.publish_landed(&landed, now, log);
         landed.result
     }
 
@@ -294,7 +303,7 @@ impl StreamSync {
             .streams
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.db == db && t.state != StreamState::NoGroup)
+            .filter(|(_, t)| t.db == db && t.readable())
             .map(|(i, _)| i)
             .collect();
         let acks = self.unacked.remove(&db).unwrap_or_default();
@@ -351,13 +360,18 @@ impl StreamSync {
         for asked in &request.streams {
             let Some(&i) = self.index.get(&(db, asked.key.clone())) else { continue };
             let t = &mut self.streams[i];
+            t.read_pending = asked.after != ">";
             if t.cursor != Cursor::Pending(asked.after.clone()) {
                 continue;
             }
             let got = batches.iter().find(|b| b.key == asked.key).and_then(|b| b.ids.last());
             t.cursor = match got {
                 Some(last) => Cursor::Pending(last.clone()),
-                None => Cursor::New,
+                None => {
+                    // The pending list is read through: a later refusal needs new proof.
+                    t.proven = false;
+                    Cursor::New
+                }
             };
         }
     }
@@ -371,6 +385,21 @@ impl StreamSync {
             self.avg_entry_bytes = (self.avg_entry_bytes * 3 + avg) / 4;
         }
         entries
+    }
+
+    /// Keys of `db` that a read found to be of another type now (deleted and set again as a
+    /// string, say): left out of reads, in state `error`, until discovery finds a stream
+    /// there again; the other streams read on.
+    fn leave_out(&mut self, db: u8, keys: Vec<(Vec<u8>, String)>, log: &Log) {
+        for (key, ty) in keys {
+            let Some(&i) = self.index.get(&(db, key)) else { continue };
+            let t = &mut self.streams[i];
+            let error = format!(
+                "the key is a {ty} now, not a stream: left out of reads until it is a stream again"
+            );
+            t.mark_unreadable(error, log);
+        }
+        self.publish_all();
     }
 
     /// The group or the stream disappeared under a read (deleted, or deleted and added
@@ -431,12 +460,16 @@ impl StreamSync {
         let mut rows = Vec::new();
         let mut copy = Vec::new();
         let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut lost = Vec::new();
         for (db, batches) in reads {
             for b in batches {
                 if b.ids.is_empty() {
                     continue;
                 }
                 let Some(&i) = self.index.get(&(db, b.key)) else { continue };
+                if b.trimmed > 0 {
+                    lost.push((i, b.trimmed));
+                }
                 rows.extend(b.rows);
                 copy.push(b.copy);
                 acks.push((i, b.ids));
@@ -444,16 +477,24 @@ impl StreamSync {
         }
         let touched: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
         if acks.is_empty() {
-            return Landed { result: Ok(0), touched };
+            return Landed { result: Ok(0), touched, lost };
         }
-        if let Err(e) = writer.write(&rows, &copy) {
+        let proven = acks.iter().any(|(i, _)| self.streams[*i].proven);
+        if let Err(e) = writer.write(&rows, &copy, proven) {
             for (i, _) in &acks {
                 let t = &mut self.streams[*i];
                 t.state = StreamState::Error;
                 t.last_error = e.to_string();
+                if e.is_refusal() {
+                    // Held in Redis. Refused again on a re-read of the pending list: new
+                    // entries next, the proof that the table takes rows.
+                    t.wait_for_new = t.refused && t.read_pending;
+                    t.refused = true;
+                    t.proven = false;
+                }
             }
             writer.reset();
-            return Landed { result: Err(e), touched };
+            return Landed { result: Err(e), touched, lost: Vec::new() };
         }
         drop(rows);
         drop(copy);
@@ -466,16 +507,28 @@ impl StreamSync {
             t.state = StreamState::Active;
             t.last_error.clear();
             handled += ids.len();
+            if t.refused && !t.read_pending {
+                // The table takes this stream's rows: its refused entries are read again,
+                // and what is refused of them now is dead-lettered.
+                t.refused = false;
+                t.wait_for_new = false;
+                t.proven = true;
+                t.cursor = Cursor::Pending("0".into());
+                self.busy.insert(t.db);
+            }
         }
         for (i, ids) in acks {
             let t = &self.streams[i];
             self.unacked.entry(t.db).or_default().push((t.key.clone(), ids));
         }
-        Landed { result: Ok(handled), touched }
+        Landed { result: Ok(handled), touched, lost }
     }
 
     /// Publishes what [`StreamSync::land`] changed: the streams' figures and the counters.
-    fn publish_landed(&self, landed: &Landed, now: i64) {
+    fn publish_landed(&mut self, landed: &Landed, now: i64, log: &Log) {
+        for &(i, n) in &landed.lost {
+            self.streams[i].note_lost(n, log);
+        }
         if let Ok(handled) = landed.result {
             if handled > 0 {
                 shmem::bump(|c| &c.messages_processed, handled as u64);
@@ -491,6 +544,8 @@ impl StreamSync {
 pub(super) struct Landed {
     pub result: Result<usize>,
     pub touched: Vec<usize>,
+    /// Streams whose read brought entries deleted while pending, and how many.
+    pub lost: Vec<(usize, usize)>,
 }
 
 #[cfg(test)]
@@ -501,20 +556,34 @@ mod tests {
     use crate::error::SyncError;
     use crate::streams::Tracked;
 
-    /// Stands in for the stream table: refuses every write while `fail` is set.
+    /// Stands in for the stream table: refuses every write while `fail` is set; refuses
+    /// the rows named in `bad` as the real writer does (every row of a batch of bad rows
+    /// refused: the table's refusal, unless `proven`; then dead-lettered).
     #[derive(Default)]
     struct Table {
         fail: bool,
+        bad: Vec<String>,
         rows: Vec<String>,
+        dead: Vec<String>,
     }
 
     impl BatchWriter for Table {
-        fn write(&mut self, rows: &[StreamRow], _copy: &[Vec<u8>]) -> Result<usize> {
+        fn write(&mut self, rows: &[StreamRow], _copy: &[Vec<u8>], proven: bool) -> Result<usize> {
             if self.fail {
                 return Err(SyncError::Config("refused".into()));
             }
-            self.rows.extend(rows.iter().map(|r| r.message_id.clone()));
-            Ok(0)
+            let (bad, good): (Vec<_>, Vec<_>) =
+                rows.iter().map(|r| r.message_id.clone()).partition(|id| self.bad.contains(id));
+            if good.is_empty() && !bad.is_empty() && !proven {
+                return Err(SyncError::Refused {
+                    sqlstate: pgrx::PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION,
+                    message: "bad".into(),
+                });
+            }
+            self.rows.extend(good);
+            let n = bad.len();
+            self.dead.extend(bad);
+            Ok(n)
         }
         fn reset(&mut self) {}
     }
@@ -542,6 +611,7 @@ mod tests {
                 })
                 .collect(),
             copy: Vec::new(),
+            trimmed: 0,
         }
     }
 
@@ -676,6 +746,65 @@ mod tests {
             acks(&mut s, 4),
             Some(vec![(b"b".to_vec(), vec!["7-0".to_owned(), "8-0".to_owned()])])
         );
+    }
+
+    #[test]
+    fn entries_deleted_while_pending_are_acknowledged_and_reported_lost() {
+        let mut s = sync_with(&[(0, "a")]);
+        let mut table = Table::default();
+        // Three entries read from the pending list, one of them deleted from the stream
+        // meanwhile (Redis sends its ID without fields).
+        let mut b = batch("a", &["1-0", "2-0"]);
+        b.ids.push("3-0".into());
+        b.trimmed = 1;
+        let landed = s.land(&mut table, vec![(0, vec![b])], 1);
+        assert_eq!(landed.result.ok(), Some(3));
+        assert_eq!(landed.lost, vec![(0, 1)]);
+        assert_eq!(table.rows, vec!["1-0", "2-0"]);
+        let r = s.next_request(0, &Settings::default()).expect("a read");
+        assert_eq!(r.acks[0].1, vec!["1-0", "2-0", "3-0"]);
+    }
+
+    /// One read of stream "a" answered with `ids`: the cursors move, then the batch lands
+    /// (the entries handled: landed or dead-lettered).
+    fn read_and_land(s: &mut StreamSync, table: &mut Table, ids: &[&str]) -> Result<usize> {
+        let settings = Settings::default();
+        let r = s.next_request(0, &settings).expect("a read");
+        let b = batch("a", ids);
+        s.advance_cursors(&r, std::slice::from_ref(&b));
+        let landed = s.land(table, vec![(0, vec![b])], 1);
+        if landed.result.is_err() {
+            s.restart_from_pending();
+        }
+        landed.result
+    }
+
+    #[test]
+    fn a_lone_refused_entry_waits_in_redis_for_a_row_that_lands() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a")]);
+        s.streams[0].cursor = Cursor::New;
+        let mut table = Table { bad: vec!["1-0".into()], ..Default::default() };
+        // Alone, refused: the table's refusal as far as anyone can tell. Not dead-lettered,
+        // not acknowledged; the pending list is read again.
+        assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err_and(|e| e.is_refusal()));
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!(afters(&r), vec![("a", "0")]);
+        assert!(r.acks.is_empty());
+        // Refused again from the pending list: new entries are read next.
+        assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err());
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
+        assert!(table.dead.is_empty());
+        // A new entry lands: the table takes rows, so the pending list is read again, and
+        // the refused entry now goes to dead letters.
+        assert_eq!(read_and_land(&mut s, &mut table, &["2-0"]).ok(), Some(1));
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", "0")]);
+        assert_eq!(read_and_land(&mut s, &mut table, &["1-0"]).ok(), Some(1));
+        assert_eq!(table.dead, vec!["1-0"]);
+        assert_eq!(table.rows, vec!["2-0"]);
+        // The pending list read through: the next refusal needs proof again.
+        assert_eq!(read_and_land(&mut s, &mut table, &[]).ok(), Some(0));
+        assert!(!s.streams[0].proven);
     }
 
     #[test]

@@ -50,6 +50,22 @@ pub struct StreamWriter {
     /// COPY is not usable on this table (row-level security, or no table-level INSERT
     /// privilege): always the INSERT path.
     copy_unusable: bool,
+    /// Refused batches probed so far (each probe tries other rows).
+    probes: usize,
+    /// The batch being written holds entries of streams whose rows the table took since
+    /// they were refused: a refusal is the rows' own, no probe needed.
+    proven: bool,
+    /// Rows in the dead-letter table, as last counted and since added.
+    pub dead_letters: u64,
+    /// `redis_sync.dead_letter_max` (0: no limit).
+    pub dead_letter_max: u64,
+    /// When dead letters past `redis_sync.dead_letter_retention` are next looked for.
+    next_expiry: Option<std::time::Instant>,
+}
+
+/// A batch whose every tried row was refused.
+fn refusal(e: &SyncError) -> SyncError {
+    SyncError::Refused { sqlstate: e.sqlstate(), message: e.to_string() }
 }
 
 impl StreamWriter {
@@ -67,9 +83,23 @@ impl StreamWriter {
             return Ok(());
         }
         self.reset();
-        let (insert, dead_letter) = in_transaction(|| {
+        let (insert, dead_letter, stored) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_stream_tables(client, &target.schema, &target.stream_table)?;
+                let stored = client
+                    .select(
+                        &format!(
+                            "SELECT count(*) FROM {}",
+                            qualified(&target.schema, DEAD_LETTER_TABLE)
+                        ),
+                        None,
+                        &[],
+                    )
+                    .map_err(spi_err)?
+                    .first()
+                    .get_one::<i64>()
+                    .map_err(spi_err)?
+                    .unwrap_or(0);
                 let insert = client
                     .prepare_mut(insert_sql(target).as_str(), &insert_types())
                     .map_err(spi_err)?
@@ -78,10 +108,12 @@ impl StreamWriter {
                     .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
                     .map_err(spi_err)?
                     .keep();
-                Ok((insert, dead))
+                Ok((insert, dead, stored))
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
+        self.dead_letters = stored.max(0) as u64;
+        shmem::update(|st| st.dead_letters_stored = stored);
         self.insert = Some(insert);
         self.dead_letter = Some(dead_letter);
         self.target = Some(target.clone());
@@ -94,10 +126,11 @@ impl StreamWriter {
     /// through `INSERT ... ON CONFLICT` instead. Returns how many rows were dead-lettered.
     /// When it returns, the commit is flushed to the local WAL (see
     /// [`crate::pg::flush_last_commit`]): the entries may be acknowledged.
-    pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
+    pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize> {
         if rows.is_empty() {
             return Ok(0);
         }
+        self.proven = proven;
         let dead = self.write_batch(rows, copy)?;
         crate::pg::flush_last_commit();
         Ok(dead)
@@ -125,23 +158,116 @@ impl StreamWriter {
     }
 
     /// Writes `rows` with `INSERT ... ON CONFLICT` in one transaction. When the batch is
-    /// refused because of some rows' content, it is split in halves and each half tried in
-    /// its own transaction, down to the single rows, which go to the dead-letter table. Any
-    /// other error (table gone, timeout, disk full) comes back as `Err` with nothing written
-    /// from the failing part.
+    /// refused because of some rows' content, a few single rows are tried first: when none
+    /// lands, the table takes nothing now (a trigger refusing every write, a foreign key to a
+    /// table being reloaded) and the whole batch comes back as [`SyncError::Refused`], with
+    /// nothing dead-lettered. When the table takes rows, the batch is split in halves, each
+    /// tried in its own transaction, down to the single rows; those refused go to the
+    /// dead-letter table. Any other error (table gone, timeout, disk full) comes back as
+    /// `Err` with nothing written from the failing part.
     fn insert_isolating(&mut self, rows: &[StreamRow]) -> Result<usize> {
         if rows.is_empty() {
             return Ok(0);
         }
+        let first = match self.insert_rows(rows) {
+            Ok(()) => return Ok(0),
+            Err(e) if e.is_row_level() => e,
+            Err(e) => return Err(e),
+        };
+        if !self.proven && !self.probe_accepts(rows)? {
+            return Err(refusal(&first));
+        }
+        let mut refused = Vec::new();
+        if rows.len() > 1 {
+            let half = rows.len() / 2;
+            let (a, b) = rows.split_at(half);
+            self.bisect_from(a, 0, &mut refused)?;
+            self.bisect_from(b, half, &mut refused)?;
+        } else {
+            refused.push((0, first));
+        }
+        if let Some(st) = shmem::snapshot() {
+            // Replays elsewhere remove dead letters.
+            self.dead_letters = self.dead_letters.min(st.dead_letters_stored.max(0) as u64);
+        }
+        if self.dead_letter_max > 0
+            && self.dead_letters + refused.len() as u64 > self.dead_letter_max
+        {
+            return Err(SyncError::Refused {
+                sqlstate: PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                message: format!(
+                    "the dead-letter table holds {} rows, redis_sync.dead_letter_max is {}: refused entries wait in Redis until dead letters are replayed or removed",
+                    self.dead_letters, self.dead_letter_max
+                ),
+            });
+        }
+        for (i, e) in &refused {
+            self.dead_letter(&rows[*i], e)?;
+        }
+        Ok(refused.len())
+    }
+
+    /// Deletes dead letters older than `retention` (0: kept), at most once a minute.
+    pub fn expire_dead_letters(&mut self, retention: std::time::Duration) -> Result<()> {
+        let now = std::time::Instant::now();
+        if retention.is_zero() || self.next_expiry.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        self.next_expiry = Some(now + std::time::Duration::from_secs(60));
+        let Some(t) = self.target.as_ref() else { return Ok(()) };
+        let sql = format!(
+            "DELETE FROM {} WHERE created_at < now() - make_interval(secs => $1)",
+            qualified(&t.schema, DEAD_LETTER_TABLE)
+        );
+        let secs = retention.as_secs_f64();
+        let deleted = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                client.update(&sql, None, &[secs.into()]).map(|t| t.len()).map_err(spi_err)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        self.dead_letters = self.dead_letters.saturating_sub(deleted as u64);
+        shmem::update(|st| st.dead_letters_stored = self.dead_letters as i64);
+        Ok(())
+    }
+
+    /// Tries up to three single rows of a refused batch (others each time it is tried
+    /// again): does the table take any row at all?
+    fn probe_accepts(&mut self, rows: &[StreamRow]) -> Result<bool> {
+        let n = rows.len();
+        let k = self.probes;
+        self.probes = self.probes.wrapping_add(1);
+        let mut picks = vec![k % n, (k + n / 2) % n, n - 1 - k % n];
+        picks.dedup();
+        for i in picks {
+            match self.insert_rows(&rows[i..=i]) {
+                Ok(()) => return Ok(true),
+                Err(e) if e.is_row_level() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Inserts `rows`, splitting refused parts in halves down to the single rows, whose
+    /// index (in the batch) and error are noted in `refused`.
+    fn bisect_from(
+        &mut self,
+        rows: &[StreamRow],
+        offset: usize,
+        refused: &mut Vec<(usize, SyncError)>,
+    ) -> Result<()> {
         match self.insert_rows(rows) {
-            Ok(()) => Ok(0),
+            Ok(()) => Ok(()),
+            Err(e) if e.is_row_level() && rows.len() == 1 => {
+                refused.push((offset, e));
+                Ok(())
+            }
             Err(e) if e.is_row_level() => {
-                if rows.len() == 1 {
-                    self.dead_letter(&rows[0], &e)?;
-                    return Ok(1);
-                }
-                let (a, b) = rows.split_at(rows.len() / 2);
-                Ok(self.insert_isolating(a)? + self.insert_isolating(b)?)
+                let half = rows.len() / 2;
+                let (a, b) = rows.split_at(half);
+                self.bisect_from(a, offset, refused)?;
+                self.bisect_from(b, offset + half, refused)
             }
             Err(e) => Err(e),
         }
@@ -204,6 +330,8 @@ impl StreamWriter {
         }
         shmem::bump(|c| &c.pg_ops, 1);
         shmem::bump(|c| &c.dead_letters, 1);
+        self.dead_letters += 1;
+        shmem::update(|st| st.dead_letters_stored = self.dead_letters as i64);
         Ok(())
     }
 }

@@ -16,6 +16,9 @@ use crate::gucs::Settings;
 use crate::ratelimit::Lane;
 use crate::shmem::{self, LaneState};
 
+/// Longest wait before a table that refused every row is tried again.
+const REFUSAL_PROBE: Duration = Duration::from_secs(5);
+
 /// Retries, logging and the hold of one schedule of retries.
 pub struct Retry {
     backoff: Backoff,
@@ -61,14 +64,19 @@ impl Retry {
         log: &Log,
         now: Instant,
     ) -> Duration {
-        let delay = self.backoff.next_delay(jitter.unit(), s.max_retries);
+        let mut delay = self.backoff.next_delay(jitter.unit(), s.max_retries);
+        if err.is_refusal() {
+            // The table refuses every row: probed again soon, so writes resume within
+            // seconds of the cause going away.
+            delay = delay.min(REFUSAL_PROBE);
+        }
         let failures = self.backoff.failures();
         self.retry_due = true;
         self.hold_until = Some(now + delay);
         if failures == 1 {
             log.error(err);
             log.info(&format!("{what}retrying in {} ms", delay.as_millis()));
-        } else if failures == s.max_retries.max(1) + 1 {
+        } else if failures == s.max_retries.max(1) + 1 && !err.is_refusal() {
             log.warning(&format!(
                 "{what}{} retries failed in a row; retrying every {} ms (redis_sync.backoff_max) until it works. Last error: {err}",
                 s.max_retries,

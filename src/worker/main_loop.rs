@@ -354,6 +354,7 @@ impl Worker {
             settings: s.redis.clone(),
             dbs: s.db_search_range.clone(),
             patterns: s.key_value_patterns.clone(),
+            limit: s.key_value_max_size,
         };
         let current = self.notifier.as_ref().is_some_and(|n| n.scope == scope);
         if want && !current {
@@ -361,7 +362,9 @@ impl Worker {
                 .waker
                 .handle()
                 .map_err(|e| crate::error::SyncError::Config(e.to_string()))
-                .and_then(|wake| Notifier::start(scope, self.budget.clone(), wake));
+                .and_then(|wake| {
+                    Notifier::start(scope, self.budget.clone(), wake, self.keys.ids())
+                });
             match started {
                 Ok(n) => {
                     self.notifier = Some(n);

@@ -59,7 +59,22 @@ pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), role);
 
     crate::pg::on_exit(on_exit);
+    if let Some(encoding) = crate::pg::non_utf8_encoding() {
+        // Started again after its restart time, and refused again: the log and the status
+        // say why.
+        shmem::record_error(&format!(
+            "database \"{}\" has encoding {encoding}: redis_pg_sync needs a UTF8 database",
+            settings.database
+        ));
+        pgrx::error!(
+            "redis_pg_sync cannot run in database \"{}\": its encoding is {encoding}, and the \
+             worker stores Redis names and values as UTF-8 text; use a UTF8 database \
+             (redis_sync.database)",
+            settings.database
+        );
+    }
     let started = shmem::now();
+    shmem::clear_skipped();
     shmem::update(|s| {
         *s = shmem::WorkerStatus::default();
         s.pid = crate::pg::my_pid();
