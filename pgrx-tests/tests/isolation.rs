@@ -370,3 +370,79 @@ fn keys_too_big_are_skipped_and_reported_and_big_ones_do_not_stall_the_worker() 
     pg.stop();
     assert!(t0.elapsed() <= Duration::from_secs(5), "stopped in {:?}", t0.elapsed());
 }
+
+#[test]
+fn expiries_on_redis_6_2_come_from_pttl() {
+    // Redis 6.2 has no PEXPIRETIME.
+    let redis = Redis::start_binary(redis62_server_bin(), &[]);
+    let mut r = redis.client();
+    let info: String = redis::cmd("INFO").arg("server").query(&mut r).expect("INFO");
+    assert!(info.contains("redis_version:6.2"), "{info}");
+    let _: () =
+        redis::cmd("SET").arg("ttl").arg("v").arg("PX").arg(600_000).query(&mut r).expect("SET");
+    let _: () = redis::cmd("SET").arg("forever").arg("v").query(&mut r).expect("SET");
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_auto_discovery", "off"),
+            ("redis_sync.sync_interval", "1s"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 2, T);
+    // Ten minutes from the write, to the second (the read's time plus the time to live).
+    let off = pg.number(
+        "SELECT abs(extract(epoch FROM expires_at - (now() + interval '10 minutes')))::int
+           FROM redis_key_values WHERE redis_key = 'ttl'",
+    );
+    assert!(off <= 30, "expires_at off by {off} s");
+    assert_eq!(
+        pg.query_text(
+            "SELECT expires_at IS NULL FROM redis_key_values WHERE redis_key = 'forever'"
+        )
+        .as_deref(),
+        Some("true")
+    );
+    assert!(pg.log().contains("no PEXPIRETIME"), "said once in the log");
+    // Later passes do not rewrite the key: the moment stays the same from pass to pass.
+    let written =
+        pg.number("SELECT xmin::text::bigint FROM redis_key_values WHERE redis_key = 'ttl'");
+    let passes: i64 = pg.status("key_value_passes").and_then(|p| p.parse().ok()).unwrap_or(0);
+    wait_for("three more passes", T, || {
+        let now: i64 = pg.status("key_value_passes")?.parse().ok()?;
+        (now >= passes + 3).then_some(())
+    });
+    assert_eq!(
+        pg.number("SELECT xmin::text::bigint FROM redis_key_values WHERE redis_key = 'ttl'"),
+        written
+    );
+}
+
+#[test]
+fn a_group_destroyed_under_load_is_made_again_without_a_reconnect() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let first = xadd(&mut r, "g", "n", "first");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    let port = redis.port;
+    let producer = std::thread::spawn(move || produce(port, &[(0, "g".to_owned())], 500, 6.0));
+    // Under load, every read carries the acknowledgements of the last batch (a pipeline).
+    wait_for("the load under way", T, || {
+        (pg.number("SELECT count(*) FROM redis_streams") > 300).then_some(())
+    });
+    let connections = connections_received(&mut r);
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg("g")
+        .arg(GROUP)
+        .query(&mut r)
+        .expect("XGROUP DESTROY");
+    let mut ids = producer.join().expect("producer");
+    ids.entry((0, "g".to_owned())).or_default().push(first);
+    assert_eq!(lost_and_duplicated(&pg, &mut r, &ids), (0, 0));
+    // NOGROUP is the stream's error, not a lost connection: the worker did not reconnect.
+    assert_eq!(connections_received(&mut r), connections, "no new connection to Redis");
+    let error = pg.status("last_error").unwrap_or_default();
+    assert!(!error.contains("connection"), "{error}");
+}

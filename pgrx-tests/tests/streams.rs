@@ -419,3 +419,20 @@ fn the_rate_limit_bounds_round_trips_and_can_be_lifted() {
     pg.set("redis_sync.rate_limit", "0");
     pg.wait_number("SELECT count(*) FROM redis_streams", 3_000, T);
 }
+
+#[test]
+fn a_moderate_load_opens_no_new_connections() {
+    // At a few hundred entries a second a database keeps turning busy (read without
+    // waiting) and idle (a read that waits in Redis): its connections stay the same.
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "steady", 1);
+    let pg = Cluster::start(&redis, &[("redis_sync.key_value_auto_discovery", "off")]);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    let before = connections_received(&mut r);
+    let ids = produce(redis.port, &[(0, "steady".to_owned())], 300, 4.0);
+    assert_eq!(ids.values().map(Vec::len).sum::<usize>(), 1200);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1201, T);
+    // One connection is the producer's own.
+    assert_eq!(connections_received(&mut r) - before, 1, "connections opened under load");
+}

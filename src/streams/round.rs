@@ -232,8 +232,10 @@ impl StreamSync {
         let owed: Vec<u8> =
             self.unacked.keys().copied().filter(|db| !readable.contains(db)).collect();
         self.busy.extend(owed);
-        let busy = &self.busy;
-        self.readers.retain(|db, r| (readable.contains(db) && !busy.contains(db)) || r.in_flight());
+        // A database's own reader (its thread and connection) is kept while the database has
+        // streams, busy or not: a database that turns busy and idle again under a moderate
+        // load must not cost a connect (and TLS handshake) each time.
+        self.readers.retain(|db, r| readable.contains(db) || r.in_flight());
         if !self.combined.as_ref().is_some_and(Reader::in_flight) {
             self.send_busy(s, feed)?;
         }
