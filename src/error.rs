@@ -38,6 +38,11 @@ pub enum SyncError {
     #[error("{message} (every row tried was refused, so nothing is dead-lettered or acknowledged; tried again every few seconds)")]
     Refused { sqlstate: PgSqlErrorCode, message: String },
 
+    /// Rows were refused, but the dead-letter table holds `redis_sync.dead_letter_max` rows:
+    /// nothing more is dead-lettered or acknowledged; the batch is tried again.
+    #[error("the dead-letter table holds {stored} rows, redis_sync.dead_letter_max is {max}: refused entries wait in Redis until dead letters are replayed or removed")]
+    DeadLettersFull { stored: u64, max: u64 },
+
     /// The configuration cannot be used as it stands.
     #[error("{0}")]
     Config(String),
@@ -53,6 +58,7 @@ impl SyncError {
             SyncError::CopyUnusable => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::ThreadStopped(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             SyncError::Postgres { sqlstate, .. } | SyncError::Refused { sqlstate, .. } => *sqlstate,
+            SyncError::DeadLettersFull { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
 
@@ -66,7 +72,8 @@ impl SyncError {
             | SyncError::CopyUnusable
             | SyncError::ThreadStopped(_)
             | SyncError::Postgres { .. }
-            | SyncError::Refused { .. } => false,
+            | SyncError::Refused { .. }
+            | SyncError::DeadLettersFull { .. } => false,
         }
     }
 
@@ -98,7 +105,7 @@ impl SyncError {
 
     /// A refusal of every row: probed again soon, whatever the backoff says.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, SyncError::Refused { .. })
+        matches!(self, SyncError::Refused { .. } | SyncError::DeadLettersFull { .. })
     }
 
     /// Reports the error at `level` with its SQLSTATE (WARNING or lower: never aborts).

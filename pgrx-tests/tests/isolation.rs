@@ -446,3 +446,42 @@ fn a_group_destroyed_under_load_is_made_again_without_a_reconnect() {
     let error = pg.status("last_error").unwrap_or_default();
     assert!(!error.contains("connection"), "{error}");
 }
+
+#[test]
+fn a_full_dead_letter_table_holds_refusals_in_redis() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    xadd(&mut r, "orders", "n", "0");
+    let mut settings = FAST.to_vec();
+    settings.push(("redis_sync.dead_letter_max", "1"));
+    let pg = Cluster::start(&redis, &settings);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    pg.execute(
+        "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
+                   RETURN NEW; END$$;
+         CREATE TRIGGER picky BEFORE INSERT ON redis_streams
+           FOR EACH ROW EXECUTE FUNCTION picky()",
+    );
+    // The first refused entry fills the dead-letter table ...
+    xadd(&mut r, "orders", "bad", "yes");
+    xadd(&mut r, "orders", "n", "1");
+    pg.wait_number("SELECT count(*) FROM redis_sync_dead_letters", 1, T);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 2, T);
+    // ... so the next waits in Redis, unacknowledged, while the good entries land.
+    let held = xadd(&mut r, "orders", "bad", "yes");
+    xadd(&mut r, "orders", "n", "2");
+    pg.wait_number("SELECT count(*) FROM redis_streams", 3, T);
+    wait_for("the limit reported", T, || {
+        pg.status("last_error").filter(|e| e.contains("dead_letter_max")).map(|_| ())
+    });
+    assert_eq!(dead_letters(&pg), 1);
+    assert!(pending(&mut r, "orders", GROUP) >= 1, "the held entry is not acknowledged");
+    // Room made by hand: the held entry goes to dead letters.
+    pg.execute("DELETE FROM redis_sync_dead_letters");
+    wait_for("the held entry dead-lettered", T, || {
+        let id = pg.try_query_text("SELECT message_id FROM redis_sync_dead_letters")?;
+        (id == held).then_some(())
+    });
+    wait_for("nothing pending", T, || (pending(&mut r, "orders", GROUP) == 0).then_some(()));
+}

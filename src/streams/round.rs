@@ -487,9 +487,10 @@ impl StreamSync {
                 let t = &mut self.streams[*i];
                 t.state = StreamState::Error;
                 t.last_error = e.to_string();
-                if e.is_refusal() {
+                if matches!(e, SyncError::Refused { .. }) {
                     // Held in Redis. Refused again on a re-read of the pending list: new
-                    // entries next, the proof that the table takes rows.
+                    // entries next, the proof that the table takes rows. (A full
+                    // dead-letter table is no such doubt: the batch is simply read again.)
                     t.wait_for_new = t.refused && t.read_pending;
                     t.refused = true;
                     t.proven = false;

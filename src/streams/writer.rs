@@ -63,6 +63,18 @@ pub struct StreamWriter {
     next_expiry: Option<std::time::Instant>,
 }
 
+/// Rows in the dead-letter table of `schema`.
+fn count_dead_letters(client: &mut pgrx::spi::SpiClient<'_>, schema: &str) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM {}", qualified(schema, DEAD_LETTER_TABLE));
+    Ok(client
+        .select(&sql, None, &[])
+        .map_err(spi_err)?
+        .first()
+        .get_one::<i64>()
+        .map_err(spi_err)?
+        .unwrap_or(0))
+}
+
 /// A batch whose every tried row was refused.
 fn refusal(e: &SyncError) -> SyncError {
     SyncError::Refused { sqlstate: e.sqlstate(), message: e.to_string() }
@@ -86,20 +98,7 @@ impl StreamWriter {
         let (insert, dead_letter, stored) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_stream_tables(client, &target.schema, &target.stream_table)?;
-                let stored = client
-                    .select(
-                        &format!(
-                            "SELECT count(*) FROM {}",
-                            qualified(&target.schema, DEAD_LETTER_TABLE)
-                        ),
-                        None,
-                        &[],
-                    )
-                    .map_err(spi_err)?
-                    .first()
-                    .get_one::<i64>()
-                    .map_err(spi_err)?
-                    .unwrap_or(0);
+                let stored = count_dead_letters(client, &target.schema)?;
                 let insert = client
                     .prepare_mut(insert_sql(target).as_str(), &insert_types())
                     .map_err(spi_err)?
@@ -186,19 +185,21 @@ impl StreamWriter {
         } else {
             refused.push((0, first));
         }
-        if let Some(st) = shmem::snapshot() {
-            // Replays elsewhere remove dead letters.
-            self.dead_letters = self.dead_letters.min(st.dead_letters_stored.max(0) as u64);
+        let (max, adding) = (self.dead_letter_max, refused.len() as u64);
+        let full = |stored: u64| max > 0 && stored + adding > max;
+        if full(self.dead_letters) {
+            // Counted again before refusing: dead letters may have been replayed or deleted
+            // by hand since.
+            let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
+            let stored =
+                in_transaction(|| Spi::connect_mut(|client| count_dead_letters(client, &schema)))?;
+            self.dead_letters = stored.max(0) as u64;
+            shmem::update(|st| st.dead_letters_stored = stored);
         }
-        if self.dead_letter_max > 0
-            && self.dead_letters + refused.len() as u64 > self.dead_letter_max
-        {
-            return Err(SyncError::Refused {
-                sqlstate: PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-                message: format!(
-                    "the dead-letter table holds {} rows, redis_sync.dead_letter_max is {}: refused entries wait in Redis until dead letters are replayed or removed",
-                    self.dead_letters, self.dead_letter_max
-                ),
+        if full(self.dead_letters) {
+            return Err(SyncError::DeadLettersFull {
+                stored: self.dead_letters,
+                max: self.dead_letter_max,
             });
         }
         for (i, e) in &refused {

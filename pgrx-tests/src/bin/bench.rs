@@ -16,7 +16,7 @@
 //!    passes, one changed key by scanning and by notification).
 //!
 //! Environment: BENCH_ENTRIES (default 1000000), BENCH_KEYS (default 1000000),
-//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams or keys: one
+//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams, keys or bigkeys: one
 //! part alone, printed, RESULTS.md untouched), PG_CONFIG (the Postgres with the extension
 //! installed, built with --release).
 
@@ -464,6 +464,88 @@ fn bench_defaults(keys: usize) -> Defaults {
     d
 }
 
+struct BigKeys {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    entries: usize,
+    peak_rss_kb: u64,
+    stop_secs: f64,
+    skipped: String,
+    lost: usize,
+    duplicated: i64,
+}
+
+/// Streams at the defaults beside a 500,000-field hash (mirrored) and a 5,000,000-member
+/// sorted set (over `key_value_max_size`: skipped): stream latency, the worker's memory, and
+/// how fast `pg_ctl stop -m fast` returns.
+fn bench_big_keys(secs: f64) -> BigKeys {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    eprintln!("[bench] big keys: a 500,000-field hash and a 5,000,000-member sorted set");
+    for start in (0..500_000).step_by(50_000) {
+        let mut c = redis::cmd("HSET");
+        c.arg("big-hash");
+        for i in start..start + 50_000 {
+            c.arg(format!("field-{i}")).arg(i);
+        }
+        let _: () = c.query(&mut r).expect("HSET");
+    }
+    for start in (0..5_000_000).step_by(50_000) {
+        let mut c = redis::cmd("ZADD");
+        c.arg("huge-zset");
+        for i in start..start + 50_000 {
+            c.arg(i).arg(format!("member-{i}"));
+        }
+        let _: () = c.query(&mut r).expect("ZADD");
+    }
+    let streams: Vec<(u8, String)> = (0..3).map(|i| (0, format!("beside-{i}"))).collect();
+    let mut ids: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+    for (_, key) in &streams {
+        let id: String =
+            redis::cmd("XADD").arg(key).arg("*").arg("seed").arg(1).query(&mut r).expect("XADD");
+        ids.insert((0, key.clone()), vec![id]);
+    }
+    let mut pg = Cluster::start_defaults(&redis, &[]);
+    assert!(pg.wait_until_running());
+    pg.wait_number("SELECT count(*) FROM redis_streams", 3, Duration::from_secs(60));
+    let pid = pg.worker_pid().expect("worker pid");
+    let stop = Arc::new(AtomicBool::new(false));
+    let memory = watch_memory(pid, stop.clone());
+    for (k, v) in produce(redis.port, &streams, 1000, secs) {
+        ids.entry(k).or_default().extend(v);
+    }
+    let (lost, duplicated) = lost_and_duplicated(&pg, &mut r, &ids);
+    stop.store(true, Ordering::Relaxed);
+    let peak_rss_kb = memory.join().unwrap_or(0);
+    let skipped = pg
+        .try_query_text(
+            "SELECT string_agg(redis_key || ' (' || value_type || ', ' || bytes || ' bytes)', ', ')
+               FROM redis_sync_skipped_keys()",
+        )
+        .unwrap_or_default();
+    let lat = commit_latencies(&pg);
+    let entries = lat.len();
+    let t0 = Instant::now();
+    pg.stop();
+    let b = BigKeys {
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        max: lat.last().copied().unwrap_or(f64::NAN),
+        entries,
+        peak_rss_kb,
+        stop_secs: t0.elapsed().as_secs_f64(),
+        skipped,
+        lost,
+        duplicated,
+    };
+    eprintln!(
+        "[bench]   XADD to commit p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; worker peak RssAnon {:.1} MiB; stop -m fast {:.2} s; skipped: {}",
+        b.p50, b.p99, b.max, b.peak_rss_kb as f64 / 1024.0, b.stop_secs, b.skipped
+    );
+    b
+}
+
 /// CPU (percent of a core) and Redis commands per second of an idle worker, at the default
 /// rate limit and unlimited.
 fn bench_idle() -> Vec<(&'static str, f64, f64)> {
@@ -718,13 +800,20 @@ fn main() {
             bench_keys(keys);
             return;
         }
-        other => panic!("BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys"),
+        "bigkeys" => {
+            bench_big_keys(30.0);
+            return;
+        }
+        other => {
+            panic!("BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys")
+        }
     }
     let d = bench_defaults(keys);
     let idle = bench_idle();
     let (with_grant, without_grant, lane) = bench_grants(200_000);
     let t = bench_streams(entries, lat_secs);
     let kv = bench_keys(keys);
+    let big = bench_big_keys(30.0);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -848,6 +937,21 @@ fn main() {
     let worst = kv.scan_delay_ms.iter().copied().fold(0.0, f64::max);
     let _ = writeln!(md, "| one changed key visible, scanning alone (sync_interval=1s), {} trials | {} ms; max {worst:.0} ms (target < 2000 ms) |", kv.scan_delay_ms.len(), kv.scan_delay_ms.iter().map(|d| format!("{d:.0}")).collect::<Vec<_>>().join(", "));
     let _ = writeln!(md, "| one changed key visible with keyspace notifications, {} changes | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 50 ms) |", kv.notify_ms.3, kv.notify_ms.0, kv.notify_ms.1, kv.notify_ms.2);
+    let _ = writeln!(md, "\n## Big keys beside streams\n\nEvery setting at its default (key_value_max_size 64MB); Redis holds a 500,000-field hash (mirrored) and a 5,000,000-member sorted set (over the limit: skipped) in db 0, and 3 streams there receive 1,000 entries/s in all for 30 s, from the worker's first pass on.\n");
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| XADD to commit, {} entries | p50 {:.1} ms, **p99 {:.1} ms**, max {:.1} ms (target p99 <= 100 ms) |", big.entries, big.p50, big.p99, big.max);
+    let _ = writeln!(
+        md,
+        "| worker peak RssAnon | **{:.1} MiB** (target <= 256 MiB) |",
+        big.peak_rss_kb as f64 / 1024.0
+    );
+    let _ = writeln!(md, "| `pg_ctl stop -m fast` (SIGINT to the postmaster) returned after | **{:.2} s** (target <= 5 s) |", big.stop_secs);
+    let _ = writeln!(md, "| redis_sync_skipped_keys() | {} |", big.skipped);
+    let _ = writeln!(
+        md,
+        "| entries lost / duplicated (IDs compared) | {} / {} |",
+        big.lost, big.duplicated
+    );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
