@@ -259,6 +259,15 @@ fn discovery_answers_in_monitor_mode() {
         Some("true"),
         "monitor mode writes nothing"
     );
+    // After a worker restart, a call waits for a discovery of the new worker, not for the
+    // old worker's generation.
+    let pid = pg.worker_pid().expect("worker");
+    pg.execute(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_for("a new worker", T, || pg.worker_pid().filter(|p| *p != pid));
+    let t0 = Instant::now();
+    let found = pg.query_text("SELECT string_agg(stream_key, ',') FROM redis_sync_discover()");
+    assert_eq!(found.as_deref(), Some("watched"));
+    assert!(t0.elapsed() < Duration::from_secs(10), "answered in {:?}", t0.elapsed());
 }
 
 #[test]
@@ -366,6 +375,12 @@ fn keys_too_big_are_skipped_and_reported_and_big_ones_do_not_stall_the_worker() 
     // A verifying pass over the big hash does not keep the worker from stopping.
     pg.execute("ALTER SYSTEM SET redis_sync.key_value_verify_interval = '1s'");
     pg.reload();
+    let passes = pg.number("SELECT key_value_passes FROM redis_sync_status()");
+    // Two verifying passes done: they run back to back (each takes longer than
+    // sync_interval), so the stop comes during the next one.
+    wait_for("verifying passes back to back", T, || {
+        (pg.number("SELECT key_value_passes FROM redis_sync_status()") >= passes + 2).then_some(())
+    });
     let t0 = Instant::now();
     pg.stop();
     assert!(t0.elapsed() <= Duration::from_secs(5), "stopped in {:?}", t0.elapsed());
@@ -484,4 +499,74 @@ fn a_full_dead_letter_table_holds_refusals_in_redis() {
         (id == held).then_some(())
     });
     wait_for("nothing pending", T, || (pending(&mut r, "orders", GROUP) == 0).then_some(()));
+}
+
+#[test]
+fn a_lone_refused_entry_lands_once_the_table_takes_it_even_with_nothing_after_it() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    xadd(&mut r, "orders", "n", "0");
+    let pg = Cluster::start(&redis, FAST);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    pg.execute(
+        "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
+                   RETURN NEW; END$$;
+         CREATE TRIGGER picky BEFORE INSERT ON redis_streams
+           FOR EACH ROW EXECUTE FUNCTION picky()",
+    );
+    let errors = |pg: &Cluster| pg.status("errors").and_then(|e| e.parse::<i64>().ok());
+    let before = errors(&pg).unwrap_or(0);
+    let lone = xadd(&mut r, "orders", "bad", "yes");
+    // Refused when read, and again when read back from the pending list.
+    wait_for("two refusals", T, || (errors(&pg)? >= before + 2).then_some(()));
+    assert_eq!(dead_letters(&pg), 0);
+    // The table is fixed; no entry comes after the lone one.
+    pg.execute(
+        "CREATE OR REPLACE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN RETURN NEW; END$$",
+    );
+    pg.wait_number(
+        &format!("SELECT count(*) FROM redis_streams WHERE message_id = '{lone}'"),
+        1,
+        T,
+    );
+    wait_for("nothing pending", T, || (pending(&mut r, "orders", GROUP) == 0).then_some(()));
+    assert_eq!(dead_letters(&pg), 0);
+}
+
+#[test]
+fn a_full_key_memory_still_mirrors_and_deletes_every_key() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for i in 0..100 {
+        let _: () = redis::cmd("SET").arg(format!("k:{i}")).arg(i).query(&mut r).expect("SET");
+    }
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_auto_discovery", "off"),
+            ("redis_sync.sync_interval", "200ms"),
+            ("redis_sync.key_value_verify_interval", "1h"),
+            ("redis_sync.key_value_max_remembered", "10"),
+        ],
+    );
+    let live = "SELECT count(*) FROM redis_key_values WHERE deleted_at IS NULL";
+    pg.wait_number(live, 100, T);
+    wait_for("the cap said in the log", T, || {
+        pg.log().contains("remembers at most 10 keys").then_some(())
+    });
+    // Keys the memory does not hold are still compared and their deletions found.
+    let _: () = redis::cmd("SET").arg("k:77").arg("changed").query(&mut r).expect("SET");
+    let _: () = redis::cmd("DEL").arg("k:78").query(&mut r).expect("DEL");
+    wait_for("the change mirrored", T, || {
+        pg.try_query_text("SELECT redis_value FROM redis_key_values WHERE redis_key = 'k:77'")
+            .filter(|v| v == "changed")
+    });
+    pg.wait_number(live, 99, T);
+    assert_eq!(
+        pg.number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'k:78' AND deleted_at IS NOT NULL"),
+        1
+    );
 }

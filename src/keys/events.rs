@@ -54,7 +54,7 @@ impl KeySync {
                 }
                 Found::TooBig { ty, bytes } => {
                     let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
-                    skipped(&mut self.memory, cap, id, db, key, &ty, bytes, number);
+                    skipped(&mut self.memory, id, db, key, &ty, bytes, number);
                 }
                 Found::Stream | Found::Other => {}
             }

@@ -262,7 +262,7 @@ impl KeySync {
                 Found::TooBig { ty, bytes } => {
                     pass.keys += 1;
                     let id = self.ids.id(db, &key);
-                    skipped(&mut self.memory, pass.cap, id, db, &key, &ty, bytes, number);
+                    skipped(&mut self.memory, id, db, &key, &ty, bytes, number);
                     continue;
                 }
             };
@@ -497,10 +497,8 @@ impl KeySync {
 /// A key bigger than `key_value_max_size`: reported (log, `redis_sync_skipped_keys()`)
 /// when first found so, remembered as seen so that the deletion check keeps its row (the
 /// last value mirrored, if any).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn skipped(
     memory: &mut Memory,
-    cap: usize,
     id: KeyId,
     db: u8,
     key: &[u8],
@@ -518,7 +516,8 @@ pub(super) fn skipped(
         );
         shmem::add_skipped(id.pair(), db, &name, ty, bytes);
     }
-    remember(memory, cap, id, TOO_BIG, number);
+    // Kept even past `key_value_max_remembered` (they are few): reported once.
+    memory.insert(id, pack(TOO_BIG, number));
 }
 
 #[cfg(test)]

@@ -48,6 +48,13 @@ pub fn caught(e: CaughtError) -> SyncError {
 pub fn in_subtransaction<R>(
     f: impl FnOnce() -> crate::error::Result<R>,
 ) -> crate::error::Result<R> {
+    // SAFETY: reads a flag of this backend's transaction machinery.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        return Err(SyncError::Postgres {
+            sqlstate: PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            message: "a subtransaction needs a transaction".into(),
+        });
+    }
     // SAFETY: inside a transaction on the main thread of a backend; the memory context and
     // resource owner are put back as they were, whichever way the subtransaction ends (as
     // PL/pgSQL's exception blocks do).

@@ -33,6 +33,17 @@ const WINDOW_BYTES: u64 = 4 << 20;
 /// Elements per window.
 const WINDOW: u32 = 10_000;
 
+/// The bytes of a reply's strings.
+fn value_bytes(v: &Value) -> u64 {
+    match v {
+        Value::BulkString(b) => b.len() as u64,
+        Value::SimpleString(s) => s.len() as u64,
+        Value::Array(items) | Value::Set(items) => items.iter().map(value_bytes).sum(),
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| value_bytes(k) + value_bytes(v)).sum(),
+        _ => 8,
+    }
+}
+
 fn unix_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -139,7 +150,7 @@ impl Redis {
             plan.push(p);
         }
         self.measure(db, keys, &mut out, &mut plan, limit)?;
-        self.fetch_whole(db, keys, &mut out, &plan)?;
+        self.fetch_whole(db, keys, &mut out, &plan, limit)?;
         for i in 0..keys.len() {
             if matches!(plan[i], Plan::Windows) {
                 let ty = out[i].ty.clone();
@@ -228,6 +239,7 @@ impl Redis {
         keys: &[Vec<u8>],
         out: &mut [KeyMeta],
         plan: &[Plan],
+        limit: u64,
     ) -> Result<()> {
         let mut group: Vec<usize> = Vec::new();
         let mut bytes = 0u64;
@@ -245,7 +257,13 @@ impl Redis {
                     group.iter().map(|&i| (keys[i].as_slice(), out[i].ty.as_str())).collect();
                 let values = self.key_values(db, &typed)?;
                 for (&i, v) in group.iter().zip(values) {
-                    out[i].value = v;
+                    // `MEMORY USAGE` samples: what came is measured too.
+                    let got = v.as_ref().map_or(0, value_bytes);
+                    if got > limit {
+                        out[i].too_big = Some(got);
+                    } else {
+                        out[i].value = v;
+                    }
                 }
                 group.clear();
                 bytes = 0;

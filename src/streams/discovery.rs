@@ -277,6 +277,11 @@ impl StreamSync {
             }
         }
         if s.mode == Mode::Sync {
+            // Refused entries waiting for proof are tried again too: the cause may be gone
+            // with no new entry coming to show it.
+            for t in &mut self.streams {
+                t.wait_for_new = false;
+            }
             self.restart_from_pending();
         }
         // Slots first (a new stream gets a fresh slot), then the figures that go in them.

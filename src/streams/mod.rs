@@ -77,6 +77,14 @@ struct Tracked {
     proven: bool,
     /// The last read of it was a re-read of its pending list.
     read_pending: bool,
+    /// Entries of it wait in its pending list (refused, or held back for lack of room in
+    /// the dead-letter table): the list is read again at `retry_at`.
+    retry_due: bool,
+    retry_at: Option<std::time::Instant>,
+    /// Refused entries of it were held back for lack of room in the dead-letter table: the
+    /// table took other rows with them, so their refusal is their own (proof that lasts
+    /// until a re-read of the pending list lands with nothing held).
+    held_back: bool,
 }
 
 impl Tracked {
@@ -101,6 +109,9 @@ impl Tracked {
             wait_for_new: false,
             proven: false,
             read_pending: false,
+            retry_due: false,
+            retry_at: None,
+            held_back: false,
         }
     }
 
@@ -130,6 +141,7 @@ impl Tracked {
     fn mark_unreadable(&mut self, error: String, log: &crate::worker::Log) {
         self.state = StreamState::Error;
         self.unreadable = true;
+        self.cursor = Cursor::New;
         if self.last_error != error {
             log.warning(&format!("stream \"{}\": {error}", self.stream_key));
             shmem::bump(|c| &c.errors, 1);
@@ -229,9 +241,14 @@ impl StreamSync {
     pub fn restart_from_pending(&mut self) {
         for s in &mut self.streams {
             // A stream whose pending entries were refused again goes on with new entries:
-            // the next row that lands proves the table writable (see `land`).
-            s.cursor =
-                if s.refused && s.wait_for_new { Cursor::New } else { Cursor::Pending("0".into()) };
+            // the next row that lands proves the table writable (see `land`); its pending
+            // list is read again on its own timer. A stream left out of reads has no cursor
+            // to go back to.
+            s.cursor = if (s.refused && s.wait_for_new) || !s.readable() {
+                Cursor::New
+            } else {
+                Cursor::Pending("0".into())
+            };
         }
         self.busy = self.streams.iter().map(|t| t.db).collect();
     }

@@ -7,7 +7,7 @@
 //! ([`StreamSync::advance_cursors`]), and that only committed entries are acknowledged
 //! ([`StreamSync::land`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use super::reader::{
     GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
@@ -29,18 +29,33 @@ const MAX_ENTRIES_PER_READ: u32 = 10_000;
 /// are in memory at most, each held twice: as rows and as COPY text).
 const READ_BYTES_BUDGET: usize = 16 << 20;
 
+/// How long entries left in a stream's pending list (refused, or held back) wait before the
+/// list is read again.
+const RETRY_HELD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where a batch's rows go: the stream-table writer, or a stand-in in unit tests.
 pub trait BatchWriter {
-    /// Writes the rows in one transaction, durably; returns how many were dead-lettered.
-    /// `proven`: the table took rows of these streams since their entries were refused, so
-    /// a refusal now is the rows' own.
-    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize>;
+    /// Writes the rows in one transaction, durably; returns the indices of rows held back
+    /// (refused with no room for dead letters: not to be acknowledged). `proven`: streams
+    /// (as stored) the table took rows of since their entries were refused, so a refusal
+    /// of theirs now is the rows' own.
+    fn write(
+        &mut self,
+        rows: &[StreamRow],
+        copy: &[Vec<u8>],
+        proven: &[String],
+    ) -> Result<Vec<usize>>;
     /// Forgets prepared statements after a failure.
     fn reset(&mut self);
 }
 
 impl BatchWriter for StreamWriter {
-    fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize> {
+    fn write(
+        &mut self,
+        rows: &[StreamRow],
+        copy: &[Vec<u8>],
+        proven: &[String],
+    ) -> Result<Vec<usize>> {
         StreamWriter::write(self, rows, copy, proven)
     }
     fn reset(&mut self) {
@@ -102,12 +117,18 @@ impl StreamSync {
         feed: Option<&Feed<'_>>,
     ) -> Result<Pumped> {
         let mut pumped = Pumped::default();
+        self.retry_held(std::time::Instant::now());
         if feed.is_some() && !self.streams.is_empty() {
             // The table exists (is created) as soon as the settings name it, before the
             // first entry comes.
             writer.prepare(&target_of(s))?;
             writer.dead_letter_max = s.dead_letter_max;
-            writer.expire_dead_letters(s.dead_letter_retention)?;
+            if let Err(e) = writer.expire_dead_letters(s.dead_letter_retention) {
+                // Old dead letters stay a minute longer; the streams go on.
+                log.warning(&format!(
+                    "dead letters past redis_sync.dead_letter_retention not deleted: {e}"
+                ));
+            }
         }
         // The reader of the busy databases first, then each idle database's own.
         let mut sources: Vec<Option<u8>> = vec![None];
@@ -145,7 +166,7 @@ impl StreamSync {
                 let caught_up = self
                     .streams
                     .iter()
-                    .filter(|t| self.busy.contains(&t.db))
+                    .filter(|t| self.busy.contains(&t.db) && t.readable())
                     .all(|t| t.cursor == Cursor::New);
                 if caught_up {
                     self.send_busy(s, feed)?;
@@ -156,8 +177,27 @@ impl StreamSync {
         if let Some(feed) = feed {
             self.feed(s, feed)?;
         }
-        pumped.caught_up = self.streams.iter().all(|t| t.cursor == Cursor::New);
+        pumped.caught_up = self.streams.iter().all(|t| !t.readable() || t.cursor == Cursor::New);
         Ok(pumped)
+    }
+
+    /// Streams with entries waiting in their pending lists (refused, or held back for lack of
+    /// room in the dead-letter table) read those lists again [`RETRY_HELD`] after they were
+    /// left there, whether or not new entries come.
+    pub(super) fn retry_held(&mut self, now: std::time::Instant) {
+        for t in &mut self.streams {
+            if !t.retry_due {
+                continue;
+            }
+            let at = *t.retry_at.get_or_insert(now + RETRY_HELD);
+            if now >= at && t.readable() {
+                t.retry_due = false;
+                t.retry_at = None;
+                t.wait_for_new = false;
+                t.cursor = Cursor::Pending("0".into());
+                self.busy.insert(t.db);
+            }
+        }
     }
 
     /// Takes one reply: drops it if it belongs to an older epoch, applies group fixes,
@@ -195,7 +235,8 @@ impl StreamSync {
     /// (read with the others in one round trip, without waiting); one whose read with the
     /// others found nothing is idle again (its own read waits in Redis).
     pub(super) fn note_busy(&mut self, db: u8, entries: usize, from_busy: bool) {
-        let pending = self.streams.iter().any(|t| t.db == db && t.cursor != Cursor::New);
+        let pending =
+            self.streams.iter().any(|t| t.db == db && t.readable() && t.cursor != Cursor::New);
         if entries > 0 || pending {
             self.busy.insert(db);
         } else if from_busy {
@@ -226,7 +267,7 @@ impl StreamSync {
     /// (starting readers for databases new to it, ending those no longer needed).
     fn feed(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
         let readable: BTreeSet<u8> =
-            self.streams.iter().filter(|t| t.state != StreamState::NoGroup).map(|t| t.db).collect();
+            self.streams.iter().filter(|t| t.readable()).map(|t| t.db).collect();
         self.busy.retain(|db| readable.contains(db));
         // Acknowledgements owed to a database with nothing left to read go with the others.
         let owed: Vec<u8> =
@@ -481,50 +522,93 @@ impl StreamSync {
         if acks.is_empty() {
             return Landed { result: Ok(0), touched, lost };
         }
-        let proven = acks.iter().any(|(i, _)| self.streams[*i].proven);
-        if let Err(e) = writer.write(&rows, &copy, proven) {
-            for (i, _) in &acks {
-                let t = &mut self.streams[*i];
-                t.state = StreamState::Error;
-                t.last_error = e.to_string();
-                if matches!(e, SyncError::Refused { .. }) {
-                    // Held in Redis. Refused again on a re-read of the pending list: new
-                    // entries next, the proof that the table takes rows. (A full
-                    // dead-letter table is no such doubt: the batch is simply read again.)
-                    t.wait_for_new = t.refused && t.read_pending;
-                    t.refused = true;
-                    t.proven = false;
-                }
+        let proven: Vec<String> = acks
+            .iter()
+            .filter(|(i, _)| self.streams[*i].proven || self.streams[*i].held_back)
+            .map(|(i, _)| self.streams[*i].stream_key.clone())
+            .collect();
+        let held = match writer.write(&rows, &copy, &proven) {
+            Ok(held) => held,
+            Err(e) => {
+                self.refused_write(&acks, &e);
+                writer.reset();
+                return Landed { result: Err(e), touched, lost: Vec::new() };
             }
-            writer.reset();
-            return Landed { result: Err(e), touched, lost: Vec::new() };
+        };
+        // Refused rows the dead-letter table has no room for: not acknowledged; their
+        // streams read their pending lists again in a few seconds.
+        let held: HashSet<(&str, &str)> = held
+            .iter()
+            .filter_map(|&i| rows.get(i))
+            .map(|r| (r.stream_key.as_str(), r.message_id.as_str()))
+            .collect();
+        for (i, ids) in &mut acks {
+            let t = &mut self.streams[*i];
+            let before = ids.len();
+            if !held.is_empty() {
+                ids.retain(|id| !held.contains(&(t.stream_key.as_str(), id.as_str())));
+            }
+            if ids.len() < before {
+                t.retry_due = true;
+                t.held_back = true;
+            } else if t.read_pending {
+                t.held_back = false;
+            }
         }
         drop(rows);
         drop(copy);
         let mut handled = 0;
         for (i, ids) in &acks {
             let t = &mut self.streams[*i];
+            if ids.is_empty() {
+                // All of its rows held back: it says why.
+                t.last_error = "refused entries wait in Redis: the dead-letter table is full (redis_sync.dead_letter_max)".into();
+                continue;
+            }
             t.messages_synced += ids.len() as i64;
             t.last_id = ids.last().cloned().unwrap_or_default();
             t.last_sync_time = now;
             t.state = StreamState::Active;
             t.last_error.clear();
             handled += ids.len();
-            if t.refused && !t.read_pending {
-                // The table takes this stream's rows: its refused entries are read again,
-                // and what is refused of them now is dead-lettered.
+            if t.refused {
                 t.refused = false;
                 t.wait_for_new = false;
-                t.proven = true;
-                t.cursor = Cursor::Pending("0".into());
-                self.busy.insert(t.db);
+                if !t.read_pending {
+                    // The table takes this stream's rows: its refused entries are read
+                    // again, and what is refused of them now is dead-lettered.
+                    t.proven = true;
+                    t.cursor = Cursor::Pending("0".into());
+                    self.busy.insert(t.db);
+                }
             }
         }
         for (i, ids) in acks {
+            if ids.is_empty() {
+                continue;
+            }
             let t = &self.streams[i];
             self.unacked.entry(t.db).or_default().push((t.key.clone(), ids));
         }
         Landed { result: Ok(handled), touched, lost }
+    }
+
+    /// A write of the streams in `acks` failed with `e`: they say so. A refusal of every
+    /// row holds their entries in Redis; refused again on a re-read of the pending list, new
+    /// entries are read next (the proof that the table takes rows), and the pending list
+    /// again in a few seconds.
+    fn refused_write(&mut self, acks: &[(usize, Vec<String>)], e: &SyncError) {
+        for (i, _) in acks {
+            let t = &mut self.streams[*i];
+            t.state = StreamState::Error;
+            t.last_error = e.to_string();
+            if matches!(e, SyncError::Refused { .. }) {
+                t.wait_for_new = t.refused && t.read_pending;
+                t.retry_due |= t.wait_for_new;
+                t.refused = true;
+                t.proven = false;
+            }
+        }
     }
 
     /// Publishes what [`StreamSync::land`] changed: the streams' figures and the counters.
@@ -568,15 +652,23 @@ mod tests {
         bad: Vec<String>,
         rows: Vec<String>,
         dead: Vec<String>,
+        /// No room for dead letters: refused rows are held back.
+        full: bool,
     }
 
     impl BatchWriter for Table {
-        fn write(&mut self, rows: &[StreamRow], _copy: &[Vec<u8>], proven: bool) -> Result<usize> {
+        fn write(
+            &mut self,
+            rows: &[StreamRow],
+            _copy: &[Vec<u8>],
+            proven: &[String],
+        ) -> Result<Vec<usize>> {
             if self.fail {
                 return Err(SyncError::Config("refused".into()));
             }
             let (bad, good): (Vec<_>, Vec<_>) =
                 rows.iter().map(|r| r.message_id.clone()).partition(|id| self.bad.contains(id));
+            let proven = rows.iter().all(|r| proven.contains(&r.stream_key));
             if good.is_empty() && !bad.is_empty() && !proven {
                 return Err(SyncError::Refused {
                     sqlstate: pgrx::PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION,
@@ -584,9 +676,17 @@ mod tests {
                 });
             }
             self.rows.extend(good);
-            let n = bad.len();
+            if self.full {
+                let held = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| bad.contains(&r.message_id))
+                    .map(|(i, _)| i)
+                    .collect();
+                return Ok(held);
+            }
             self.dead.extend(bad);
-            Ok(n)
+            Ok(Vec::new())
         }
         fn reset(&mut self) {}
     }
@@ -794,10 +894,18 @@ mod tests {
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "0")]);
         assert!(r.acks.is_empty());
-        // Refused again from the pending list: new entries are read next.
+        // Refused again from the pending list: new entries are read next, and the pending
+        // list again a few seconds later, new entries or not.
         assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err());
         assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
         assert!(table.dead.is_empty());
+        let t0 = Instant::now();
+        s.retry_held(t0);
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
+        s.retry_held(t0 + RETRY_HELD);
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", "0")]);
+        assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err());
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
         // A new entry lands: the table takes rows, so the pending list is read again, and
         // the refused entry now goes to dead letters.
         assert_eq!(read_and_land(&mut s, &mut table, &["2-0"]).ok(), Some(1));
@@ -808,6 +916,46 @@ mod tests {
         // The pending list read through: the next refusal needs proof again.
         assert_eq!(read_and_land(&mut s, &mut table, &[]).ok(), Some(0));
         assert!(!s.streams[0].proven);
+    }
+
+    #[test]
+    fn entries_held_for_lack_of_dead_letter_room_wait_in_redis_and_are_read_again() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a")]);
+        s.streams[0].cursor = Cursor::New;
+        let mut table = Table { bad: vec!["2-0".into()], full: true, ..Default::default() };
+        // 1-0 and 3-0 land and are acknowledged; 2-0 is held, not acknowledged.
+        assert_eq!(read_and_land(&mut s, &mut table, &["1-0", "2-0", "3-0"]).ok(), Some(2));
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!(r.acks, vec![(b"a".to_vec(), vec!["1-0".to_owned(), "3-0".to_owned()])]);
+        assert_eq!(afters(&r), vec![("a", ">")]);
+        // A few seconds later the pending list is read again; with room now, the held entry
+        // goes to dead letters (its refusal was shown to be its own), without a probe.
+        let t0 = Instant::now();
+        s.retry_held(t0);
+        s.retry_held(t0 + RETRY_HELD);
+        assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", "0")]);
+        table.full = false;
+        assert_eq!(read_and_land(&mut s, &mut table, &["2-0"]).ok(), Some(1));
+        assert_eq!(table.dead, vec!["2-0"]);
+        assert!(!s.streams[0].held_back);
+    }
+
+    #[test]
+    fn a_stream_left_out_of_reads_does_not_keep_its_database_busy() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a"), (0, "b")]);
+        s.streams[1].unreadable = true;
+        s.streams[1].state = StreamState::Error;
+        s.restart_from_pending();
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!(afters(&r), vec![("a", "0")]);
+        s.advance_cursors(&r, &[]);
+        s.note_busy(0, 0, true);
+        // Only "a" is read, and, with nothing pending, the read waits in Redis.
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!(afters(&r), vec![("a", ">")]);
+        assert!(r.block.is_some());
     }
 
     #[test]

@@ -52,9 +52,9 @@ pub struct StreamWriter {
     copy_unusable: bool,
     /// Refused batches probed so far (each probe tries other rows).
     probes: usize,
-    /// The batch being written holds entries of streams whose rows the table took since
-    /// they were refused: a refusal is the rows' own, no probe needed.
-    proven: bool,
+    /// Streams (as stored) whose rows the table took since their entries were refused: a
+    /// refusal of a batch of theirs alone is the rows' own, no probe needed.
+    proven: Vec<String>,
     /// Rows in the dead-letter table, as last counted and since added.
     pub dead_letters: u64,
     /// `redis_sync.dead_letter_max` (0: no limit).
@@ -122,25 +122,31 @@ impl StreamWriter {
     /// Writes one batch. The fast path is an in-process COPY of `copy` (the same rows in
     /// COPY text format) in one transaction: Postgres' own bulk path, with multi-row heap
     /// inserts. When the batch meets rows already stored, or COPY cannot be used, the rows go
-    /// through `INSERT ... ON CONFLICT` instead. Returns how many rows were dead-lettered.
-    /// When it returns, the commit is flushed to the local WAL (see
-    /// [`crate::pg::flush_last_commit`]): the entries may be acknowledged.
-    pub fn write(&mut self, rows: &[StreamRow], copy: &[Vec<u8>], proven: bool) -> Result<usize> {
+    /// through `INSERT ... ON CONFLICT` instead. Returns the rows held back: refused, with
+    /// no room left in the dead-letter table (their entries must not be acknowledged). When
+    /// it returns, the commit is flushed to the local WAL (see
+    /// [`crate::pg::flush_last_commit`]): the other entries may be acknowledged.
+    pub fn write(
+        &mut self,
+        rows: &[StreamRow],
+        copy: &[Vec<u8>],
+        proven: &[String],
+    ) -> Result<Vec<usize>> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        self.proven = proven;
-        let dead = self.write_batch(rows, copy)?;
+        self.proven = proven.to_vec();
+        let held = self.write_batch(rows, copy)?;
         crate::pg::flush_last_commit();
-        Ok(dead)
+        Ok(held)
     }
 
-    fn write_batch(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<usize> {
+    fn write_batch(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<Vec<usize>> {
         if self.use_conflict_for > 0 {
             self.use_conflict_for -= 1;
         } else if !self.copy_unusable {
             match self.copy_in(copy) {
-                Ok(()) => return Ok(0),
+                Ok(()) => return Ok(Vec::new()),
                 Err(SyncError::Postgres {
                     sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
                     ..
@@ -160,52 +166,60 @@ impl StreamWriter {
     /// refused because of some rows' content, a few single rows are tried first: when none
     /// lands, the table takes nothing now (a trigger refusing every write, a foreign key to a
     /// table being reloaded) and the whole batch comes back as [`SyncError::Refused`], with
-    /// nothing dead-lettered. When the table takes rows, the batch is split in halves, each
-    /// tried in its own transaction, down to the single rows; those refused go to the
-    /// dead-letter table. Any other error (table gone, timeout, disk full) comes back as
-    /// `Err` with nothing written from the failing part.
-    fn insert_isolating(&mut self, rows: &[StreamRow]) -> Result<usize> {
+    /// nothing dead-lettered. (No probe for a batch of streams the table was just shown to
+    /// take rows of.) When the table takes rows, the rest of the batch is split in halves,
+    /// each tried in its own transaction, down to the single rows; those refused go to the
+    /// dead-letter table while it has room, and are returned as held back when it has none.
+    /// Any other error (table gone, timeout, disk full) comes back as `Err` with nothing
+    /// written from the failing part.
+    fn insert_isolating(&mut self, rows: &[StreamRow]) -> Result<Vec<usize>> {
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let first = match self.insert_rows(rows) {
-            Ok(()) => return Ok(0),
+            Ok(()) => return Ok(Vec::new()),
             Err(e) if e.is_row_level() => e,
             Err(e) => return Err(e),
         };
-        if !self.proven && !self.probe_accepts(rows)? {
-            return Err(refusal(&first));
-        }
+        let proven = rows.iter().all(|r| self.proven.contains(&r.stream_key));
         let mut refused = Vec::new();
-        if rows.len() > 1 {
-            let half = rows.len() / 2;
-            let (a, b) = rows.split_at(half);
-            self.bisect_from(a, 0, &mut refused)?;
-            self.bisect_from(b, half, &mut refused)?;
+        if proven {
+            if rows.len() == 1 {
+                refused.push((0, first));
+            } else {
+                let half = rows.len() / 2;
+                let (a, b) = rows.split_at(half);
+                self.bisect_from(a, 0, &mut refused)?;
+                self.bisect_from(b, half, &mut refused)?;
+            }
         } else {
-            refused.push((0, first));
+            // The row a probe landed is committed: it is not tried (or dead-lettered) again.
+            let Some(landed) = self.probe(rows)? else { return Err(refusal(&first)) };
+            self.bisect_from(&rows[..landed], 0, &mut refused)?;
+            self.bisect_from(&rows[landed + 1..], landed + 1, &mut refused)?;
         }
-        let (max, adding) = (self.dead_letter_max, refused.len() as u64);
-        let full = |stored: u64| max > 0 && stored + adding > max;
-        if full(self.dead_letters) {
-            // Counted again before refusing: dead letters may have been replayed or deleted
-            // by hand since.
+        if refused.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.dead_letter_max > 0 && self.dead_letters >= self.dead_letter_max {
+            // Counted again first: dead letters may have been replayed or deleted by hand.
             let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
             let stored =
                 in_transaction(|| Spi::connect_mut(|client| count_dead_letters(client, &schema)))?;
             self.dead_letters = stored.max(0) as u64;
             shmem::update(|st| st.dead_letters_stored = stored);
         }
-        if full(self.dead_letters) {
-            return Err(SyncError::DeadLettersFull {
-                stored: self.dead_letters,
-                max: self.dead_letter_max,
-            });
+        if self.dead_letter_max > 0 && self.dead_letters >= self.dead_letter_max {
+            // No room: the refused rows wait in Redis; the rest of the batch is stored.
+            let full =
+                SyncError::DeadLettersFull { stored: self.dead_letters, max: self.dead_letter_max };
+            shmem::record_error(&full.to_string());
+            return Ok(refused.into_iter().map(|(i, _)| i).collect());
         }
         for (i, e) in &refused {
             self.dead_letter(&rows[*i], e)?;
         }
-        Ok(refused.len())
+        Ok(Vec::new())
     }
 
     /// Deletes dead letters older than `retention` (0: kept), at most once a minute.
@@ -233,8 +247,8 @@ impl StreamWriter {
     }
 
     /// Tries up to three single rows of a refused batch (others each time it is tried
-    /// again): does the table take any row at all?
-    fn probe_accepts(&mut self, rows: &[StreamRow]) -> Result<bool> {
+    /// again): does the table take any row at all? The index of the row that landed.
+    fn probe(&mut self, rows: &[StreamRow]) -> Result<Option<usize>> {
         let n = rows.len();
         let k = self.probes;
         self.probes = self.probes.wrapping_add(1);
@@ -242,12 +256,12 @@ impl StreamWriter {
         picks.dedup();
         for i in picks {
             match self.insert_rows(&rows[i..=i]) {
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(Some(i)),
                 Err(e) if e.is_row_level() => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Inserts `rows`, splitting refused parts in halves down to the single rows, whose
@@ -258,6 +272,9 @@ impl StreamWriter {
         offset: usize,
         refused: &mut Vec<(usize, SyncError)>,
     ) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         match self.insert_rows(rows) {
             Ok(()) => Ok(()),
             Err(e) if e.is_row_level() && rows.len() == 1 => {
