@@ -154,15 +154,18 @@ fn deleted_and_expired_keys_follow_the_policy() {
         let mut r = redis.client();
         r.set("keep", "1").expect("SET");
         r.set("drop", "1").expect("SET");
+        let pg =
+            Cluster::start(&redis, &[FAST, &[("redis_sync.key_value_deletes", policy)]].concat());
+        pg.wait_number("SELECT count(*) FROM redis_key_values", 2, T);
+        // Set once the worker runs (a slow start on a busy machine must not let it expire
+        // before it was ever mirrored).
         let _: () = redis::cmd("SET")
             .arg("brief")
             .arg("1")
             .arg("PX")
-            .arg(6000)
+            .arg(8000)
             .query(&mut r)
             .expect("SET PX");
-        let pg =
-            Cluster::start(&redis, &[FAST, &[("redis_sync.key_value_deletes", policy)]].concat());
         pg.wait_number("SELECT count(*) FROM redis_key_values", 3, T);
         assert_eq!(row(&pg, 0, "brief").as_deref(), Some("string|1|t|f"));
         let _: usize = r.del("drop").expect("DEL");

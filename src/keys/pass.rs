@@ -22,7 +22,7 @@ use crate::shmem;
 use crate::streams::Learned;
 
 /// Live keys read from the table per step of the deletion check.
-const CHECK_CHUNK: i64 = 10_000;
+const CHECK_CHUNK: i64 = 2_000;
 /// How long one chunk of a page may take to write: a turn of the main loop stays short, so
 /// stream batches never wait long behind a pass. The rows per chunk follow the measured cost
 /// of a row.
