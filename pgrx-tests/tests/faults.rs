@@ -128,8 +128,10 @@ fn the_stream_table_dropped_while_syncing_is_created_again() {
     // everything after lands in the new one.
     add_entries(&mut r, "after", 5_000);
     pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'after'", 5_000, T);
-    wait_for("nothing pending", T, || {
-        (pending(&mut r, "before", GROUP) == 0 && pending(&mut r, "after", GROUP) == 0)
+    // Every entry of both streams read (no lag) and acknowledged (nothing pending).
+    wait_for("both streams read and acknowledged", T, || {
+        (pending_and_lag(&mut r, 0, "before") == (0, 0)
+            && pending_and_lag(&mut r, 0, "after") == (0, 0))
             .then_some(())
     });
     let ids = entry_ids(&mut r, "before");
