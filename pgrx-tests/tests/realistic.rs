@@ -16,12 +16,25 @@ use redis_pg_sync_e2e::*;
 
 const T: Duration = Duration::from_secs(120);
 
+/// The tests that measure time or CPU run alone; the others share the machine among
+/// themselves (on two cores, a latency measured beside three other clusters measures them).
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn env_size(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[test]
 fn defaults_with_a_million_keys_and_streams_in_three_databases() {
+    let _machine = alone();
     let keys = env_size("RPS_SCENARIO_KEYS", 1_000_000);
     let redis = Redis::start();
     let mut r = redis.client();
@@ -80,6 +93,7 @@ fn defaults_with_a_million_keys_and_streams_in_three_databases() {
 
 #[test]
 fn an_idle_worker_sleeps() {
+    let _machine = alone();
     let redis = Redis::start();
     let mut r = redis.client();
     for db in 0..3u8 {
@@ -137,6 +151,7 @@ fn an_idle_worker_sleeps() {
 
 #[test]
 fn a_redis_with_fewer_databases_than_the_search_range() {
+    let _machine = shared();
     let redis = Redis::start_with(&["--databases", "4"]);
     let mut r = redis.client();
     select(&mut r, 1);
@@ -163,6 +178,7 @@ fn a_redis_with_fewer_databases_than_the_search_range() {
 
 #[test]
 fn streams_flow_while_the_key_value_table_may_not_be_written() {
+    let _machine = shared();
     let redis = Redis::start();
     let mut r = redis.client();
     let _: () =
@@ -269,11 +285,13 @@ fn crash_with_asynchronous_commit(steady: bool) {
 
 #[test]
 fn asynchronous_commit_and_an_immediate_stop_mid_drain_lose_nothing() {
+    let _machine = shared();
     crash_with_asynchronous_commit(false);
 }
 
 #[test]
 fn asynchronous_commit_and_an_immediate_stop_of_a_steady_stream_lose_nothing() {
+    let _machine = shared();
     crash_with_asynchronous_commit(true);
 }
 
@@ -301,6 +319,7 @@ fn kill_postmaster_and_restart(pg: &mut Cluster, state: &str) {
 
 #[test]
 fn the_worker_dies_with_the_postmaster_in_every_state() {
+    let _machine = shared();
     let redis = Redis::start_with(&["--notify-keyspace-events", ""]);
     let mut r = redis.client();
     add_entries(&mut r, "pm", 10);

@@ -85,6 +85,8 @@ struct Tracked {
     /// table took other rows with them, so their refusal is their own (proof that lasts
     /// until a re-read of the pending list lands with nothing held).
     held_back: bool,
+    /// Entries were held back during the walk of the pending list under way.
+    held_in_walk: bool,
 }
 
 impl Tracked {
@@ -112,6 +114,7 @@ impl Tracked {
             retry_due: false,
             retry_at: None,
             held_back: false,
+            held_in_walk: false,
         }
     }
 
@@ -240,6 +243,7 @@ impl StreamSync {
     /// After a reconnect or a failed round: our pending entries come first again.
     pub fn restart_from_pending(&mut self) {
         for s in &mut self.streams {
+            s.held_in_walk = false;
             // A stream whose pending entries were refused again goes on with new entries:
             // the next row that lands proves the table writable (see `land`); its pending
             // list is read again on its own timer. A stream left out of reads has no cursor

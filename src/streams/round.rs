@@ -190,10 +190,12 @@ impl StreamSync {
                 continue;
             }
             let at = *t.retry_at.get_or_insert(now + RETRY_HELD);
-            if now >= at && t.readable() {
+            // Not in the middle of a walk of its pending list (that walk reaches them).
+            if now >= at && t.readable() && t.cursor == Cursor::New {
                 t.retry_due = false;
                 t.retry_at = None;
                 t.wait_for_new = false;
+                t.held_in_walk = false;
                 t.cursor = Cursor::Pending("0".into());
                 self.busy.insert(t.db);
             }
@@ -411,8 +413,11 @@ impl StreamSync {
             t.cursor = match got {
                 Some(last) => Cursor::Pending(last.clone()),
                 None => {
-                    // The pending list is read through: a later refusal needs new proof.
+                    // The pending list is read through: a later refusal needs new proof,
+                    // unless entries were held back on the way (their refusal is theirs).
                     t.proven = false;
+                    t.held_back = t.held_in_walk;
+                    t.held_in_walk = false;
                     Cursor::New
                 }
             };
@@ -529,6 +534,28 @@ impl StreamSync {
             .collect();
         let held = match writer.write(&rows, &copy, &proven) {
             Ok(held) => held,
+            Err(e @ SyncError::Refused { .. })
+                if acks.iter().all(|(i, _)| {
+                    let t = &self.streams[*i];
+                    t.refused && t.read_pending
+                }) =>
+            {
+                // Entries already known refused, refused again on their re-read: no news, so
+                // no failure of the lane (no backoff, no other stream's reads dropped).
+                // They wait for proof: new entries next, the pending list again in 5 s.
+                for (i, _) in &acks {
+                    let t = &mut self.streams[*i];
+                    t.last_error = e.to_string();
+                    t.state = StreamState::Error;
+                    t.proven = false;
+                    t.wait_for_new = true;
+                    t.retry_due = true;
+                    t.retry_at = None;
+                    t.cursor = Cursor::New;
+                }
+                writer.reset();
+                return Landed { result: Ok(0), touched, lost };
+            }
             Err(e) => {
                 self.refused_write(&acks, &e);
                 writer.reset();
@@ -551,8 +578,7 @@ impl StreamSync {
             if ids.len() < before {
                 t.retry_due = true;
                 t.held_back = true;
-            } else if t.read_pending {
-                t.held_back = false;
+                t.held_in_walk = true;
             }
         }
         drop(rows);
@@ -894,9 +920,10 @@ mod tests {
         let r = s.next_request(0, &settings).expect("a read");
         assert_eq!(afters(&r), vec![("a", "0")]);
         assert!(r.acks.is_empty());
-        // Refused again from the pending list: new entries are read next, and the pending
-        // list again a few seconds later, new entries or not.
-        assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err());
+        // Refused again from the pending list: no news, so not a failure of the lane (the
+        // other streams' reads go on); new entries are read next, and the pending list
+        // again a few seconds later, new entries or not.
+        assert_eq!(read_and_land(&mut s, &mut table, &["1-0"]).ok(), Some(0));
         assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
         assert!(table.dead.is_empty());
         let t0 = Instant::now();
@@ -904,8 +931,9 @@ mod tests {
         assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
         s.retry_held(t0 + RETRY_HELD);
         assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", "0")]);
-        assert!(read_and_land(&mut s, &mut table, &["1-0"]).is_err());
+        assert_eq!(read_and_land(&mut s, &mut table, &["1-0"]).ok(), Some(0));
         assert_eq!(afters(&s.next_request(0, &settings).expect("a read")), vec![("a", ">")]);
+        assert!(s.next_request(0, &settings).is_some_and(|r| r.acks.is_empty()));
         // A new entry lands: the table takes rows, so the pending list is read again, and
         // the refused entry now goes to dead letters.
         assert_eq!(read_and_land(&mut s, &mut table, &["2-0"]).ok(), Some(1));
@@ -938,6 +966,9 @@ mod tests {
         table.full = false;
         assert_eq!(read_and_land(&mut s, &mut table, &["2-0"]).ok(), Some(1));
         assert_eq!(table.dead, vec!["2-0"]);
+        // The walk of the pending list ends with nothing held: the proof is spent.
+        assert!(s.streams[0].held_back);
+        assert_eq!(read_and_land(&mut s, &mut table, &[]).ok(), Some(0));
         assert!(!s.streams[0].held_back);
     }
 

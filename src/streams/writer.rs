@@ -177,7 +177,7 @@ impl StreamWriter {
             return Ok(Vec::new());
         }
         let first = match self.insert_rows(rows) {
-            Ok(()) => return Ok(Vec::new()),
+            Ok(_) => return Ok(Vec::new()),
             Err(e) if e.is_row_level() => e,
             Err(e) => return Err(e),
         };
@@ -256,7 +256,9 @@ impl StreamWriter {
         picks.dedup();
         for i in picks {
             match self.insert_rows(&rows[i..=i]) {
-                Ok(()) => return Ok(Some(i)),
+                // A row already stored inserts nothing: no proof that the table takes rows.
+                Ok(0) => {}
+                Ok(_) => return Ok(Some(i)),
                 Err(e) if e.is_row_level() => {}
                 Err(e) => return Err(e),
             }
@@ -276,7 +278,7 @@ impl StreamWriter {
             return Ok(());
         }
         match self.insert_rows(rows) {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(e) if e.is_row_level() && rows.len() == 1 => {
                 refused.push((offset, e));
                 Ok(())
@@ -298,22 +300,24 @@ impl StreamWriter {
         Ok(())
     }
 
-    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<()> {
+    /// Inserts `rows` in one transaction; returns how many were inserted (a row already
+    /// stored inserts nothing unless `stream_conflict_overwrite` updates it).
+    fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<usize> {
         let stmt = self.insert.as_ref().ok_or_else(crate::pg::not_prepared)?;
         let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
         let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
         let millis: Vec<i64> = rows.iter().map(|r| r.millis).collect();
-        in_transaction(|| {
+        let inserted = in_transaction(|| {
             Spi::connect_mut(|client| {
                 client
                     .update(stmt, None, &[keys.into(), ids.into(), data.into(), millis.into()])
-                    .map(|_| ())
+                    .map(|t| t.len())
                     .map_err(spi_err)
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
-        Ok(())
+        Ok(inserted)
     }
 
     fn dead_letter(&mut self, row: &StreamRow, err: &SyncError) -> Result<()> {
