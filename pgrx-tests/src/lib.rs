@@ -462,6 +462,11 @@ impl Cluster {
     }
 
     fn launch(&mut self) {
+        self.spawn_postmaster();
+        assert!(self.wait_accepting(), "postgres exited at start:\n{}", self.log());
+    }
+
+    fn spawn_postmaster(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -480,14 +485,23 @@ impl Cluster {
         .spawn()
         .expect("start postgres");
         self.child = Some(child);
+    }
+
+    /// Waits until the postmaster accepts connections (true) or exits (false).
+    fn wait_accepting(&mut self) -> bool {
         let port = self.port;
+        let child = &mut self.child;
         wait_for("postgres to accept connections", Duration::from_secs(30), || {
+            if let Some(Ok(Some(_))) = child.as_mut().map(|c| c.try_wait()) {
+                return Some(false);
+            }
             postgres::Client::connect(
                 &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
                 postgres::NoTls,
             )
             .ok()
-        });
+            .map(|_| true)
+        })
     }
 
     /// Fast shutdown (SIGINT to the postmaster, by PID).
@@ -525,7 +539,19 @@ impl Cluster {
 
     /// Starts the postmaster again on the same data directory (after a stop or a kill).
     pub fn start_again(&mut self) {
-        self.launch();
+        // After a killed postmaster, its other children (client backends, the checkpointer)
+        // take a moment to notice and exit; until the last has, a new postmaster refuses the
+        // old shared memory and exits. Started again until it runs.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.spawn_postmaster();
+            if self.wait_accepting() {
+                return;
+            }
+            self.child = None;
+            assert!(Instant::now() < deadline, "postgres does not start again:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// A new client session as the superuser `postgres`.
