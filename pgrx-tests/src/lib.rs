@@ -887,6 +887,27 @@ pub fn load_keys(r: &mut redis::Connection, db: u8, n: usize) {
     }
 }
 
+/// A 500,000-field hash `big-hash` (about 12 MB as JSON) and a 5,000,000-member sorted set
+/// `huge-zset` (over `key_value_max_size` at the default), in the selected database.
+pub fn load_big_keys(r: &mut redis::Connection) {
+    for start in (0..500_000).step_by(50_000) {
+        let mut c = redis::cmd("HSET");
+        c.arg("big-hash");
+        for i in start..start + 50_000 {
+            c.arg(format!("field-{i}")).arg(i);
+        }
+        let _: () = c.query(r).expect("HSET");
+    }
+    for start in (0..5_000_000).step_by(50_000) {
+        let mut c = redis::cmd("ZADD");
+        c.arg("huge-zset");
+        for i in start..start + 50_000 {
+            c.arg(i).arg(format!("member-{i}"));
+        }
+        let _: () = c.query(r).expect("ZADD");
+    }
+}
+
 /// Adds entries carrying their send time (`sent_us`) to `streams` (db, key) in turn, at
 /// `rate` a second for `secs`; returns every ID Redis gave, by stream.
 pub fn produce(

@@ -46,6 +46,13 @@ const REFUSE_ALL: &str = "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpg
     CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON redis_streams
       FOR EACH ROW EXECUTE FUNCTION refuse()";
 
+/// A trigger on the stream table refusing the rows whose `bad` field is `yes`.
+const PICKY: &str = "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
+      $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
+              RETURN NEW; END$$;
+    CREATE TRIGGER picky BEFORE INSERT ON redis_streams
+      FOR EACH ROW EXECUTE FUNCTION picky()";
+
 #[test]
 fn a_trigger_refusing_every_write_holds_entries_in_redis_until_it_goes() {
     let redis = Redis::start();
@@ -83,13 +90,7 @@ fn a_lone_refused_entry_waits_for_proof_then_is_dead_lettered_and_replayed() {
     xadd(&mut r, "orders", "n", "0");
     let pg = Cluster::start(&redis, FAST);
     pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
-    pg.execute(
-        "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
-           $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
-                   RETURN NEW; END$$;
-         CREATE TRIGGER picky BEFORE INSERT ON redis_streams
-           FOR EACH ROW EXECUTE FUNCTION picky()",
-    );
+    pg.execute(PICKY);
     let bad = xadd(&mut r, "orders", "bad", "yes");
     // Alone, it proves nothing about the table: it waits in Redis, not in dead letters.
     wait_for("the refusal to be reported", T, || {
@@ -325,22 +326,7 @@ fn keys_too_big_are_skipped_and_reported_and_big_ones_do_not_stall_the_worker() 
     let mut r = redis.client();
     // A 500,000-field hash (about 10 MB: mirrored) and a 5,000,000-member sorted set (over
     // the default limit: skipped).
-    for start in (0..500_000).step_by(50_000) {
-        let mut c = redis::cmd("HSET");
-        c.arg("big-hash");
-        for i in start..start + 50_000 {
-            c.arg(format!("field-{i}")).arg(i);
-        }
-        let _: () = c.query(&mut r).expect("HSET");
-    }
-    for start in (0..5_000_000).step_by(50_000) {
-        let mut c = redis::cmd("ZADD");
-        c.arg("huge-zset");
-        for i in start..start + 50_000 {
-            c.arg(i).arg(format!("member-{i}"));
-        }
-        let _: () = c.query(&mut r).expect("ZADD");
-    }
+    load_big_keys(&mut r);
     let _: () = redis::cmd("SET").arg("small").arg("v").query(&mut r).expect("SET");
     xadd(&mut r, "live", "n", "0");
     let mut pg = Cluster::start_defaults(&redis, &[("redis_sync.key_value_patterns", "*")]);
@@ -471,13 +457,7 @@ fn a_full_dead_letter_table_holds_refusals_in_redis() {
     settings.push(("redis_sync.dead_letter_max", "1"));
     let pg = Cluster::start(&redis, &settings);
     pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
-    pg.execute(
-        "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
-           $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
-                   RETURN NEW; END$$;
-         CREATE TRIGGER picky BEFORE INSERT ON redis_streams
-           FOR EACH ROW EXECUTE FUNCTION picky()",
-    );
+    pg.execute(PICKY);
     // The first refused entry fills the dead-letter table ...
     xadd(&mut r, "orders", "bad", "yes");
     xadd(&mut r, "orders", "n", "1");
@@ -528,13 +508,7 @@ fn a_lone_refused_entry_lands_once_the_table_takes_it_even_with_nothing_after_it
     xadd(&mut r, "orders", "n", "0");
     let pg = Cluster::start(&redis, FAST);
     pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
-    pg.execute(
-        "CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
-           $$BEGIN IF NEW.data->>'bad' = 'yes' THEN RAISE EXCEPTION 'bad order'; END IF;
-                   RETURN NEW; END$$;
-         CREATE TRIGGER picky BEFORE INSERT ON redis_streams
-           FOR EACH ROW EXECUTE FUNCTION picky()",
-    );
+    pg.execute(PICKY);
     let lone = xadd(&mut r, "orders", "bad", "yes");
     // Refused when read, and again when read back from the pending list (Redis counts the
     // deliveries): it now waits for proof.

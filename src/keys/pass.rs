@@ -462,13 +462,15 @@ impl KeySync {
             // Keys not seen are gone (or out of scope): forget them. The memory now holds
             // every live key of the table in scope.
             let number = pass.number;
-            self.memory.retain(|_, v| pass_of(*v) == number);
-            let skipped: std::collections::HashSet<(u64, u64)> = self
-                .memory
-                .iter()
-                .filter(|(_, v)| fingerprint_of(**v) == TOO_BIG)
-                .map(|(id, _)| id.pair())
-                .collect();
+            // The keys still skipped are noted on the same walk of the memory.
+            let mut skipped = std::collections::HashSet::new();
+            self.memory.retain(|id, v| {
+                let keep = pass_of(*v) == number;
+                if keep && fingerprint_of(*v) == TOO_BIG {
+                    skipped.insert(id.pair());
+                }
+                keep
+            });
             shmem::keep_skipped(|pair| skipped.contains(&pair), skipped.len());
             self.basis = pass.basis;
             if !pass.trusted {

@@ -355,18 +355,7 @@ fn bench_defaults(keys: usize) -> Defaults {
     // 1,000 entries a second while the keys are mirrored, and 10 s more after.
     let port = redis.port;
     let done = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (streams, done) = (streams.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut all: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
-            while !done.load(Ordering::Relaxed) {
-                for (k, v) in produce(port, &streams, 1000, 5.0) {
-                    all.entry(k).or_default().extend(v);
-                }
-            }
-            all
-        })
-    };
+    let producer = produce_until(port, streams.clone(), done.clone(), 5.0);
     let mirror = !extra.contains(&("redis_sync.key_value_auto_discovery", "off"));
     let mirrored = if !mirror {
         std::thread::sleep(Duration::from_secs(30));
@@ -414,6 +403,25 @@ fn bench_defaults(keys: usize) -> Defaults {
         d.p50, d.p99, d.max, d.entries, d.lost, d.duplicated
     );
     d
+}
+
+/// Adds 1,000 entries a second to `streams` (in slices of `slice` seconds) until `done`; the
+/// IDs Redis gave, by stream.
+fn produce_until(
+    port: u16,
+    streams: Vec<(u8, String)>,
+    done: Arc<AtomicBool>,
+    slice: f64,
+) -> std::thread::JoinHandle<BTreeMap<(u8, String), Vec<String>>> {
+    std::thread::spawn(move || {
+        let mut all: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
+        while !done.load(Ordering::Relaxed) {
+            for (k, v) in produce(port, &streams, 1000, slice) {
+                all.entry(k).or_default().extend(v);
+            }
+        }
+        all
+    })
 }
 
 /// BENCH_SET="name=value,..." changes settings of the scenarios at the defaults (to
@@ -492,22 +500,7 @@ fn bench_big_keys(secs: f64) -> BigKeys {
     let redis = Redis::start();
     let mut r = redis.client();
     eprintln!("[bench] big keys: a 500,000-field hash and a 5,000,000-member sorted set");
-    for start in (0..500_000).step_by(50_000) {
-        let mut c = redis::cmd("HSET");
-        c.arg("big-hash");
-        for i in start..start + 50_000 {
-            c.arg(format!("field-{i}")).arg(i);
-        }
-        let _: () = c.query(&mut r).expect("HSET");
-    }
-    for start in (0..5_000_000).step_by(50_000) {
-        let mut c = redis::cmd("ZADD");
-        c.arg("huge-zset");
-        for i in start..start + 50_000 {
-            c.arg(i).arg(format!("member-{i}"));
-        }
-        let _: () = c.query(&mut r).expect("ZADD");
-    }
+    load_big_keys(&mut r);
     let streams: Vec<(u8, String)> = (0..3).map(|i| (0, format!("beside-{i}"))).collect();
     let mut ids: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
     for (_, key) in &streams {
@@ -526,18 +519,7 @@ fn bench_big_keys(secs: f64) -> BigKeys {
     // From the worker's first pass on, until the hash is mirrored and `secs` more.
     let port = redis.port;
     let done = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (streams, done) = (streams.clone(), done.clone());
-        std::thread::spawn(move || {
-            let mut all: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
-            while !done.load(Ordering::Relaxed) {
-                for (k, v) in produce(port, &streams, 1000, 1.0) {
-                    all.entry(k).or_default().extend(v);
-                }
-            }
-            all
-        })
-    };
+    let producer = produce_until(port, streams.clone(), done.clone(), 1.0);
     pg.wait_number(
         "SELECT count(*) FROM redis_key_values WHERE redis_key = 'big-hash'",
         1,
