@@ -74,7 +74,11 @@ pub enum GroupFix {
     Exists,
     /// Missing, and `auto_create_consumer_groups` is off.
     Missing,
-    /// It cannot be created (the stream is gone, or another type now): the error.
+    /// The key is gone (a discovered stream deleted): no longer tracked.
+    Gone,
+    /// The key holds another type now (its `TYPE`): left out of reads.
+    NotStream(String),
+    /// It cannot be created for another reason (`NOPERM`, `OOM`): the error.
     Failed(String),
 }
 
@@ -264,7 +268,7 @@ fn read_one(c: &mut RedisConn, req: &ReadRequest) -> Result<ReadOutcome> {
 /// that they alone are left out and the others read on.
 fn after_error(c: &mut RedisConn, req: &ReadRequest, e: &SyncError) -> Result<ReadOutcome> {
     if e.is_nogroup() {
-        return Ok(ReadOutcome::Groups(fix_groups(c, req)));
+        return fix_groups(c, req).map(ReadOutcome::Groups);
     }
     let keys: Vec<&[u8]> = req.streams.iter().map(|s| s.key.as_slice()).collect();
     let types = c.types(&keys)?;
@@ -279,27 +283,41 @@ fn after_error(c: &mut RedisConn, req: &ReadRequest, e: &SyncError) -> Result<Re
 }
 
 /// A stream or its group disappeared under the read: every stream of the request gets its
-/// group again (from the start) where that is allowed and possible.
-fn fix_groups(c: &mut RedisConn, req: &ReadRequest) -> Vec<(Vec<u8>, GroupFix)> {
-    req.streams
-        .iter()
-        .map(|s| {
-            let fix = if req.auto_create {
-                match c.create_group(&s.key, &req.group, s.configured) {
-                    Ok(true) => GroupFix::Recreated,
-                    Ok(false) => GroupFix::Exists,
-                    Err(e) => GroupFix::Failed(e.to_string()),
+/// group again (from the start) where that is allowed and possible. A key deleted and set
+/// again as another type (a blocked read is told `UNBLOCKED` at the `DEL`) is named by its
+/// type, so that it alone is left out of reads; a lost connection is the lane's error.
+fn fix_groups(c: &mut RedisConn, req: &ReadRequest) -> Result<Vec<(Vec<u8>, GroupFix)>> {
+    let mut fixes = Vec::with_capacity(req.streams.len());
+    for s in &req.streams {
+        let tried = if req.auto_create {
+            c.create_group(&s.key, &req.group, s.configured).map(|made| {
+                if made {
+                    GroupFix::Recreated
+                } else {
+                    GroupFix::Exists
                 }
-            } else {
-                match c.group_exists(&s.key, &req.group) {
-                    Ok(true) => GroupFix::Exists,
-                    Ok(false) => GroupFix::Missing,
-                    Err(e) => GroupFix::Failed(e.to_string()),
+            })
+        } else {
+            c.group_exists(&s.key, &req.group).map(|exists| {
+                if exists {
+                    GroupFix::Exists
+                } else {
+                    GroupFix::Missing
                 }
-            };
-            (s.key.clone(), fix)
-        })
-        .collect()
+            })
+        };
+        let fix = match tried {
+            Ok(fix) => fix,
+            Err(e) if e.connection_lost() => return Err(e),
+            Err(e) => match c.types(&[s.key.as_slice()])?.pop().as_deref() {
+                Some("none") if !s.configured => GroupFix::Gone,
+                Some("none") | Some("stream") | None => GroupFix::Failed(e.to_string()),
+                Some(other) => GroupFix::NotStream(other.to_string()),
+            },
+        };
+        fixes.push((s.key.clone(), fix));
+    }
+    Ok(fixes)
 }
 
 fn batches(

@@ -442,10 +442,7 @@ impl StreamSync {
         for (key, ty) in keys {
             let Some(&i) = self.index.get(&(db, key)) else { continue };
             let t = &mut self.streams[i];
-            let error = format!(
-                "the key is a {ty} now, not a stream: left out of reads until it is a stream again"
-            );
-            t.mark_unreadable(error, log);
+            t.mark_unreadable(not_a_stream(&ty), log);
         }
         self.publish_all();
     }
@@ -481,7 +478,11 @@ impl StreamSync {
                     );
                     log.warning(&format!("stream \"{}\": {}", t.stream_key, t.last_error));
                 }
-                GroupFix::Failed(_) => gone.push(i),
+                GroupFix::Gone => gone.push(i),
+                GroupFix::NotStream(ty) => t.mark_unreadable(not_a_stream(&ty), log),
+                GroupFix::Failed(e) => {
+                    t.mark_unreadable(format!("its consumer group cannot be created: {e}"), log)
+                }
             }
         }
         gone.sort_unstable();
@@ -659,6 +660,13 @@ pub(super) struct Landed {
     pub touched: Vec<usize>,
     /// Streams whose read brought entries deleted while pending, and how many.
     pub lost: Vec<(usize, usize)>,
+}
+
+/// The `last_error` of a stream key that holds another type now.
+fn not_a_stream(ty: &str) -> String {
+    format!(
+        "WRONGTYPE: the key is a {ty} now, not a stream: left out of reads until it is a stream again"
+    )
 }
 
 #[cfg(test)]
