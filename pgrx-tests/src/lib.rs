@@ -285,6 +285,16 @@ struct PgInstall {
     bindir: PathBuf,
 }
 
+/// `pg_config --sharedir` of the Postgres under test.
+pub fn pg_sharedir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+    let out = Command::new(&pg_config)
+        .arg("--sharedir")
+        .output()
+        .unwrap_or_else(|e| panic!("run {pg_config}: {e}"));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 fn pg_install() -> &'static PgInstall {
     static INSTALL: OnceLock<PgInstall> = OnceLock::new();
     INSTALL.get_or_init(|| {
@@ -334,6 +344,8 @@ pub struct ClusterOptions {
     /// `fsync = off`, for speed), and `track_commit_timestamp` on so a row's commit time
     /// can be read back.
     pub durable: bool,
+    /// Leave `CREATE EXTENSION` to the test.
+    pub no_extension: bool,
 }
 
 /// A Postgres cluster (initdb + postmaster) in a temporary directory.
@@ -359,7 +371,7 @@ impl Cluster {
         Cluster::start_with(ClusterOptions {
             preload: true,
             settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            durable: false,
+            ..Default::default()
         })
     }
 
@@ -374,6 +386,7 @@ impl Cluster {
             preload: true,
             settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             durable: true,
+            ..Default::default()
         })
     }
 
@@ -415,8 +428,19 @@ impl Cluster {
             .expect("write postgresql.conf");
         let mut c = Cluster { child: None, port: free_port(), dir };
         c.launch();
-        c.execute("CREATE EXTENSION redis_pg_sync");
+        if !opts.no_extension {
+            c.execute("CREATE EXTENSION redis_pg_sync");
+        }
         c
+    }
+
+    /// A client of database `db` of this cluster.
+    pub fn client_of(&self, db: &str) -> postgres::Client {
+        postgres::Client::connect(
+            &format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port),
+            postgres::NoTls,
+        )
+        .unwrap_or_else(|e| panic!("connect to database {db}: {}", describe(&e)))
     }
 
     /// A hot standby of `primary`, made with `pg_basebackup -R` (it inherits the primary's

@@ -44,7 +44,12 @@ fn durable(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
         ("redis_sync.redis_port".into(), port),
     ];
     all.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Cluster::start_with(ClusterOptions { preload: true, settings: all, durable: true })
+    Cluster::start_with(ClusterOptions {
+        preload: true,
+        settings: all,
+        durable: true,
+        ..Default::default()
+    })
 }
 
 fn fill(r: &mut redis::Connection, total: usize) {
