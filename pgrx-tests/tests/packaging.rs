@@ -104,3 +104,120 @@ fn an_update_from_0_1_0_equals_a_fresh_install() {
     );
     assert_ne!(old, fresh, "0.1.0 and {version} should differ (the update did something)");
 }
+
+/// A child process killed (by its PID) and reaped when dropped, also when the test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of `GET path` from a server on loopback (HTTP/1.0: read to the end).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1);
+    (status == Some("200")).then(|| body.to_owned())
+}
+
+/// The value of the sample `name{labels}` (labels as the exporter prints them, in order; empty
+/// for none) in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
+    const T: std::time::Duration = std::time::Duration::from_secs(60);
+    let exporter = PathBuf::from("/usr/bin/prometheus-postgres-exporter");
+    assert!(exporter.exists(), "{} missing: scripts/setup.sh installs it", exporter.display());
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "metrics-stream", 40);
+    let _: () =
+        redis::cmd("MSET").arg("k:1").arg("a").arg("k:2").arg("b").query(&mut r).expect("MSET");
+    let pg = Cluster::start(&redis, &[("redis_sync.key_value_patterns", "k:*")]);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 40, T);
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 2, T);
+    pg.execute("CREATE ROLE exporter LOGIN IN ROLE pg_monitor");
+    let queries =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docker/postgres_exporter.yaml");
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("rps-exporter-{port}.log"));
+    let _exporter = Killed(
+        std::process::Command::new(&exporter)
+            .arg(format!("--extend.query-path={}", queries.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--disable-settings-metrics")
+            .env(
+                "DATA_SOURCE_NAME",
+                format!("postgresql://exporter@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("exporter log"))
+            .spawn()
+            .expect("start the exporter"),
+    );
+    let processed = pg.number("SELECT messages_processed FROM redis_sync_status()");
+    assert_eq!(processed, 40);
+    let deadline = std::time::Instant::now() + T;
+    let metrics = loop {
+        let m = http_get(port, "/metrics");
+        let got = m.as_deref().and_then(|m| sample(m, "redis_sync_messages_processed", &[]));
+        if got == Some(processed as f64) {
+            break m.unwrap_or_default();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no redis_sync_messages_processed {processed} scraped in {T:?} (last: {got:?}); exporter log:\n{}\nlast scrape:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            m.unwrap_or_default().lines().filter(|l| l.contains("redis_sync") || l.contains("pg_exporter") || l.contains("pg_up")).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = std::fs::remove_file(&log);
+    let has = |line: &str| metrics.lines().any(|l| l == line);
+    assert!(has("# TYPE redis_sync_messages_processed counter"), "{metrics}");
+    assert!(has("# TYPE redis_sync_stream_pending gauge"), "{metrics}");
+    assert!(has("# TYPE redis_sync_dead_letters_stored gauge"), "{metrics}");
+    assert_eq!(sample(&metrics, "redis_sync_up", &[("state", "running")]), Some(1.0));
+    assert_eq!(sample(&metrics, "redis_sync_redis_connected", &[]), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "redis_sync_key_values_processed", &[]),
+        Some(pg.number("SELECT key_values_processed FROM redis_sync_status()") as f64)
+    );
+    let stream = [("stream_key", "metrics-stream"), ("redis_db", "0")];
+    assert_eq!(sample(&metrics, "redis_sync_stream_messages_synced", &stream), Some(40.0));
+    assert_eq!(sample(&metrics, "redis_sync_stream_pending", &stream), Some(0.0));
+    for lane in ["streams", "discovery", "key_values"] {
+        assert_eq!(
+            sample(&metrics, "redis_sync_lane_up", &[("lane", lane)]),
+            Some(1.0),
+            "lane {lane}: {metrics}"
+        );
+    }
+    // The queries file loaded, and every query of the last scrape ran.
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("pg_exporter_user_queries_load_error") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "pg_exporter_last_scrape_error", &[]), Some(0.0), "{metrics}");
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# make deb-test: the Debian package installed with dpkg -i on a clean server, inside a
+# postgres:15-bookworm container (the host's PostgreSQL 15 is the other tests'), preloaded, seen
+# syncing stream entries from a Redis on the host; then dpkg -r removes every file it installed.
+# Skips outside CI where containers cannot be run (as image-test.sh); with CI=true that fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/image.sh
+source scripts/image.sh
+
+say() { printf '\033[1;34m[deb-test]\033[0m %s\n' "$*"; }
+fail() { printf '\033[1;31m[deb-test] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+if ! why=$(container_tooling 2>&1); then
+  [ "${CI:-}" = true ] && fail "$why"
+  say "skipped: $why"
+  exit 0
+fi
+if ! command -v debootstrap >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
+eval "$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)"
+export CONTAINERS_CONF
+deb=$(bash scripts/deb.sh --from-image | tail -1)
+[ -f "$deb" ] || fail "no package built"
+pkg=$(dpkg-deb -f "$deb" Package)
+
+free_port() {
+  python3 -c 'import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if 20000 <= p < 55535: print(p); break'
+}
+TMP=$(mktemp -d /tmp/rps-deb-test-XXXXXX)
+NAME=rps-deb-test-$$
+REDIS_PID=
+cleanup() {
+  podman rm -f "$NAME" >/dev/null 2>&1 || true
+  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+RPORT=$(free_port)
+PGPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --dir "$TMP" --logfile "$TMP/redis.log" &
+REDIS_PID=$!
+for _ in $(seq 100); do redis-cli -p "$RPORT" PING >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 25); do echo "XADD deb-stream * n $i"; done | redis-cli -p "$RPORT" >/dev/null
+
+cp "$deb" "$TMP/"
+podman run -d --name "$NAME" --network=host -v "$TMP:/pkg:ro" --entrypoint sleep \
+  docker.io/library/postgres:15-bookworm infinity >/dev/null
+inside() { podman exec "$NAME" "$@"; }
+bin=/usr/lib/postgresql/15/bin
+
+# The files the package holds (not directories), none there before.
+mapfile -t files < <(dpkg-deb -c "$deb" | awk '$1 ~ /^-/ {sub(/^\./, "", $6); print $6}')
+[ "${#files[@]}" -gt 3 ] || fail "the package holds ${#files[@]} files"
+for f in "${files[@]}"; do
+  inside test ! -e "$f" || fail "$f is in the image before the package is installed"
+done
+inside dpkg -i "/pkg/$(basename "$deb")" >/dev/null || fail "dpkg -i"
+for f in "${files[@]}"; do inside test -f "$f" || fail "dpkg -i did not install $f"; done
+say "dpkg -i $(basename "$deb"): ${#files[@]} files installed"
+
+inside su postgres -c "$bin/initdb -D /tmp/pgdata --auth=trust -U postgres >/dev/null" || fail "initdb"
+podman exec -i "$NAME" su postgres -c "cat >> /tmp/pgdata/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PGPORT
+shared_preload_libraries = 'redis_pg_sync'
+redis_sync.redis_host = '127.0.0.1'
+redis_sync.redis_port = $RPORT
+CONF
+inside su postgres -c "$bin/pg_ctl -D /tmp/pgdata -l /tmp/pgdata/log -w start >/dev/null" || fail "pg_ctl start"
+sql() { psql -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+sql "CREATE EXTENSION redis_pg_sync"
+[ "$(sql "SELECT redis_sync_wait_until_running('60s')")" = t ] \
+  || fail "the worker is not running: $(inside cat /tmp/pgdata/log | tail -20)"
+deadline=$(( $(date +%s) + 60 ))
+until [ "$(sql "SELECT count(*) FROM redis_streams WHERE stream_key = 'deb-stream'")" = 25 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || fail "the 25 entries did not land"
+  sleep 0.2
+done
+say "installed from the package, preloaded: 25 entries landed"
+inside su postgres -c "$bin/pg_ctl -D /tmp/pgdata -m fast -w stop >/dev/null"
+
+inside dpkg -r "$pkg" >/dev/null || fail "dpkg -r"
+for f in "${files[@]}"; do inside test ! -e "$f" || fail "dpkg -r left $f"; done
+inside dpkg -s "$pkg" >/dev/null 2>&1 && fail "$pkg still installed"
+say "passed: dpkg -r removed all ${#files[@]} files"
