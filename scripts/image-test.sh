@@ -3,9 +3,9 @@
 # host through psql: the extension created in $POSTGRES_DB, the worker running and connected to a
 # Redis with a password read from a file, settings from REDIS_SYNC_* variables in effect, stream
 # entries and keys landing, a container restart keeping the data with the worker resuming,
-# `podman stop` clean within 10 s, and a bad setting stopping the first start with the
-# extension's error. Outside CI it skips (exit 0, saying why) where containers cannot be built;
-# with CI=true that is a failure. Everything it starts is stopped by PID or by its exact name.
+# `podman stop` clean within 10 s, a bad setting stopping the first start with the extension's
+# error, and docker/compose.yaml parsing. Outside CI it skips (exit 0, saying why) where
+# containers cannot be built; with CI=true that is a failure. Everything it starts is stopped by PID or by its exact name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/image.sh
@@ -26,6 +26,18 @@ fi
 
 IMAGE=localhost/redis_pg_sync:image-test
 build_image
+
+# No redis:7 image and no registry here: docker/compose.yaml is checked for syntax by
+# podman-compose, and the same wiring (this image, a Redis, a producer) is run below.
+if ! command -v podman-compose >/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check podman-compose >/dev/null 2>&1 || true
+fi
+if command -v podman-compose >/dev/null; then
+  podman-compose -f docker/compose.yaml config >/dev/null || fail "docker/compose.yaml does not parse"
+  say "docker/compose.yaml parses (podman-compose config)"
+elif [ "${CI:-}" = true ]; then
+  fail "podman-compose could not be installed to check docker/compose.yaml"
+fi
 
 free_port() {
   python3 -c 'import socket
