@@ -568,3 +568,63 @@ fn a_full_key_memory_still_mirrors_and_deletes_every_key() {
         1
     );
 }
+
+#[test]
+fn a_dead_letter_whose_acknowledgement_was_lost_is_not_stored_twice() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    xadd(&mut r, "s", "n", "0");
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+            ("redis_sync.stream_auto_discovery", "off"),
+            ("redis_sync.streams", "s"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
+    let group =
+        pg.query_text("SELECT current_setting('redis_sync.consumer_group')").expect("group");
+    let consumer =
+        pg.query_text("SELECT current_setting('redis_sync.consumer_name')").expect("consumer");
+    pg.set("redis_sync.enabled", "off");
+    pg.wait_status("state", "paused", T);
+    // What a crash between a dead letter's commit and its XACK leaves: the entry still in
+    // the worker's pending list, and stored as a dead letter.
+    let id = xadd(&mut r, "s", "n", "1");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&group)
+        .arg(&consumer)
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg("s")
+        .arg(">")
+        .query(&mut r)
+        .expect("XREADGROUP");
+    pg.execute(&format!(
+        "INSERT INTO redis_sync_dead_letters (stream_key, message_id, fields, error, sqlstate)
+         VALUES ('s', '{id}', '{{\"n\": \"1\"}}', 'refused by a trigger', 'P0001')"
+    ));
+    // The table takes rows now: the re-read of the pending list acknowledges the entry
+    // without storing it a second time.
+    pg.set("redis_sync.enabled", "on");
+    wait_for("the pending entry acknowledged", T, || {
+        let summary: Vec<redis::Value> =
+            redis::cmd("XPENDING").arg("s").arg(&group).query(&mut r).ok()?;
+        (summary.first() == Some(&redis::Value::Int(0))).then_some(())
+    });
+    xadd(&mut r, "s", "n", "2");
+    pg.wait_number("SELECT count(*) FROM redis_streams", 2, T);
+    assert_eq!(
+        pg.number(&format!("SELECT count(*) FROM redis_streams WHERE message_id = '{id}'")),
+        0
+    );
+    assert_eq!(dead_letters(&pg), 1);
+    assert_eq!(
+        pg.number("SELECT messages_synced FROM redis_sync_streams() WHERE stream_key = 's'"),
+        2
+    );
+}

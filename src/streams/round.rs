@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashSet};
 use super::reader::{
     GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
 };
-use super::writer::{StreamRow, Target};
+use super::writer::{StreamRow, Target, Written};
 use super::{Cursor, StreamSync, StreamWriter};
 use crate::error::{Result, SyncError};
 use crate::gucs::Settings;
@@ -39,12 +39,16 @@ pub trait BatchWriter {
     /// (refused with no room for dead letters: not to be acknowledged). `proven`: streams
     /// (as stored) the table took rows of since their entries were refused, so a refusal
     /// of theirs now is the rows' own.
+    /// `recheck`: some rows were read again from a pending list, so some may already be
+    /// dead letters (committed before their acknowledgement was lost): those are not
+    /// written again, and come back as settled.
     fn write(
         &mut self,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-    ) -> Result<Vec<usize>>;
+        recheck: bool,
+    ) -> Result<Written>;
     /// Forgets prepared statements after a failure.
     fn reset(&mut self);
 }
@@ -55,8 +59,9 @@ impl BatchWriter for StreamWriter {
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-    ) -> Result<Vec<usize>> {
-        StreamWriter::write(self, rows, copy, proven)
+        recheck: bool,
+    ) -> Result<Written> {
+        StreamWriter::write(self, rows, copy, proven, recheck)
     }
     fn reset(&mut self) {
         StreamWriter::reset(self)
@@ -533,8 +538,9 @@ impl StreamSync {
             .filter(|(i, _)| self.streams[*i].proven || self.streams[*i].held_back)
             .map(|(i, _)| self.streams[*i].stream_key.clone())
             .collect();
-        let held = match writer.write(&rows, &copy, &proven) {
-            Ok(held) => held,
+        let recheck = acks.iter().any(|(i, _)| self.streams[*i].read_pending);
+        let Written { held, settled } = match writer.write(&rows, &copy, &proven, recheck) {
+            Ok(w) => w,
             Err(e @ SyncError::Refused { .. })
                 if acks.iter().all(|(i, _)| {
                     let t = &self.streams[*i];
@@ -582,8 +588,12 @@ impl StreamSync {
                 t.held_in_walk = true;
             }
         }
-        drop(rows);
-        drop(copy);
+        // Entries found already in the dead-letter table: acknowledged, not counted again.
+        let settled: HashSet<(&str, &str)> = settled
+            .iter()
+            .filter_map(|&i| rows.get(i))
+            .map(|r| (r.stream_key.as_str(), r.message_id.as_str()))
+            .collect();
         let mut handled = 0;
         for (i, ids) in &acks {
             let t = &mut self.streams[*i];
@@ -592,12 +602,16 @@ impl StreamSync {
                 t.last_error = "refused entries wait in Redis: the dead-letter table is full (redis_sync.dead_letter_max)".into();
                 continue;
             }
-            t.messages_synced += ids.len() as i64;
+            let synced = ids
+                .iter()
+                .filter(|id| !settled.contains(&(t.stream_key.as_str(), id.as_str())))
+                .count();
+            t.messages_synced += synced as i64;
             t.last_id = ids.last().cloned().unwrap_or_default();
             t.last_sync_time = now;
             t.state = StreamState::Active;
             t.last_error.clear();
-            handled += ids.len();
+            handled += synced;
             if t.refused {
                 t.refused = false;
                 t.wait_for_new = false;
@@ -610,6 +624,9 @@ impl StreamSync {
                 }
             }
         }
+        drop(settled);
+        drop(rows);
+        drop(copy);
         for (i, ids) in acks {
             if ids.is_empty() {
                 continue;
@@ -696,7 +713,8 @@ mod tests {
             rows: &[StreamRow],
             _copy: &[Vec<u8>],
             proven: &[String],
-        ) -> Result<Vec<usize>> {
+            _recheck: bool,
+        ) -> Result<Written> {
             if self.fail {
                 return Err(SyncError::Config("refused".into()));
             }
@@ -717,10 +735,10 @@ mod tests {
                     .filter(|(_, r)| bad.contains(&r.message_id))
                     .map(|(i, _)| i)
                     .collect();
-                return Ok(held);
+                return Ok(Written { held, settled: Vec::new() });
             }
             self.dead.extend(bad);
-            Ok(Vec::new())
+            Ok(Written::default())
         }
         fn reset(&mut self) {}
     }

@@ -11,6 +11,15 @@ use crate::pg::ddl::{ensure_stream_tables, qualified, DEAD_LETTER_TABLE};
 use crate::pg::{copy_into, in_transaction, spi_err};
 use crate::shmem;
 
+/// What a write did with its rows, by index: `held` refused with no room for dead letters
+/// (not to be acknowledged), `settled` found already stored as dead letters (not written
+/// again; to be acknowledged).
+#[derive(Debug, Default)]
+pub struct Written {
+    pub held: Vec<usize>,
+    pub settled: Vec<usize>,
+}
+
 /// One stream entry ready for the stream table.
 #[derive(Debug, Clone)]
 pub struct StreamRow {
@@ -126,19 +135,61 @@ impl StreamWriter {
     /// no room left in the dead-letter table (their entries must not be acknowledged). When
     /// it returns, the commit is flushed to the local WAL (see
     /// [`crate::pg::flush_last_commit`]): the other entries may be acknowledged.
+    ///
+    /// With `recheck` (rows read again from a pending list), rows already in the dead-letter
+    /// table are not written: a dead letter whose acknowledgement was lost (a crash between
+    /// its commit and the `XACK`) would otherwise land as a row too once the table takes it.
+    /// They come back as settled, to be acknowledged.
     pub fn write(
         &mut self,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-    ) -> Result<Vec<usize>> {
+        recheck: bool,
+    ) -> Result<Written> {
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Written::default());
         }
         self.proven = proven.to_vec();
-        let held = self.write_batch(rows, copy)?;
+        let settled = if recheck { self.already_dead_letters(rows)? } else { Vec::new() };
+        let held = if settled.is_empty() {
+            self.write_batch(rows, copy)?
+        } else {
+            // The COPY chunks hold every row: the others go through INSERT.
+            let keep: Vec<usize> = (0..rows.len()).filter(|i| !settled.contains(i)).collect();
+            let rest: Vec<StreamRow> = keep.iter().map(|&i| rows[i].clone()).collect();
+            let held = self.insert_isolating(&rest)?;
+            held.into_iter().filter_map(|j| keep.get(j).copied()).collect()
+        };
         crate::pg::flush_last_commit();
-        Ok(held)
+        Ok(Written { held, settled })
+    }
+
+    /// The indices of `rows` whose entries are already dead letters.
+    fn already_dead_letters(&mut self, rows: &[StreamRow]) -> Result<Vec<usize>> {
+        let t = self.target.as_ref().ok_or_else(crate::pg::not_prepared)?;
+        let sql = format!(
+            "SELECT (u.i - 1)::int8 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(k, m, i)
+              WHERE EXISTS (SELECT 1 FROM {} d WHERE d.stream_key = u.k AND d.message_id = u.m)",
+            qualified(&t.schema, DEAD_LETTER_TABLE),
+        );
+        let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let found = in_transaction(|| {
+            Spi::connect(|client| {
+                let table =
+                    client.select(&sql, None, &[keys.into(), ids.into()]).map_err(spi_err)?;
+                let mut out = Vec::new();
+                for row in table {
+                    if let Some(i) = row.get::<i64>(1).map_err(spi_err)? {
+                        out.push(i as usize);
+                    }
+                }
+                Ok(out)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(found)
     }
 
     fn write_batch(&mut self, rows: &[StreamRow], copy: &[Vec<u8>]) -> Result<Vec<usize>> {
