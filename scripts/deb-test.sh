@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make deb-test: the Debian package installed with dpkg -i on a clean server, inside a
-# postgres:15-bookworm container (the host's PostgreSQL 15 is the other tests'), preloaded, seen
+# postgres:${PG_MAJOR:-15}-bookworm container (the host's PostgreSQL 15 is the other tests'), preloaded, seen
 # syncing stream entries from a Redis on the host; then dpkg -r removes every file it installed.
 # Skips outside CI where containers cannot be run (as image-test.sh); with CI=true that fails.
 set -euo pipefail
@@ -19,7 +19,8 @@ fi
 if ! command -v debootstrap >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
-eval "$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)"
+bases=$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)
+eval "$bases"
 export CONTAINERS_CONF
 deb=$(bash scripts/deb.sh --from-image | tail -1)
 [ -f "$deb" ] || fail "no package built"
@@ -49,9 +50,9 @@ for i in $(seq 25); do echo "XADD deb-stream * n $i"; done | redis-cli -p "$RPOR
 
 cp "$deb" "$TMP/"
 podman run -d --name "$NAME" --network=host -v "$TMP:/pkg:ro" --entrypoint sleep \
-  docker.io/library/postgres:15-bookworm infinity >/dev/null
+  "docker.io/library/postgres:${PG_MAJOR}-bookworm" infinity >/dev/null
 inside() { podman exec "$NAME" "$@"; }
-bin=/usr/lib/postgresql/15/bin
+bin=/usr/lib/postgresql/$PG_MAJOR/bin
 
 # The files the package holds (not directories, nor the docs, which slim images keep out with
 # a dpkg path-exclude), none there before.

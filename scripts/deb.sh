@@ -24,7 +24,7 @@ if [ "${1:-}" = --from-image ]; then
     -t localhost/redis_pg_sync:builder -f docker/Dockerfile . >/dev/null
   box=rps-deb-files-$$
   podman create --name "$box" localhost/redis_pg_sync:builder >/dev/null
-  trap 'podman rm -f "$box" >/dev/null 2>&1 || true' EXIT
+  trap 'podman rm -f -v "$box" >/dev/null 2>&1 || true' EXIT
   podman cp "$box:/out/usr" "$root/"
 else
   say "cargo pgrx package against $PG_CONFIG"

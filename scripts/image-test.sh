@@ -29,8 +29,10 @@ build_image
 
 # No redis:7 image and no registry here: docker/compose.yaml is checked for syntax by
 # podman-compose, and the same wiring (this image, a Redis, a producer) is run below.
-if ! command -v podman-compose >/dev/null; then
-  python3 -m pip install -q --disable-pip-version-check podman-compose >/dev/null 2>&1 || true
+# (PyPI's podman-compose: Debian's 1.0.3 has no `config`, and its --dry-run creates volumes.)
+if ! podman-compose version 2>/dev/null | grep -q 'podman-compose version 1\.[1-9]'; then
+  python3 -m pip install -q --disable-pip-version-check 'podman-compose==1.6.0' >/dev/null 2>&1 || true
+  hash -r
 fi
 if command -v podman-compose >/dev/null; then
   podman-compose -f docker/compose.yaml config >/dev/null || fail "docker/compose.yaml does not parse"
@@ -99,6 +101,7 @@ podman run -d --name "$NAME" --network=host \
   -e REDIS_SYNC_REDIS_PASSWORD_FILE=/run/secrets/redis_password \
   -v "$TMP/redis_password:/run/secrets/redis_password:ro" \
   -e REDIS_SYNC_KEY_VALUE_PATTERNS='user:*' -e REDIS_SYNC_BATCH_SIZE=250 \
+  -e REDIS_SYNC_CONSUMER_NAME="it's a=b=" \
   "$IMAGE" -p "$PGPORT" >/dev/null
 wait_sql "SELECT redis_sync_wait_until_running('1s')" t 180
 START_SECS=$(secs_since "$t0")
@@ -110,6 +113,13 @@ say "the worker was running and connected ${START_SECS} s after podman run (init
 [ "$(sql "SHOW redis_sync.batch_size")" = 250 ] || fail "REDIS_SYNC_BATCH_SIZE not in effect"
 [ "$(sql "SHOW redis_sync.redis_port")" = "$RPORT" ] || fail "REDIS_SYNC_REDIS_PORT not in effect"
 [ "$(sql "SHOW redis_sync.enabled")" = on ] || fail "the worker was left paused after the first start"
+[ "$(sql "SHOW redis_sync.consumer_name")" = "it's a=b=" ] || fail "a value with quotes and = changed"
+[ "$(sql "SHOW redis_sync.redis_password_file")" = /var/lib/postgresql/data/redis_sync_password ] \
+  || fail "REDIS_SYNC_REDIS_PASSWORD_FILE did not become redis_sync.redis_password_file"
+if podman exec "$NAME" grep -rqF "$PASSWORD" /var/lib/postgresql/data/postgresql.auto.conf \
+  /var/lib/postgresql/data/postgresql.conf; then
+  fail "the Redis password is in a configuration file"
+fi
 [ "$(sql "SELECT redis_connected FROM redis_sync_status()")" = t ] || fail "not connected"
 wait_sql "SELECT count(*) FROM redis_streams WHERE stream_key = 'biosignal-stream'" 50 60
 wait_sql "SELECT string_agg(redis_key || '=' || redis_value, ',' ORDER BY redis_key) FROM redis_key_values" \
@@ -133,8 +143,9 @@ podman start "$NAME" >/dev/null
 wait_sql "SELECT redis_sync_wait_until_running('1s')" t 120
 wait_sql "SELECT count(*) FROM redis_streams WHERE stream_key = 'biosignal-stream'" 80 60
 wait_sql "SELECT count(*) FROM redis_key_values" 4 60
-[ "$(sql "SELECT count(DISTINCT message_id) FROM redis_streams")" = 80 ] || fail "duplicated entries"
-say "after a restart: the data kept, the worker resumed (80 entries, 4 keys)"
+group=$(sql "SELECT current_setting('redis_sync.consumer_group')")
+[ "$(rcli XPENDING biosignal-stream "$group" | head -1)" = 0 ] || fail "entries left pending"
+say "after a restart: the data kept, the worker resumed (80 entries, none pending, 4 keys)"
 stop_container
 
 say "a bad setting stops the first start"

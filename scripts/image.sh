@@ -40,7 +40,9 @@ build_image() {
   fi
   local t0 t1
   t0=$(date +%s)
-  eval "$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)"
+  local env
+  env=$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)
+  eval "$env"
   export CONTAINERS_CONF
   t1=$(date +%s)
   isay "base images ready in $((t1 - t0)) s"

@@ -45,9 +45,9 @@ done
 t0=$(date +%s)
 say "container image: build and run (scripts/image-test.sh)"
 bash scripts/image-test.sh
-say "container image: passed in $(( $(date +%s) - t0 ))s"
+say "container image: done in $(( $(date +%s) - t0 ))s"
 t0=$(date +%s)
 say "Debian package: dpkg -i in a container, sync, dpkg -r (scripts/deb-test.sh)"
 bash scripts/deb-test.sh
-say "Debian package: passed in $(( $(date +%s) - t0 ))s"
+say "Debian package: done in $(( $(date +%s) - t0 ))s"
 say "all tests passed for PostgreSQL ${versions[*]} in $(( $(date +%s) - start ))s"

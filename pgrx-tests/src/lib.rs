@@ -292,6 +292,11 @@ pub fn pg_sharedir() -> PathBuf {
         .arg("--sharedir")
         .output()
         .unwrap_or_else(|e| panic!("run {pg_config}: {e}"));
+    assert!(
+        out.status.success(),
+        "{pg_config} --sharedir: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 

@@ -152,9 +152,19 @@ fn a_stream_that_becomes_another_type_stops_only_itself() {
         ],
     );
     pg.wait_number("SELECT count(*) FROM redis_streams", 2, T);
-    // Both streams idle, so the read of this database blocks on both when the key changes.
-    let _: () = redis::cmd("DEL").arg("a").query(&mut r).expect("DEL");
-    let _: () = redis::cmd("SET").arg("a").arg("not a stream").query(&mut r).expect("SET");
+    // Both streams idle, so the read of this database blocks on both when the key changes;
+    // at once (MULTI), so that no group can be made again on an empty key in between.
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg("a")
+        .ignore()
+        .cmd("SET")
+        .arg("a")
+        .arg("not a stream")
+        .ignore()
+        .query(&mut r)
+        .expect("DEL + SET");
     // The other stream of the same database goes on.
     add_entries(&mut r, "b", 500);
     pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'b'", 501, T);

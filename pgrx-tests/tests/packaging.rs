@@ -6,24 +6,21 @@ use std::path::PathBuf;
 
 use redis_pg_sync_e2e::*;
 
-/// Every member of the extension with what users and pg_dump see of it: a function's
-/// arguments (names, defaults), result, volatility, parallel safety, strictness, security,
-/// C symbol and ACL; a relation's ACL; every object's comment; the initial privileges that
-/// pg_dump restores. One line per object, sorted.
+/// Every member of the extension with what users and pg_dump see of it: a function's whole
+/// definition (`pg_get_functiondef`: arguments with names and defaults, result, language,
+/// volatility, strictness, security, parallel safety, cost, rows, settings, C symbol) and
+/// ACL; a relation's ACL; every object's comment; the initial privileges that pg_dump
+/// restores. One line per object, sorted.
 const CATALOG: &str = r#"
 WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'redis_pg_sync')
 SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
-    || coalesce(' | args: ' || pg_get_function_arguments(p.oid)
-        || ' | returns: ' || pg_get_function_result(p.oid)
-        || ' | ' || p.provolatile::text || p.proparallel::text
-        || ' strict=' || p.proisstrict || ' definer=' || p.prosecdef
-        || ' | ' || p.prosrc || ' ' || coalesce(p.probin, '')
-        || ' | config: ' || coalesce(p.proconfig::text, '')
+    || coalesce(' | ' || pg_get_functiondef(p.oid)
         || ' | acl: ' || coalesce(p.proacl::text, 'default'), '')
     || CASE WHEN c.oid IS NULL THEN '' ELSE ' | acl: ' || coalesce(c.relacl::text, 'default') END
     || ' | comment: ' || coalesce(obj_description(d.objid, d.classid::regclass::name), '')
     || ' | initial privileges: ' || coalesce((
-        SELECT string_agg(i.initprivs::text, ',') FROM pg_init_privs i
+        SELECT string_agg(i.initprivs::text, ',' ORDER BY i.objsubid, i.privtype)
+        FROM pg_init_privs i
         WHERE i.classoid = d.classid AND i.objoid = d.objid), '')
 FROM pg_depend d
 LEFT JOIN pg_proc p ON d.classid = 'pg_proc'::regclass AND p.oid = d.objid
@@ -45,14 +42,25 @@ fn catalog(pg: &Cluster, db: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The frozen install scripts of earlier releases (`sql/redis_pg_sync--X.sql`) are kept in
-/// the source tree, not installed: copied beside the installed scripts for this test.
-fn install_earlier_release(version: &str) {
-    let name = format!("redis_pg_sync--{version}.sql");
-    let frozen = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sql").join(&name);
-    let target = pg_sharedir().join("extension").join(&name);
-    std::fs::copy(&frozen, &target)
-        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", frozen.display(), target.display()));
+/// The frozen install script of an earlier release (`sql/redis_pg_sync--X.sql`), kept in the
+/// source tree and not installed, copied beside the installed scripts while the guard lives.
+struct EarlierRelease(PathBuf);
+
+impl EarlierRelease {
+    fn install(version: &str) -> EarlierRelease {
+        let name = format!("redis_pg_sync--{version}.sql");
+        let frozen = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sql").join(&name);
+        let target = pg_sharedir().join("extension").join(&name);
+        std::fs::copy(&frozen, &target)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", frozen.display(), target.display()));
+        EarlierRelease(target)
+    }
+}
+
+impl Drop for EarlierRelease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The version of the extension being built (the root package's, which the control file's
@@ -69,7 +77,7 @@ fn extension_version() -> String {
 
 #[test]
 fn an_update_from_0_1_0_equals_a_fresh_install() {
-    install_earlier_release("0.1.0");
+    let _script = EarlierRelease::install("0.1.0");
     let pg = Cluster::start_with(ClusterOptions {
         preload: true,
         no_extension: true,
@@ -174,8 +182,9 @@ fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
             .spawn()
             .expect("start the exporter"),
     );
-    let processed = pg.number("SELECT messages_processed FROM redis_sync_status()");
-    assert_eq!(processed, 40);
+    // (The counter is bumped just after the commit that made the rows visible.)
+    pg.wait_number("SELECT messages_processed FROM redis_sync_status()", 40, T);
+    let processed = 40;
     let deadline = std::time::Instant::now() + T;
     let metrics = loop {
         let m = http_get(port, "/metrics");
@@ -196,7 +205,16 @@ fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
     assert!(has("# TYPE redis_sync_messages_processed counter"), "{metrics}");
     assert!(has("# TYPE redis_sync_stream_pending gauge"), "{metrics}");
     assert!(has("# TYPE redis_sync_dead_letters_stored gauge"), "{metrics}");
-    assert_eq!(sample(&metrics, "redis_sync_up", &[("state", "running")]), Some(1.0));
+    assert_eq!(sample(&metrics, "redis_sync_up", &[]), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "redis_sync_worker_info", &[("state", "running"), ("mode", "sync")]),
+        Some(1.0)
+    );
+    // A state is never a label of a counter (a change of state would start a new series).
+    assert!(
+        metrics.lines().filter(|l| l.starts_with("redis_sync_messages_processed")).count() == 1,
+        "{metrics}"
+    );
     assert_eq!(sample(&metrics, "redis_sync_redis_connected", &[]), Some(1.0));
     assert_eq!(
         sample(&metrics, "redis_sync_key_values_processed", &[]),
@@ -205,6 +223,7 @@ fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
     let stream = [("stream_key", "metrics-stream"), ("redis_db", "0")];
     assert_eq!(sample(&metrics, "redis_sync_stream_messages_synced", &stream), Some(40.0));
     assert_eq!(sample(&metrics, "redis_sync_stream_pending", &stream), Some(0.0));
+    assert_eq!(sample(&metrics, "redis_sync_stream_healthy", &stream), Some(1.0));
     for lane in ["streams", "discovery", "key_values"] {
         assert_eq!(
             sample(&metrics, "redis_sync_lane_up", &[("lane", lane)]),

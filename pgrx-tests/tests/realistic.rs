@@ -136,7 +136,7 @@ fn an_idle_worker_sleeps() {
     };
     // A worker that polls instead of sleeping used half a core and sent thousands of commands
     // a second; this debug build on a shared machine measures 0.4-1.3 % where the release
-    // build measures 0.2-0.3 % (the 1 % target is checked by make bench). The commands a
+    // build measures 0.2-0.3 % (make bench measures it for the 1 % target). The commands a
     // second do not depend on the build and keep their strict bound.
     const DEBUG_CPU_BOUND: f64 = 3.0;
     let (cpu, cmds) = measure("rate_limit = 100 (default)");

@@ -282,6 +282,16 @@ fn after_error(c: &mut RedisConn, req: &ReadRequest, e: &SyncError) -> Result<Re
     ))
 }
 
+/// The `TYPE` of `key`; `None` when Redis will not say (an ACL user without `type`): only a
+/// lost connection is an error.
+fn key_type(c: &mut RedisConn, key: &[u8]) -> Result<Option<String>> {
+    match c.types(&[key]) {
+        Ok(mut types) => Ok(types.pop()),
+        Err(e) if e.connection_lost() => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
 /// A stream or its group disappeared under the read: every stream of the request gets its
 /// group again (from the start) where that is allowed and possible. A key deleted and set
 /// again as another type (a blocked read is told `UNBLOCKED` at the `DEL`) is named by its
@@ -307,9 +317,15 @@ fn fix_groups(c: &mut RedisConn, req: &ReadRequest) -> Result<Vec<(Vec<u8>, Grou
             })
         };
         let fix = match tried {
+            Ok(GroupFix::Missing) => match key_type(c, &s.key)? {
+                // (Asked about a group only: the key may be gone or of another type.)
+                Some(ty) if ty == "none" && !s.configured => GroupFix::Gone,
+                Some(ty) if ty != "none" && ty != "stream" => GroupFix::NotStream(ty),
+                _ => GroupFix::Missing,
+            },
             Ok(fix) => fix,
             Err(e) if e.connection_lost() => return Err(e),
-            Err(e) => match c.types(&[s.key.as_slice()])?.pop().as_deref() {
+            Err(e) => match key_type(c, &s.key)?.as_deref() {
                 Some("none") if !s.configured => GroupFix::Gone,
                 Some("none") | Some("stream") | None => GroupFix::Failed(e.to_string()),
                 Some(other) => GroupFix::NotStream(other.to_string()),

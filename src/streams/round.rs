@@ -39,15 +39,15 @@ pub trait BatchWriter {
     /// (refused with no room for dead letters: not to be acknowledged). `proven`: streams
     /// (as stored) the table took rows of since their entries were refused, so a refusal
     /// of theirs now is the rows' own.
-    /// `recheck`: some rows were read again from a pending list, so some may already be
-    /// dead letters (committed before their acknowledgement was lost): those are not
-    /// written again, and come back as settled.
+    /// `recheck`: streams (as stored) whose rows were read again from their pending list,
+    /// so some may already be dead letters (committed before their acknowledgement was
+    /// lost): those are not written again, and come back as settled.
     fn write(
         &mut self,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-        recheck: bool,
+        recheck: &[String],
     ) -> Result<Written>;
     /// Forgets prepared statements after a failure.
     fn reset(&mut self);
@@ -59,7 +59,7 @@ impl BatchWriter for StreamWriter {
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-        recheck: bool,
+        recheck: &[String],
     ) -> Result<Written> {
         StreamWriter::write(self, rows, copy, proven, recheck)
     }
@@ -538,8 +538,12 @@ impl StreamSync {
             .filter(|(i, _)| self.streams[*i].proven || self.streams[*i].held_back)
             .map(|(i, _)| self.streams[*i].stream_key.clone())
             .collect();
-        let recheck = acks.iter().any(|(i, _)| self.streams[*i].read_pending);
-        let Written { held, settled } = match writer.write(&rows, &copy, &proven, recheck) {
+        let recheck: Vec<String> = acks
+            .iter()
+            .filter(|(i, _)| self.streams[*i].read_pending)
+            .map(|(i, _)| self.streams[*i].stream_key.clone())
+            .collect();
+        let Written { held, settled } = match writer.write(&rows, &copy, &proven, &recheck) {
             Ok(w) => w,
             Err(e @ SyncError::Refused { .. })
                 if acks.iter().all(|(i, _)| {
@@ -606,6 +610,11 @@ impl StreamSync {
                 .iter()
                 .filter(|id| !settled.contains(&(t.stream_key.as_str(), id.as_str())))
                 .count();
+            if synced == 0 {
+                // Only entries already stored as dead letters: acknowledged, and nothing
+                // landed (no proof that the table takes rows).
+                continue;
+            }
             t.messages_synced += synced as i64;
             t.last_id = ids.last().cloned().unwrap_or_default();
             t.last_sync_time = now;
@@ -713,7 +722,7 @@ mod tests {
             rows: &[StreamRow],
             _copy: &[Vec<u8>],
             proven: &[String],
-            _recheck: bool,
+            _recheck: &[String],
         ) -> Result<Written> {
             if self.fail {
                 return Err(SyncError::Config("refused".into()));

@@ -136,22 +136,24 @@ impl StreamWriter {
     /// it returns, the commit is flushed to the local WAL (see
     /// [`crate::pg::flush_last_commit`]): the other entries may be acknowledged.
     ///
-    /// With `recheck` (rows read again from a pending list), rows already in the dead-letter
-    /// table are not written: a dead letter whose acknowledgement was lost (a crash between
-    /// its commit and the `XACK`) would otherwise land as a row too once the table takes it.
-    /// They come back as settled, to be acknowledged.
+    /// Rows of the streams in `recheck` (read again from their pending list) that are
+    /// already in the dead-letter table, the same entry with the same fields, are not
+    /// written: a dead letter whose acknowledgement was lost (a crash between its commit and
+    /// the `XACK`) would otherwise land as a row too once the table takes it. They come back
+    /// as settled, to be acknowledged.
     pub fn write(
         &mut self,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
-        recheck: bool,
+        recheck: &[String],
     ) -> Result<Written> {
         if rows.is_empty() {
             return Ok(Written::default());
         }
         self.proven = proven.to_vec();
-        let settled = if recheck { self.already_dead_letters(rows)? } else { Vec::new() };
+        let settled =
+            if recheck.is_empty() { Vec::new() } else { self.already_dead_letters(rows, recheck)? };
         let held = if settled.is_empty() {
             self.write_batch(rows, copy)?
         } else {
@@ -165,30 +167,48 @@ impl StreamWriter {
         Ok(Written { held, settled })
     }
 
-    /// The indices of `rows` whose entries are already dead letters.
-    fn already_dead_letters(&mut self, rows: &[StreamRow]) -> Result<Vec<usize>> {
+    /// The indices of the rows of `streams` whose entries are already dead letters with
+    /// the same fields.
+    fn already_dead_letters(
+        &mut self,
+        rows: &[StreamRow],
+        streams: &[String],
+    ) -> Result<Vec<usize>> {
         let t = self.target.as_ref().ok_or_else(crate::pg::not_prepared)?;
         let sql = format!(
-            "SELECT (u.i - 1)::int8 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(k, m, i)
-              WHERE EXISTS (SELECT 1 FROM {} d WHERE d.stream_key = u.k AND d.message_id = u.m)",
+            "SELECT (u.i - 1)::int8
+               FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, m, f, i)
+              WHERE EXISTS (SELECT 1 FROM {} d
+                             WHERE d.stream_key = u.k AND d.message_id = u.m
+                               AND d.fields = u.f::jsonb)",
             qualified(&t.schema, DEAD_LETTER_TABLE),
         );
-        let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
-        let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+        let mut index = Vec::new();
+        let (mut keys, mut ids, mut fields) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, r) in rows.iter().enumerate() {
+            if streams.contains(&r.stream_key) {
+                index.push(i);
+                keys.push(r.stream_key.as_str());
+                ids.push(r.message_id.as_str());
+                fields.push(r.data.as_str());
+            }
+        }
+        if index.is_empty() {
+            return Ok(Vec::new());
+        }
         let found = in_transaction(|| {
             Spi::connect(|client| {
-                let table =
-                    client.select(&sql, None, &[keys.into(), ids.into()]).map_err(spi_err)?;
+                let args = [keys.into(), ids.into(), fields.into()];
+                let table = client.select(&sql, None, &args).map_err(spi_err)?;
                 let mut out = Vec::new();
                 for row in table {
-                    if let Some(i) = row.get::<i64>(1).map_err(spi_err)? {
-                        out.push(i as usize);
+                    if let Some(j) = row.get::<i64>(1).map_err(spi_err)? {
+                        out.extend(index.get(j as usize).copied());
                     }
                 }
                 Ok(out)
             })
         })?;
-        shmem::bump(|c| &c.pg_ops, 1);
         Ok(found)
     }
 
