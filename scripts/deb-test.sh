@@ -36,7 +36,7 @@ TMP=$(mktemp -d /tmp/rps-deb-test-XXXXXX)
 NAME=rps-deb-test-$$
 REDIS_PID=
 cleanup() {
-  podman rm -f "$NAME" >/dev/null 2>&1 || true
+  podman rm -f -v "$NAME" >/dev/null 2>&1 || true
   [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
   rm -rf "$TMP"
 }
