@@ -16,22 +16,11 @@ if ! why=$(container_tooling 2>&1); then
   say "skipped: $why"
   exit 0
 fi
-if ! command -v debootstrap >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
-fi
-bases=$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)
-eval "$bases"
-export CONTAINERS_CONF
+prepare_bases
 deb=$(bash scripts/deb.sh --from-image | tail -1)
 [ -f "$deb" ] || fail "no package built"
 pkg=$(dpkg-deb -f "$deb" Package)
 
-free_port() {
-  python3 -c 'import socket
-while True:
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
-    if 20000 <= p < 55535: print(p); break'
-}
 TMP=$(mktemp -d /tmp/rps-deb-test-XXXXXX)
 NAME=rps-deb-test-$$
 REDIS_PID=

@@ -41,13 +41,6 @@ elif [ "${CI:-}" = true ]; then
   fail "podman-compose could not be installed to check docker/compose.yaml"
 fi
 
-free_port() {
-  python3 -c 'import socket
-while True:
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
-    if 20000 <= p < 55535: print(p); break'
-}
-
 TMP=$(mktemp -d /tmp/rps-image-test-XXXXXX)
 NAME=rps-image-test-$$
 BAD=rps-image-test-bad-$$

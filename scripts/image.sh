@@ -32,18 +32,31 @@ container_tooling() {
   fi
 }
 
-build_image() {
+# The base images under their official names, and CONTAINERS_CONF for podman.
+prepare_bases() {
   # debuerreotype needs debootstrap, which it only recommends.
   if ! command -v debootstrap >/dev/null; then
     isay "installing debootstrap"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
   fi
-  local t0 t1
-  t0=$(date +%s)
   local env
   env=$("$RPS_CONTAINER_DIR/prepare-bases.sh" --rust)
   eval "$env"
   export CONTAINERS_CONF
+}
+
+# A free TCP port on loopback, below the range Redis Cluster bus ports would need.
+free_port() {
+  python3 -c 'import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if 20000 <= p < 55535: print(p); break'
+}
+
+build_image() {
+  local t0 t1
+  t0=$(date +%s)
+  prepare_bases
   t1=$(date +%s)
   isay "base images ready in $((t1 - t0)) s"
   podman build --pull=never --build-arg "PG_MAJOR=$PG_MAJOR" -t "$IMAGE" -f docker/Dockerfile .

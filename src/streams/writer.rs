@@ -54,6 +54,8 @@ pub struct StreamWriter {
     /// isolating refused rows, and where COPY cannot be used.
     insert: Option<OwnedPreparedStatement>,
     dead_letter: Option<OwnedPreparedStatement>,
+    /// Which rows re-read from a pending list are already dead letters.
+    dead_lettered: Option<OwnedPreparedStatement>,
     /// Batches left that skip the COPY fast path after one met rows already stored.
     use_conflict_for: u32,
     /// COPY is not usable on this table (row-level security, or no table-level INSERT
@@ -95,6 +97,7 @@ impl StreamWriter {
         self.target = None;
         self.insert = None;
         self.dead_letter = None;
+        self.dead_lettered = None;
         self.copy_unusable = false;
     }
 
@@ -104,7 +107,7 @@ impl StreamWriter {
             return Ok(());
         }
         self.reset();
-        let (insert, dead_letter, stored) = in_transaction(|| {
+        let (insert, dead_letter, dead_lettered, stored) = in_transaction(|| {
             Spi::connect_mut(|client| {
                 ensure_stream_tables(client, &target.schema, &target.stream_table)?;
                 let stored = count_dead_letters(client, &target.schema)?;
@@ -116,7 +119,12 @@ impl StreamWriter {
                     .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
                     .map_err(spi_err)?
                     .keep();
-                Ok((insert, dead, stored))
+                let text = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+                let lookup = client
+                    .prepare_mut(dead_lettered_sql(&target.schema).as_str(), &[text, text, text])
+                    .map_err(spi_err)?
+                    .keep();
+                Ok((insert, dead, lookup, stored))
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
@@ -124,6 +132,7 @@ impl StreamWriter {
         shmem::update(|st| st.dead_letters_stored = stored);
         self.insert = Some(insert);
         self.dead_letter = Some(dead_letter);
+        self.dead_lettered = Some(dead_lettered);
         self.target = Some(target.clone());
         Ok(())
     }
@@ -174,15 +183,7 @@ impl StreamWriter {
         rows: &[StreamRow],
         streams: &[String],
     ) -> Result<Vec<usize>> {
-        let t = self.target.as_ref().ok_or_else(crate::pg::not_prepared)?;
-        let sql = format!(
-            "SELECT (u.i - 1)::int8
-               FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, m, f, i)
-              WHERE EXISTS (SELECT 1 FROM {} d
-                             WHERE d.stream_key = u.k AND d.message_id = u.m
-                               AND d.fields = u.f::jsonb)",
-            qualified(&t.schema, DEAD_LETTER_TABLE),
-        );
+        let stmt = self.dead_lettered.as_ref().ok_or_else(crate::pg::not_prepared)?;
         let mut index = Vec::new();
         let (mut keys, mut ids, mut fields) = (Vec::new(), Vec::new(), Vec::new());
         for (i, r) in rows.iter().enumerate() {
@@ -199,7 +200,7 @@ impl StreamWriter {
         let found = in_transaction(|| {
             Spi::connect(|client| {
                 let args = [keys.into(), ids.into(), fields.into()];
-                let table = client.select(&sql, None, &args).map_err(spi_err)?;
+                let table = client.select(stmt, None, &args).map_err(spi_err)?;
                 let mut out = Vec::new();
                 for row in table {
                     if let Some(j) = row.get::<i64>(1).map_err(spi_err)? {
@@ -467,6 +468,18 @@ fn dead_letter_wrapped_sql(schema: &str) -> String {
                  || pg_catalog.md5($1) || ')',
                  $2, pg_catalog.jsonb_build_object('stream_key', $1, 'fields', $3::jsonb), $4, $5)
          {DEAD_LETTER_CONFLICT}",
+        qualified(schema, DEAD_LETTER_TABLE),
+    )
+}
+
+/// The 0-based indices of the (stream, ID, fields) triples already stored as dead letters.
+fn dead_lettered_sql(schema: &str) -> String {
+    format!(
+        "SELECT (u.i - 1)::int8
+           FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, m, f, i)
+          WHERE EXISTS (SELECT 1 FROM {} d
+                         WHERE d.stream_key = u.k AND d.message_id = u.m
+                           AND d.fields = u.f::jsonb)",
         qualified(schema, DEAD_LETTER_TABLE),
     )
 }
