@@ -99,7 +99,7 @@ CONF
   wait_rows redis_key_values 2
   psql_demo -c "SELECT redis_db, redis_key, value_type, redis_value FROM redis_key_values ORDER BY redis_key"
   say "the worker in pg_stat_activity:"
-  psql_demo -c "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'"
+  psql_demo -c "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE backend_type LIKE 'redis_pg_sync%'"
   cat <<MSG
 
 The demo is running:

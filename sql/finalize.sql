@@ -33,3 +33,8 @@ REVOKE ALL ON FUNCTION @extschema@.redis_sync_skipped_keys() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_skipped_keys() TO pg_monitor;
 COMMENT ON FUNCTION @extschema@.redis_sync_skipped_keys() IS
   'A row per Redis key too big to mirror (redis_sync.key_value_max_size): database, name, type, size in bytes (superuser and pg_monitor).';
+
+REVOKE ALL ON FUNCTION @extschema@.redis_sync_workers() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_workers() TO pg_monitor;
+COMMENT ON FUNCTION @extschema@.redis_sync_workers() IS
+  'A row per redis_pg_sync worker process (streams: stream reads and discovery; key_values: key-value passes and notifications): process ID, state, lanes, start (superuser and pg_monitor).';

@@ -82,9 +82,17 @@ fn redis_sync_status() -> TableIterator<
     let c = shmem::COUNTERS.get();
     let skipped = shmem::SKIPPED.share().count;
     let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+    // One row for both processes: the key-value worker backing off shows as the whole
+    // worker's state (redis_sync_workers() and redis_sync_lanes() say which).
+    let kv_failing = s.kv.state == WorkerState::BackingOff;
+    let state = if s.state == WorkerState::Running && kv_failing {
+        WorkerState::BackingOff
+    } else {
+        s.state
+    };
     TableIterator::once((
         (s.pid != 0).then_some(s.pid),
-        s.state.as_str().to_owned(),
+        state.as_str().to_owned(),
         s.mode.as_str().to_owned(),
         s.redis_connected,
         opt(s.redis_server.as_str()),
@@ -155,13 +163,14 @@ fn redis_sync_lanes() -> TableIterator<
     let Some(s) = shmem::snapshot() else {
         return TableIterator::new(Vec::new());
     };
-    let running = s.pid != 0;
     let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
     let rows: Vec<_> = crate::ratelimit::Lane::ALL
         .iter()
         .zip(s.lanes.iter())
         .map(|(lane, slot)| {
-            let state = if running { slot.state.as_str() } else { "stopped" };
+            // The key-value lane runs in a process of its own.
+            let pid = if *lane == crate::ratelimit::Lane::KeyValues { s.kv.pid } else { s.pid };
+            let state = if pid != 0 { slot.state.as_str() } else { "stopped" };
             (
                 lane.as_str().to_owned(),
                 state.to_owned(),
@@ -171,6 +180,44 @@ fn redis_sync_lanes() -> TableIterator<
             )
         })
         .collect();
+    TableIterator::new(rows)
+}
+
+/// A row per worker process: the stream worker (stream reads, discovery) and the key-value
+/// worker (key-value passes, keyspace notifications), with the process ID, state and start.
+#[allow(clippy::type_complexity)] // pgrx needs the named columns spelled out here
+#[pg_extern(volatile, parallel_safe)]
+fn redis_sync_workers() -> TableIterator<
+    'static,
+    (
+        name!(worker, String),
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(lanes, Vec<String>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    use crate::ratelimit::Lane;
+    let Some(s) = shmem::snapshot() else {
+        return TableIterator::new(Vec::new());
+    };
+    let lanes = |l: &[Lane]| l.iter().map(|l| l.as_str().to_owned()).collect::<Vec<_>>();
+    let rows = vec![
+        (
+            "streams".to_owned(),
+            (s.pid != 0).then_some(s.pid),
+            s.state.as_str().to_owned(),
+            lanes(&[Lane::Streams, Lane::Discovery]),
+            ts(s.started_at),
+        ),
+        (
+            "key_values".to_owned(),
+            (s.kv.pid != 0).then_some(s.kv.pid),
+            s.kv.state.as_str().to_owned(),
+            lanes(&[Lane::KeyValues]),
+            ts(s.kv.started_at),
+        ),
+    ];
     TableIterator::new(rows)
 }
 

@@ -116,6 +116,7 @@ mod tests {
             ("redis_sync_wait_until_running", "interval"),
             ("redis_sync_streams", ""),
             ("redis_sync_lanes", ""),
+            ("redis_sync_workers", ""),
         ] {
             let check = |role: &str| {
                 one::<bool>(&format!(
@@ -177,6 +178,33 @@ mod tests {
             Spi::run("SELECT pg_sleep(0.1)").expect("sleep");
         }
         assert_eq!(states().as_deref(), Some("waiting_for_redis"));
+    }
+
+    #[pg_test]
+    fn workers_lists_both_processes_with_their_lanes() {
+        let cols = one::<String>(
+            "SELECT array_to_string(proargnames, ',') FROM pg_proc WHERE proname = 'redis_sync_workers'",
+        );
+        assert_eq!(cols.as_deref(), Some("worker,pid,state,lanes,started_at"));
+        // Each row's pid is that process's in pg_stat_activity (polled: the workers may not
+        // have started yet).
+        let rows = || {
+            one::<String>(
+                "SELECT string_agg(w.worker || ':' || array_to_string(w.lanes, '+') || ':' ||                  (a.backend_type IS NOT NULL), ',' ORDER BY w.worker)                  FROM redis_sync_workers() w LEFT JOIN pg_stat_activity a ON a.pid = w.pid",
+            )
+        };
+        let want = "key_values:key_values:true,streams:streams+discovery:true";
+        for _ in 0..100 {
+            if rows().as_deref() == Some(want) {
+                break;
+            }
+            Spi::run("SELECT pg_sleep(0.1)").expect("sleep");
+        }
+        assert_eq!(rows().as_deref(), Some(want));
+        let types = one::<String>(
+            "SELECT string_agg(a.backend_type, ',' ORDER BY w.worker)              FROM redis_sync_workers() w JOIN pg_stat_activity a ON a.pid = w.pid",
+        );
+        assert_eq!(types.as_deref(), Some("redis_pg_sync key values,redis_pg_sync"));
     }
 
     #[pg_test(error = "permission denied for function redis_sync_status")]

@@ -4,6 +4,7 @@
 //! Counters are atomics (a Redis I/O thread may bump them); the rest sits behind one LWLock
 //! and is only touched from a process's main thread.
 
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::lwlock::PgLwLock;
@@ -91,6 +92,22 @@ pub struct WorkerStatus {
     pub lanes: [LaneSlot; 3],
     /// Rows in the dead-letter table, as the worker last counted and since added.
     pub dead_letters_stored: i64,
+    /// The key-value worker process (the fields above are the stream worker's, but for its
+    /// lane's row in `lanes`).
+    pub kv: ProcessSlot,
+}
+
+/// A worker process other than the stream worker, for `redis_sync_workers()`.
+#[derive(Clone, Copy)]
+pub struct ProcessSlot {
+    pub pid: i32,
+    pub state: WorkerState,
+    pub started_at: i64,
+}
+
+impl ProcessSlot {
+    pub const STOPPED: ProcessSlot =
+        ProcessSlot { pid: 0, state: WorkerState::Stopped, started_at: 0 };
 }
 
 /// What one lane is doing, for `redis_sync_lanes()`.
@@ -153,6 +170,7 @@ impl Default for WorkerStatus {
             started_at: 0,
             lanes: [LaneSlot::EMPTY; 3],
             dead_letters_stored: 0,
+            kv: ProcessSlot::STOPPED,
         }
     }
 }
@@ -192,6 +210,8 @@ pub fn init() {
     pg_shmem_init!(COUNTERS);
     pg_shmem_init!(STREAMS);
     pg_shmem_init!(SKIPPED);
+    pg_shmem_init!(LEARNED);
+    pg_shmem_init!(BUDGET);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -474,4 +494,134 @@ pub fn clear_skipped() {
     if preloaded() {
         *SKIPPED.exclusive() = SkippedKeys::default();
     }
+}
+
+/// A stream key: its database and name.
+pub type StreamKey = (u8, Vec<u8>);
+
+/// How many stream keys a key-value pass can hand to discovery; a pass that saw more (or a
+/// longer name) hands over none, and discovery walks the keyspace itself.
+pub const MAX_LEARNED: usize = MAX_STREAM_SLOTS;
+
+/// The stream keys the last complete key-value pass saw, handed from the key-value worker
+/// to the stream worker's discovery.
+#[derive(Clone, Copy)]
+pub struct LearnedStreams {
+    /// Bumped at every hand-over.
+    pub generation: u64,
+    /// None handed over (no complete pass yet, or too many to list).
+    pub none: bool,
+    /// When the pass started (TimestampTz).
+    pub pass_started: i64,
+    pub count: usize,
+    pub keys: [(u8, FixedStr<256>); MAX_LEARNED],
+}
+
+impl Default for LearnedStreams {
+    fn default() -> Self {
+        LearnedStreams {
+            generation: 0,
+            none: true,
+            pass_started: 0,
+            count: 0,
+            keys: [(0, FixedStr::empty()); MAX_LEARNED],
+        }
+    }
+}
+
+// SAFETY: plain Copy data with no pointers.
+unsafe impl PGRXSharedMemory for LearnedStreams {}
+
+// SAFETY: as for STATUS.
+pub static LEARNED: PgLwLock<LearnedStreams> = unsafe { PgLwLock::new(c"redis_pg_sync_learned") };
+
+/// Hands the stream keys of a complete pass (`None`: forget the last ones) to discovery
+/// (main thread only). Keys that are not UTF-8 or longer than a slot, or more of them than
+/// fit, hand over nothing: discovery then walks the keyspace itself.
+pub fn hand_over_learned(learned: Option<(i64, &[StreamKey])>) {
+    if !preloaded() {
+        return;
+    }
+    let mut t = LEARNED.exclusive();
+    t.generation += 1;
+    t.none = true;
+    t.count = 0;
+    let Some((started, keys)) = learned else { return };
+    if keys.len() > MAX_LEARNED {
+        return;
+    }
+    for (i, (db, key)) in keys.iter().enumerate() {
+        let Ok(text) = std::str::from_utf8(key) else { return };
+        if text.len() > 256 {
+            return;
+        }
+        t.keys[i].0 = *db;
+        t.keys[i].1.set(text);
+    }
+    t.count = keys.len();
+    t.pass_started = started;
+    t.none = false;
+}
+
+/// The generation of the last hand-over of stream keys.
+pub fn learned_generation() -> u64 {
+    if preloaded() {
+        LEARNED.share().generation
+    } else {
+        0
+    }
+}
+
+/// The stream keys last handed over, and when their pass started.
+pub fn learned() -> Option<(i64, Vec<StreamKey>)> {
+    if !preloaded() {
+        return None;
+    }
+    let t = LEARNED.share();
+    if t.none {
+        return None;
+    }
+    let keys = t.keys[..t.count].iter().map(|(db, k)| (*db, k.as_str().as_bytes().to_vec()));
+    Some((t.pass_started, keys.collect()))
+}
+
+/// `redis_sync.rate_limit`'s buckets, shared by every worker process's lanes.
+#[derive(Default)]
+pub struct BudgetCell {
+    lock: AtomicBool,
+    budget: UnsafeCell<Option<crate::ratelimit::Budget>>,
+}
+
+// SAFETY: `budget` is only touched while `lock` is held (in `with_budget`).
+unsafe impl Sync for BudgetCell {}
+// SAFETY: an atomic and plain Copy data with no pointers (an Instant is a CLOCK_MONOTONIC
+// reading, the same clock in every process).
+unsafe impl PGRXSharedMemory for BudgetCell {}
+
+// SAFETY: as for STATUS.
+pub static BUDGET: PgAtomic<BudgetCell> = unsafe { PgAtomic::new(c"redis_pg_sync_budget") };
+
+/// Runs `f` on the shared buckets (made at `rate` on first use), under a spin lock held
+/// only for the few arithmetic steps of `f`. Any thread may call it; gives `f` back when the
+/// shared memory does not exist (not preloaded).
+pub fn with_budget<R, F>(rate: u32, f: F) -> Result<R, F>
+where
+    F: FnOnce(&mut crate::ratelimit::Budget) -> R,
+{
+    if !preloaded() {
+        return Err(f);
+    }
+    let cell = BUDGET.get();
+    while cell.lock.swap(true, Ordering::Acquire) {
+        std::hint::spin_loop();
+        std::thread::yield_now();
+    }
+    // SAFETY: the lock is held, so no other thread or process touches the cell until it is
+    // released below; `f` is arithmetic only and cannot block.
+    let budget = unsafe { &mut *cell.budget.get() };
+    let b = budget
+        .get_or_insert_with(|| crate::ratelimit::Budget::new(rate, std::time::Instant::now()));
+    let r = f(b);
+    cell.lock.store(false, Ordering::Release);
+    Ok(r)
 }

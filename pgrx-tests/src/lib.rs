@@ -682,10 +682,23 @@ impl Cluster {
         })
     }
 
-    /// The worker's PID as seen in pg_stat_activity.
+    /// The stream worker's PID as seen in pg_stat_activity.
     pub fn worker_pid(&self) -> Option<i32> {
         self.query_text("SELECT pid FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'")
             .and_then(|s| s.parse().ok())
+    }
+
+    /// The key-value worker's PID as seen in pg_stat_activity.
+    pub fn kv_worker_pid(&self) -> Option<i32> {
+        self.query_text(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync key values'",
+        )
+        .and_then(|s| s.parse().ok())
+    }
+
+    /// Both worker processes' PIDs (stream worker first), once both run.
+    pub fn worker_pids(&self) -> Option<[i32; 2]> {
+        Some([self.worker_pid()?, self.kv_worker_pid()?])
     }
 
     /// Appends raw lines to postgresql.conf (to test what a reload does with them).

@@ -159,6 +159,40 @@ fn the_stream_table_dropped_while_syncing_is_created_again() {
 }
 
 #[test]
+fn each_worker_process_restarts_alone() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "alone", 50_000);
+    for k in 0..100 {
+        let _: () = redis::cmd("SET").arg(format!("kv-{k}")).arg("v").query(&mut r).expect("SET");
+    }
+    let mut settings = FAST.to_vec();
+    settings.retain(|(name, _)| *name != "redis_sync.key_value_auto_discovery");
+    let pg = Cluster::start(&redis, &settings);
+    let kv_rows = "SELECT count(*) FROM redis_key_values WHERE redis_key LIKE 'kv-%'";
+    wait_mid_drain(&pg, 50_000);
+    let [streams, kv] = pg.worker_pids().expect("both workers");
+    // The key-value worker ends: it alone comes back; the stream worker's drain goes on in
+    // the same process.
+    pg.execute(&format!("SELECT pg_terminate_backend({kv})"));
+    let kv2 = wait_for("a new key-value worker", T, || pg.kv_worker_pid().filter(|p| *p != kv));
+    assert_eq!(pg.worker_pid(), Some(streams), "the stream worker was not restarted");
+    let _: () = redis::cmd("SET").arg("kv-new").arg("v").query(&mut r).expect("SET");
+    pg.wait_number(kv_rows, 101, T);
+    // And the other way round.
+    pg.execute(&format!("SELECT pg_terminate_backend({streams})"));
+    let streams2 = wait_for("a new stream worker", T, || pg.worker_pid().filter(|p| *p != streams));
+    assert_eq!(pg.kv_worker_pid(), Some(kv2), "the key-value worker was not restarted");
+    assert_exactly_once(&pg, &mut r, &["alone"], 50_000);
+    assert_eq!(
+        pg.query_text(
+            "SELECT string_agg(worker || ':' || pid, ',' ORDER BY worker) FROM redis_sync_workers()"
+        ),
+        Some(format!("key_values:{kv2},streams:{streams2}"))
+    );
+}
+
+#[test]
 fn a_terminated_worker_comes_back_and_resumes() {
     let redis = Redis::start();
     let mut r = redis.client();

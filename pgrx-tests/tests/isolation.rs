@@ -365,12 +365,12 @@ fn keys_too_big_are_skipped_and_reported_and_big_ones_do_not_stall_the_worker() 
     assert_eq!(pg.number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'huge-zset'"), 0);
     assert_eq!(pg.status("key_values_skipped").as_deref(), Some("1"));
     assert!(pg.log().contains("huge-zset"), "reported in the log");
-    // Streams keep landing meanwhile, and the worker's own memory stays small.
+    // Streams keep landing meanwhile, and the key-value worker's own memory stays small.
     xadd(&mut r, "live", "n", "1");
     pg.wait_number("SELECT count(*) FROM redis_streams", 2, T);
-    let pid = pg.worker_pid().expect("worker pid");
+    let pid = pg.kv_worker_pid().expect("key-value worker pid");
     let rss = rss_anon_kb(pid).expect("RssAnon");
-    assert!(rss <= 256 * 1024, "worker RssAnon {rss} KiB");
+    assert!(rss <= 256 * 1024, "key-value worker RssAnon {rss} KiB");
     // A verifying pass over the big hash does not keep the worker from stopping.
     pg.execute("ALTER SYSTEM SET redis_sync.key_value_verify_interval = '1s'");
     pg.reload();

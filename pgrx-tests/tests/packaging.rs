@@ -231,6 +231,13 @@ fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
             "lane {lane}: {metrics}"
         );
     }
+    for worker in ["streams", "key_values"] {
+        assert_eq!(
+            sample(&metrics, "redis_sync_process_up", &[("worker", worker)]),
+            Some(1.0),
+            "worker {worker}: {metrics}"
+        );
+    }
     // The queries file loaded, and every query of the last scrape ran.
     assert!(
         !metrics

@@ -116,22 +116,24 @@ fn an_idle_worker_sleeps() {
     wait_for("a few passes", T, || {
         (pg.number("SELECT key_value_passes FROM redis_sync_status()") >= 3).then_some(())
     });
-    let pid = pg.worker_pid().expect("worker");
-    wait_for("the worker shown idle", T, || {
+    let pids = pg.worker_pids().expect("both workers");
+    wait_for("both workers shown idle", T, || {
         let s = pg.query_text(
-            "SELECT state FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
+            "SELECT string_agg(state, ',') FROM pg_stat_activity WHERE backend_type LIKE 'redis_pg_sync%'",
         )?;
-        (s == "idle").then_some(())
+        (s == "idle,idle").then_some(())
     });
+    // The CPU of both worker processes together.
+    let cpu_of_both = || pids.iter().map(|p| cpu_time(*p).expect("cpu")).sum::<Duration>();
     let mut measure = |label: &str| {
         let window = Duration::from_secs(10);
-        let (cpu0, cmd0) = (cpu_time(pid).expect("cpu"), commands_processed(&mut r));
+        let (cpu0, cmd0) = (cpu_of_both(), commands_processed(&mut r));
         std::thread::sleep(window);
-        let (cpu1, cmd1) = (cpu_time(pid).expect("cpu"), commands_processed(&mut r));
+        let (cpu1, cmd1) = (cpu_of_both(), commands_processed(&mut r));
         // Less the INFO of the first reading.
         let per_s = (cmd1 - cmd0 - 1) as f64 / window.as_secs_f64();
         let cpu = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
-        eprintln!("idle, {label}: worker CPU {cpu:.2} % of a core, Redis {per_s:.1} commands/s from the worker");
+        eprintln!("idle, {label}: worker CPU {cpu:.2} % of a core (both processes), Redis {per_s:.1} commands/s from the worker");
         (cpu, per_s)
     };
     // A worker that polls instead of sleeping used half a core and sent thousands of commands
@@ -151,7 +153,7 @@ fn an_idle_worker_sleeps() {
     let (cpu, cmds) = measure("rate_limit = 0");
     assert!(cpu <= DEBUG_CPU_BOUND, "CPU {cpu:.2} %");
     assert!(cmds <= 50.0, "{cmds:.1} commands/s");
-    assert_eq!(pg.worker_pid(), Some(pid));
+    assert_eq!(pg.worker_pids(), Some(pids));
 }
 
 #[test]
@@ -300,18 +302,18 @@ fn asynchronous_commit_and_an_immediate_stop_of_a_steady_stream_lose_nothing() {
     crash_with_asynchronous_commit(true);
 }
 
-/// Kills the postmaster and checks the worker is gone within 2 s and a new postmaster
-/// starts on the same data directory.
+/// Kills the postmaster and checks both worker processes are gone within 2 s and a new
+/// postmaster starts on the same data directory.
 fn kill_postmaster_and_restart(pg: &mut Cluster, state: &str) {
-    let pid = pg.worker_pid().expect("worker");
+    let pids = pg.worker_pids().expect("both workers");
     pg.kill_postmaster();
     let killed = Instant::now();
     let gone = wait_for(
-        &format!("the worker gone after the postmaster ({state})"),
+        &format!("both workers gone after the postmaster ({state})"),
         Duration::from_secs(10),
-        || (!process_alive(pid)).then(|| killed.elapsed()),
+        || pids.iter().all(|p| !process_alive(*p)).then(|| killed.elapsed()),
     );
-    eprintln!("postmaster killed while {state}: worker gone after {} ms", gone.as_millis());
+    eprintln!("postmaster killed while {state}: workers gone after {} ms", gone.as_millis());
     assert!(
         gone <= Duration::from_secs(2),
         "{state}: the worker lived {gone:?} after the postmaster"

@@ -10,9 +10,11 @@ const T: Duration = Duration::from_secs(60);
 
 /// Everything a non-secret reader could see: the status row, the activity, the log.
 fn visible_text(pg: &Cluster) -> String {
-    let status = pg.query_text("SELECT row_to_json(s)::text FROM redis_sync_status() s");
+    let status = pg.query_text(
+        "SELECT row_to_json(s)::text || (SELECT json_agg(l)::text FROM redis_sync_lanes() l) FROM redis_sync_status() s",
+    );
     let activity = pg.query_text(
-        "SELECT string_agg(coalesce(query, ''), ' ') FROM pg_stat_activity WHERE backend_type = 'redis_pg_sync'",
+        "SELECT string_agg(coalesce(query, ''), ' ') FROM pg_stat_activity WHERE backend_type LIKE 'redis_pg_sync%'",
     );
     let streams =
         pg.query_text("SELECT string_agg(row_to_json(s)::text, ' ') FROM redis_sync_streams() s");

@@ -93,6 +93,8 @@ pub struct KvTurn {
     pub worked: bool,
     /// Rows were written and committed.
     pub wrote: bool,
+    /// A reply of Redis was taken: the server is reachable.
+    pub heard: bool,
 }
 
 impl KeySync {

@@ -179,6 +179,7 @@ impl KeySync {
             return Err(SyncError::ThreadStopped("scanner"));
         };
         let Some(msg) = scanner.try_next()? else { return Ok(KvTurn::default()) };
+        let worked = KvTurn { heard: !matches!(msg, Msg::Failed(_)), ..worked };
         match msg {
             Msg::Started(dbs) => {
                 self.started(dbs, s);

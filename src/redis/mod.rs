@@ -47,31 +47,52 @@ fn count_round_trip() {
     ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// `redis_sync.rate_limit`, shared by every lane's threads (see `ratelimit`).
+/// `redis_sync.rate_limit`, shared by every lane's threads (see `ratelimit`): in shared
+/// memory, so the stream and key-value worker processes draw from one set of buckets, or
+/// in the process where the library is not preloaded.
 #[derive(Clone)]
-pub struct SharedBudget(Arc<Mutex<Budget>>);
+pub struct SharedBudget {
+    local: Arc<Mutex<Budget>>,
+    shared: bool,
+}
 
 impl SharedBudget {
     pub fn new(rate: u32) -> SharedBudget {
-        SharedBudget(Arc::new(Mutex::new(Budget::new(rate, Instant::now()))))
+        let budget = SharedBudget {
+            local: Arc::new(Mutex::new(Budget::new(rate, Instant::now()))),
+            shared: crate::shmem::preloaded(),
+        };
+        budget.set_rate(rate);
+        budget
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Budget) -> R) -> R {
+        let f = if self.shared {
+            let rate = self.local.lock().unwrap_or_else(|e| e.into_inner()).rate();
+            match crate::shmem::with_budget(rate, f) {
+                Ok(r) => return r,
+                Err(f) => f,
+            }
+        } else {
+            f
+        };
+        f(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn set_rate(&self, rate: u32) {
-        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if b.rate() != rate {
-            b.set_rate(rate, Instant::now());
-        }
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).set_rate(rate, Instant::now());
+        self.with(|b| {
+            if b.rate() != rate {
+                b.set_rate(rate, Instant::now());
+            }
+        });
     }
 
     /// Waits (sleeping the calling thread, which is never the main one) for a token of
     /// `lane` and counts the round trip about to be made.
     pub fn take(&self, lane: Lane) {
         loop {
-            let outcome = {
-                let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
-                b.try_take(lane, Instant::now())
-            };
-            match outcome {
+            match self.with(|b| b.try_take(lane, Instant::now())) {
                 Ok(()) => break,
                 // At most 100 ms at a time, so a raised limit is noticed soon.
                 Err(wait) => std::thread::sleep(wait.min(Duration::from_millis(100))),

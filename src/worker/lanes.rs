@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use super::log::{explain_privileges, Log};
+use super::Role;
 use crate::backoff::{Backoff, Jitter};
 use crate::error::SyncError;
 use crate::gucs::Settings;
@@ -166,19 +167,30 @@ pub struct Link {
     pub ever: bool,
 }
 
-/// Every lane's health and the link's.
+/// Every lane's health and the link's, as one worker process sees them: each process has
+/// its own view of the link, and publishes only the lanes it runs. `redis_connected` is the
+/// stream worker's.
 pub struct Lanes {
     pub link: Link,
     lanes: [LaneHealth; 3],
     jitter: Jitter,
+    role: Role,
 }
 
 impl Lanes {
-    pub fn new(s: &Settings, seed: u64) -> Lanes {
+    pub fn new(role: Role, s: &Settings, seed: u64) -> Lanes {
         Lanes {
             link: Link { retry: Retry::new(s), up: false, ever: false },
             lanes: Lane::ALL.map(|l| LaneHealth::new(l, s)),
             jitter: Jitter::new(seed),
+            role,
+        }
+    }
+
+    /// Sets `redis_connected`, when this process is the stream worker.
+    fn show_connected(&self, connected: bool) {
+        if self.role == Role::Streams {
+            shmem::update(|st| st.redis_connected = connected);
         }
     }
 
@@ -227,7 +239,7 @@ impl Lanes {
         } else {
             format!("connected to Redis {server}")
         });
-        shmem::update(|st| st.redis_connected = true);
+        self.show_connected(true);
     }
 
     /// A lane failed with `err`: Redis unreachable takes the link down (once for all lanes);
@@ -242,7 +254,7 @@ impl Lanes {
                 self.link.up = false;
                 self.link.retry.failed("", &err, s, &mut self.jitter, log, now);
                 shmem::record_error(&err.to_string());
-                shmem::update(|st| st.redis_connected = false);
+                self.show_connected(false);
             }
         } else {
             let health = &mut self.lanes[lane as usize];
@@ -255,27 +267,38 @@ impl Lanes {
         health.last_error_time = shmem::now();
     }
 
-    /// The link's probe failed again (Redis is still not there).
-    pub fn probe_failed(&mut self, err: SyncError, s: &Settings, log: &Log, now: Instant) {
+    /// The link's probe, sent by `lane`, failed again (Redis is still not there).
+    pub fn probe_failed(
+        &mut self,
+        lane: Lane,
+        err: SyncError,
+        s: &Settings,
+        log: &Log,
+        now: Instant,
+    ) {
         let err = explain_privileges(err, s);
         self.link.up = false;
         self.link.retry.failed("", &err, s, &mut self.jitter, log, now);
         shmem::record_error(&err.to_string());
-        let health = &mut self.lanes[Lane::Discovery as usize];
+        let health = &mut self.lanes[lane as usize];
         health.last_error = format!("{}: {err}", health.label());
         health.last_error_time = shmem::now();
     }
 
-    /// Is anything backing off (the worker's state is then `backing_off`)?
+    /// Is anything of this process backing off (its state is then `backing_off`)?
     pub fn any_failing(&self) -> bool {
-        !self.link.up || self.lanes.iter().any(|l| l.retry.failing())
+        !self.link.up || self.role.lanes().iter().any(|l| self.lanes[*l as usize].retry.failing())
     }
 
-    /// Writes every lane's row to shared memory.
+    /// Writes the rows of this process's lanes to shared memory.
     pub fn publish(&self) {
         let link_down = !self.link.up;
+        let own = self.role.lanes();
         shmem::update(|st| {
             for (slot, l) in st.lanes.iter_mut().zip(&self.lanes) {
+                if !own.contains(&l.lane) {
+                    continue;
+                }
                 slot.state = if l.state == LaneState::Off {
                     LaneState::Off
                 } else if l.retry.failing() {

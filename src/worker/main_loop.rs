@@ -4,22 +4,24 @@
 //! deadline.
 //!
 //! The main thread is the only one that calls Postgres, and it never does Redis I/O: the
-//! reader threads (one per database), the discovery thread, the scanner thread and the
-//! notification thread do, and hand over their results. Each turn takes what has come and
-//! does a bounded piece of Postgres work per lane (a batch of each database's entries, one
-//! chunk of a key-value page), so no lane's work waits long behind another's.
+//! reader threads (one per database) and the discovery thread of the stream worker, the
+//! scanner thread and the notification thread of the key-value worker do, and hand over
+//! their results. Each turn takes what has come and does a bounded piece of Postgres work
+//! per lane of its process (a batch of each database's entries; one chunk of a key-value
+//! page), so no lane's work waits long behind another's.
 
 use std::time::{Duration, Instant};
 
 use super::lanes::Lanes;
 use super::log::Log;
+use super::Role;
 use crate::gucs::{Mode, Settings};
 use crate::keys::{flags_cover_changes, KeySync, KvCtx, KvWriter, Notifier, PassSummary, Scope};
 use crate::pg::{self, LoopContext, Waker, MAX_WAIT};
 use crate::ratelimit::Lane;
 use crate::redis::SharedBudget;
 use crate::shmem::{self, LaneState, WorkerState};
-use crate::streams::{DiscoveryCtx, DiscoveryTurn, Feed, StreamSync, StreamWriter};
+use crate::streams::{DiscoveryCtx, DiscoveryTurn, Feed, Learned, StreamSync, StreamWriter};
 
 /// A turn longer than this is logged at debug level, with what took the time.
 const SLOW_TURN: Duration = Duration::from_millis(100);
@@ -28,6 +30,7 @@ const SLOW_TURN: Duration = Duration::from_millis(100);
 const CHANGES_PER_TURN: usize = 4;
 
 pub struct Worker {
+    role: Role,
     settings: Settings,
     log: Log,
     lanes: Lanes,
@@ -44,18 +47,21 @@ pub struct Worker {
     /// What pg_stat_activity shows now.
     activity: (bool, String),
     loop_cxt: LoopContext,
+    /// The stream keys the key-value worker last handed over, and their generation.
+    learned: (u64, Option<Learned>),
 }
 
 impl Worker {
-    pub fn new(settings: Settings, waker: Waker) -> Worker {
+    pub fn new(role: Role, settings: Settings, waker: Waker) -> Worker {
         pg::set_query_timeout(settings.query_timeout);
         let seed = (pg::my_pid() as u64) << 32 ^ shmem::now() as u64;
         let now = Instant::now();
         let mut streams = StreamSync::new(now);
         streams.requests_answered_before(shmem::discovery_answered());
         let worker = Worker {
+            role,
             log: Log { level: settings.log_level },
-            lanes: Lanes::new(&settings, seed),
+            lanes: Lanes::new(role, &settings, seed),
             budget: SharedBudget::new(settings.rate_limit),
             waker,
             streams,
@@ -66,10 +72,15 @@ impl Worker {
             held: false,
             activity: (false, String::new()),
             loop_cxt: LoopContext::new(),
+            learned: (0, None),
             settings,
         };
         worker.log.info(&format!(
-            "redis_pg_sync worker started: database \"{}\", Redis {}",
+            "redis_pg_sync {} started: database \"{}\", Redis {}",
+            match role {
+                Role::Streams => "worker",
+                Role::KeyValues => "key-value worker",
+            },
             worker.settings.database,
             worker.settings.redis.server()
         ));
@@ -122,22 +133,27 @@ impl Worker {
             ));
             self.lanes.reset_link();
             let server = new.redis.server();
-            shmem::update(|s| {
-                s.redis_connected = false;
-                s.redis_server.set(&server);
-            });
+            if self.role == Role::Streams {
+                shmem::update(|s| {
+                    s.redis_connected = false;
+                    s.redis_server.set(&server);
+                });
+            }
         }
-        if changes.stream_scope || changes.redis {
+        if (changes.stream_scope || changes.redis) && self.role == Role::Streams {
             // New patterns, ranges, streams or server: look again now.
             self.streams.clear(now, &self.settings.redis, changes.redis);
         }
-        if changes.key_value_scope {
+        if changes.key_value_scope && self.role == Role::KeyValues {
             // A pass under way was started with the old key-value settings: start again.
             self.keys.abandon();
+            shmem::hand_over_learned(None);
             self.notifier = None;
         }
         let mode = new.mode;
-        shmem::update(|s| s.mode = mode);
+        if self.role == Role::Streams {
+            shmem::update(|s| s.mode = mode);
+        }
         self.settings = new;
         self.log.debug("configuration reloaded");
     }
@@ -153,20 +169,55 @@ impl Worker {
             None
         };
         if let Some((state, text)) = hold {
-            if !self.held {
-                // Whatever is read from now on is read again from the pending list later.
-                self.streams.stop_reads(&self.settings.redis);
-                self.held = true;
+            if self.role == Role::Streams {
+                if !self.held {
+                    // Whatever is read from now on is read again from the pending list later.
+                    self.streams.stop_reads(&self.settings.redis);
+                }
+                // Replies still arriving are dropped unread; nothing new is asked for.
+                let _ = self.streams.pump(&mut self.stream_writer, &self.settings, &self.log, None);
             }
-            // Replies still arriving are dropped unread; nothing new is asked for.
-            let _ = self.streams.pump(&mut self.stream_writer, &self.settings, &self.log, None);
+            self.held = true;
             let connected = self.lanes.link.up;
             self.enter(state, text, connected, true);
             return (false, MAX_WAIT);
         }
         self.held = false;
+        let worked = match self.role {
+            Role::Streams => self.stream_lanes(now),
+            Role::KeyValues => self.key_value_lanes(now),
+        };
+        self.publish(worked);
+        (worked, self.wait(now))
+    }
+
+    /// The key-value worker's turn: a step of the pass, then notified changes.
+    fn key_value_lanes(&mut self, now: Instant) -> bool {
+        if self.settings.mode != Mode::Sync {
+            self.lanes.get(Lane::KeyValues).state = LaneState::Off;
+            return false;
+        }
+        let started = Instant::now();
+        let mut worked = self.key_value_turn(now);
+        let pass = started.elapsed();
+        worked |= self.notification_turn(now);
+        let total = started.elapsed();
+        if total >= SLOW_TURN {
+            self.log.debug(&format!(
+                "slow turn of {} ms: key-value pass {} ms, notifications {} ms",
+                total.as_millis(),
+                pass.as_millis(),
+                (total - pass).as_millis()
+            ));
+        }
+        worked
+    }
+
+    /// The stream worker's turn: land what was read, then discovery.
+    fn stream_lanes(&mut self, now: Instant) -> bool {
+        self.take_learned(now);
         let mut worked = false;
-        let mut times = [Duration::ZERO; 4];
+        let mut times = [Duration::ZERO; 2];
         let mut clock = Instant::now();
         let mut lap = |i: usize| {
             let t = Instant::now();
@@ -181,25 +232,33 @@ impl Worker {
         lap(0);
         worked |= self.discovery_turn(now);
         lap(1);
-        if self.settings.mode == Mode::Sync {
-            worked |= self.key_value_turn(now);
-            lap(2);
-            worked |= self.notification_turn(now);
-            lap(3);
-        }
         let total: Duration = times.iter().sum();
         if total >= SLOW_TURN {
             self.log.debug(&format!(
-                "slow turn of {} ms: streams {} ms, discovery {} ms, key-value pass {} ms, notifications {} ms",
+                "slow turn of {} ms: streams {} ms, discovery {} ms",
                 total.as_millis(),
                 times[0].as_millis(),
-                times[1].as_millis(),
-                times[2].as_millis(),
-                times[3].as_millis()
+                times[1].as_millis()
             ));
         }
-        self.publish(worked);
-        (worked, self.wait(now))
+        worked
+    }
+
+    /// Takes the stream keys the key-value worker handed over since the last turn; a new
+    /// one among them moves the next discovery to now.
+    fn take_learned(&mut self, now: Instant) {
+        let generation = shmem::learned_generation();
+        if generation == self.learned.0 {
+            return;
+        }
+        let learned = shmem::learned().map(|(started, streams)| {
+            let age = Duration::from_micros((shmem::now() - started).max(0) as u64);
+            Learned { at: now.checked_sub(age).unwrap_or(now), streams }
+        });
+        if let Some(l) = &learned {
+            self.streams.streams_seen(&self.settings, l, now);
+        }
+        self.learned = (generation, learned);
     }
 
     /// The stream lane: land what the readers brought, start the next reads.
@@ -244,7 +303,7 @@ impl Worker {
             may_send,
             probe,
             requested: shmem::discovery_requests(),
-            learned: self.keys.learned(),
+            learned: self.learned.1.as_ref(),
         };
         let outcome = self.streams.discovery_turn(&self.settings, now, &ctx, &self.log);
         let server = self.settings.redis.server();
@@ -260,7 +319,7 @@ impl Worker {
                 true
             }
             Err(e) if !self.lanes.link.up => {
-                self.lanes.probe_failed(e, &self.settings, &self.log, now);
+                self.lanes.probe_failed(Lane::Discovery, e, &self.settings, &self.log, now);
                 true
             }
             Err(e) => {
@@ -277,11 +336,19 @@ impl Worker {
     fn key_value_turn(&mut self, now: Instant) -> bool {
         let enabled =
             self.settings.key_value_auto_discovery && !self.settings.key_value_patterns.is_empty();
-        let may_start = self.lanes.link.up && self.lanes.get(Lane::KeyValues).may_work(now);
+        // While Redis is unreachable, the start of a pass is the probe that finds it back.
+        let may_start = if self.lanes.link.up {
+            self.lanes.get(Lane::KeyValues).may_work(now)
+        } else {
+            enabled && self.lanes.may_probe(now)
+        };
         let ctx = KvCtx { budget: &self.budget, waker: &self.waker, may_start };
         let outcome = self.keys.step(&mut self.kv_writer, &self.settings, now, &ctx);
         let worked = match outcome {
             Ok(turn) => {
+                if turn.heard {
+                    self.lanes.connected(&self.settings.redis.server(), &self.log);
+                }
                 if turn.wrote || turn.finished.is_some() {
                     self.lanes.get(Lane::KeyValues).succeeded(&self.log);
                 }
@@ -290,15 +357,21 @@ impl Worker {
                 }
                 if let Some(summary) = turn.finished {
                     self.log.debug(&pass_line(&summary));
-                    if let Some(learned) = self.keys.learned() {
-                        self.streams.streams_seen(&self.settings, learned, now);
-                    }
+                    // Handed to the stream worker's discovery, which may skip its own walk.
+                    shmem::hand_over_learned(self.keys.learned().map(|l| {
+                        let age = now.saturating_duration_since(l.at).as_micros() as i64;
+                        (shmem::now() - age, &l.streams[..])
+                    }));
                 }
                 turn.worked
             }
             Err(e) => {
                 self.kv_writer.reset();
-                self.lanes.failed(Lane::KeyValues, e, &self.settings, &self.log, now);
+                if e.connection_lost() && !self.lanes.link.up {
+                    self.lanes.probe_failed(Lane::KeyValues, e, &self.settings, &self.log, now);
+                } else {
+                    self.lanes.failed(Lane::KeyValues, e, &self.settings, &self.log, now);
+                }
                 true
             }
         };
@@ -383,14 +456,20 @@ impl Worker {
     /// How long the loop may sleep: until the first lane has something due. Helper threads
     /// wake it when they hand something over.
     fn wait(&self, now: Instant) -> Duration {
-        let mut wait = MAX_WAIT.min(self.streams.discovery_wait(&self.settings, now));
-        if !self.lanes.link.up {
+        let mut wait = MAX_WAIT;
+        let kv_on = self.settings.mode == Mode::Sync
+            && self.settings.key_value_auto_discovery
+            && !self.settings.key_value_patterns.is_empty();
+        match self.role {
+            Role::Streams => wait = wait.min(self.streams.discovery_wait(&self.settings, now)),
+            Role::KeyValues if kv_on => wait = wait.min(self.keys.wait(now)),
+            Role::KeyValues => {}
+        }
+        // The key-value worker with nothing to do has no link to probe.
+        if !self.lanes.link.up && (self.role == Role::Streams || kv_on) {
             wait = wait.min(self.lanes.probe_wait(now));
         }
-        if self.settings.mode == Mode::Sync {
-            wait = wait.min(self.keys.wait(now));
-        }
-        for lane in Lane::ALL {
+        for &lane in self.role.lanes() {
             if let Some(held) = self.lanes.get_ref(lane).wait(now) {
                 wait = wait.min(held);
             }
@@ -398,13 +477,21 @@ impl Worker {
         wait
     }
 
-    /// The worker's state, its lanes' rows and what pg_stat_activity shows.
+    /// The process's state, its lanes' rows and what pg_stat_activity shows.
     fn publish(&mut self, worked: bool) {
         self.lanes.publish();
         let connected = self.lanes.link.up;
+        let (state, text, idle) = match self.role {
+            Role::Streams => self.stream_state(worked),
+            Role::KeyValues => self.key_value_state(worked),
+        };
+        self.enter(state, &text, connected, idle);
+    }
+
+    fn stream_state(&self, worked: bool) -> (WorkerState, String, bool) {
         let n = self.streams.tracked();
         let streams = format!("{n} stream{}", if n == 1 { "" } else { "s" });
-        let (state, text, idle) = if !self.lanes.link.ever && !self.lanes.any_failing() {
+        if !self.lanes.link.ever && !self.lanes.any_failing() {
             (
                 WorkerState::Connecting,
                 format!("connecting to Redis {}", self.settings.redis.server()),
@@ -418,21 +505,53 @@ impl Worker {
             (WorkerState::Monitoring, format!("monitoring {streams}"), !worked)
         } else if !worked {
             (WorkerState::Running, format!("idle: {streams}, waiting for changes"), true)
-        } else if self.keys.busy() {
-            (WorkerState::Running, format!("syncing {streams}, key-value pass"), false)
         } else {
             (WorkerState::Running, format!("syncing {streams}"), false)
-        };
-        self.enter(state, &text, connected, idle);
+        }
+    }
+
+    fn key_value_state(&self, worked: bool) -> (WorkerState, String, bool) {
+        let s = &self.settings;
+        if s.mode == Mode::Monitor {
+            return (WorkerState::Monitoring, "monitor mode: no key-value mirror".into(), true);
+        }
+        if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
+            return (
+                WorkerState::Running,
+                "idle: key-value mirror off (redis_sync.key_value_auto_discovery)".into(),
+                true,
+            );
+        }
+        if !self.lanes.link.ever && !self.lanes.any_failing() {
+            (WorkerState::Connecting, format!("connecting to Redis {}", s.redis.server()), false)
+        } else if self.lanes.any_failing() {
+            let error = shmem::snapshot()
+                .map(|st| st.lanes[Lane::KeyValues as usize].last_error.as_str().to_owned())
+                .unwrap_or_default();
+            (WorkerState::BackingOff, format!("backing off: {error}"), true)
+        } else if worked && self.keys.busy() {
+            (WorkerState::Running, "syncing key values: key-value pass".into(), false)
+        } else if worked {
+            (WorkerState::Running, "syncing key values: notified changes".into(), false)
+        } else {
+            (WorkerState::Running, "idle: key values, waiting for changes".into(), true)
+        }
     }
 
     /// Publishes the state, and the activity when it changed.
     fn enter(&mut self, state: WorkerState, activity: &str, connected: bool, idle: bool) {
-        let changed = shmem::snapshot().map(|s| s.state != state || s.redis_connected != connected);
+        let role = self.role;
+        let changed = shmem::snapshot().map(|s| match role {
+            Role::Streams => s.state != state || s.redis_connected != connected,
+            Role::KeyValues => s.kv.state != state,
+        });
         if changed.unwrap_or(true) {
-            shmem::update(|s| {
-                s.state = state;
-                s.redis_connected = connected;
+            shmem::update(|s| match role {
+                Role::Streams => {
+                    s.state = state;
+                    s.redis_connected = connected;
+                }
+                Role::KeyValues => s.kv.state = state,
             });
         }
         if (idle, activity) != (self.activity.0, self.activity.1.as_str()) {

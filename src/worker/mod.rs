@@ -1,5 +1,11 @@
-//! The background worker: registration, the entry point, signals, the main loop and its log
-//! lines.
+//! The background workers: registration, the entry point, signals, the main loop and its
+//! log lines.
+//!
+//! Two processes run the same loop in two roles: the stream worker (stream reads and
+//! discovery, backend type `redis_pg_sync`) and the key-value worker (key-value passes and
+//! keyspace notifications, backend type `redis_pg_sync key values`). Each has a Postgres
+//! backend of its own, so a long key-value write (a big value's row) never holds up a
+//! stream commit. They share the rate limit's buckets and the status in shared memory.
 //!
 //! - `signals`: handlers that only set flags and the latch; helper threads start with every
 //!   signal blocked
@@ -27,21 +33,64 @@ pub use signals::spawn_helper;
 /// How long the postmaster waits before starting the worker again after it exited.
 const RESTART_TIME: Duration = Duration::from_secs(5);
 
-const WORKER_NAME: &str = "redis_pg_sync worker";
+/// How much nicer (lower in CPU priority) the key-value worker is than the server.
+const KEY_VALUE_NICE: libc::c_int = 10;
 
-/// Registers the worker with the postmaster (while preloading only).
-pub fn register() {
-    BackgroundWorkerBuilder::new(WORKER_NAME)
-        .set_type("redis_pg_sync")
-        .set_library("redis_pg_sync")
-        .set_function("redis_sync_worker_main")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::ConsistentState)
-        .set_restart_time(Some(RESTART_TIME))
-        .load();
+/// What a worker process does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// Stream reads and discovery (and monitor mode).
+    Streams,
+    /// Key-value passes and keyspace notifications.
+    KeyValues,
 }
 
-/// Marks the worker stopped in shared memory when the process exits, however it exits.
+impl Role {
+    const ALL: [Role; 2] = [Role::Streams, Role::KeyValues];
+
+    fn arg(self) -> i32 {
+        match self {
+            Role::Streams => 0,
+            Role::KeyValues => 1,
+        }
+    }
+
+    /// The process's name and its backend type in `pg_stat_activity`.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Role::Streams => ("redis_pg_sync worker", "redis_pg_sync"),
+            Role::KeyValues => ("redis_pg_sync key-value worker", "redis_pg_sync key values"),
+        }
+    }
+
+    /// The lanes the role's process runs and publishes.
+    pub fn lanes(self) -> &'static [crate::ratelimit::Lane] {
+        use crate::ratelimit::Lane;
+        match self {
+            Role::Streams => &[Lane::Streams, Lane::Discovery],
+            Role::KeyValues => &[Lane::KeyValues],
+        }
+    }
+}
+
+/// Registers the workers with the postmaster (while preloading only).
+pub fn register() {
+    for role in Role::ALL {
+        let (name, backend_type) = role.names();
+        BackgroundWorkerBuilder::new(name)
+            .set_type(backend_type)
+            .set_library("redis_pg_sync")
+            .set_function("redis_sync_worker_main")
+            .set_argument(Some(pg_sys::Datum::from(role.arg())))
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::ConsistentState)
+            .set_restart_time(Some(RESTART_TIME))
+            .load();
+    }
+}
+
+/// Marks the stream worker stopped in shared memory when the process exits, however it
+/// exits.
 unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     shmem::update(|s| {
         s.pid = 0;
@@ -50,15 +99,28 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
     });
 }
 
+/// The same for the key-value worker.
+unsafe extern "C-unwind" fn on_exit_kv(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    shmem::update(|s| {
+        s.kv.pid = 0;
+        s.kv.state = WorkerState::Stopped;
+    });
+}
+
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn redis_sync_worker_main(arg: pg_sys::Datum) {
+    let role =
+        if arg.value() == Role::KeyValues.arg() as usize { Role::KeyValues } else { Role::Streams };
     signals::install();
     let settings = Settings::load();
-    let role = (!settings.role.is_empty()).then_some(settings.role.as_str());
-    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), role);
+    let pg_role = (!settings.role.is_empty()).then_some(settings.role.as_str());
+    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), pg_role);
 
-    crate::pg::on_exit(on_exit);
+    crate::pg::on_exit(match role {
+        Role::Streams => on_exit,
+        Role::KeyValues => on_exit_kv,
+    });
     if let Some(encoding) = crate::pg::non_utf8_encoding() {
         // Started again after its restart time, and refused again: the log and the status
         // say why.
@@ -74,15 +136,36 @@ pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
         );
     }
     let started = shmem::now();
-    shmem::clear_skipped();
-    shmem::update(|s| {
-        *s = shmem::WorkerStatus::default();
-        s.pid = crate::pg::my_pid();
-        s.state = WorkerState::Starting;
-        s.mode = settings.mode;
-        s.started_at = started;
-        s.redis_server.set(&settings.redis.server());
-    });
+    let pid = crate::pg::my_pid();
+    match role {
+        Role::Streams => shmem::update(|s| {
+            // The key-value worker's part stays as it is.
+            let kv = (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize]);
+            *s = shmem::WorkerStatus::default();
+            (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize]) = kv;
+            s.pid = pid;
+            s.state = WorkerState::Starting;
+            s.mode = settings.mode;
+            s.started_at = started;
+            s.redis_server.set(&settings.redis.server());
+        }),
+        Role::KeyValues => {
+            // Below the stream worker (and Redis) for the CPU: when the cores are busy, a
+            // key-value pass's comparing and writing waits, not a stream commit. Threads
+            // started later inherit it.
+            // SAFETY: setpriority only changes this thread's scheduling priority.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, KEY_VALUE_NICE) } != 0 {
+                pgrx::log!("redis_pg_sync: could not lower the key-value worker's priority");
+            }
+            shmem::clear_skipped();
+            shmem::hand_over_learned(None);
+            shmem::update(|s| {
+                s.kv =
+                    shmem::ProcessSlot { pid, state: WorkerState::Starting, started_at: started };
+                s.lanes[crate::ratelimit::Lane::KeyValues as usize] = shmem::LaneSlot::EMPTY;
+            });
+        }
+    }
     // Values the worker writes are compressed with lz4 where the server was built with it:
     // a 12 MB hash row takes a quarter of the time pglz needs, so streams wait less behind
     // it. Only the worker's session; without lz4, pglz stays.
@@ -94,5 +177,5 @@ pub extern "C-unwind" fn redis_sync_worker_main(_arg: pg_sys::Datum) {
         // The postmaster starts the worker again after its restart time.
         Err(e) => pgrx::error!("redis_pg_sync: cannot create the worker's wake-up pipe: {e}"),
     };
-    main_loop::Worker::new(settings, waker).run();
+    main_loop::Worker::new(role, settings, waker).run();
 }
