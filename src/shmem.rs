@@ -5,7 +5,7 @@
 //! and is only touched from a process's main thread.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
@@ -251,6 +251,22 @@ pub fn snapshot() -> Option<WorkerStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_lock_held_by_a_dead_process_is_taken_over() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = child.id() as i32;
+        child.wait().expect("wait");
+        let owner = AtomicI32::new(dead);
+        {
+            let _held = lock_budget(&owner);
+            assert_eq!(owner.load(Ordering::Relaxed), std::process::id() as i32);
+        }
+        // Released on drop, and free to take again.
+        assert_eq!(owner.load(Ordering::Relaxed), 0);
+        drop(lock_budget(&owner));
+        assert_eq!(owner.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn fixed_str_cuts_at_char_boundary() {
@@ -511,8 +527,8 @@ pub struct LearnedStreams {
     pub generation: u64,
     /// None handed over (no complete pass yet, or too many to list).
     pub none: bool,
-    /// When the pass started (TimestampTz).
-    pub pass_started: i64,
+    /// When the pass started (CLOCK_MONOTONIC, the same clock in every process).
+    pub pass_started: Option<std::time::Instant>,
     pub count: usize,
     pub keys: [(u8, FixedStr<256>); MAX_LEARNED],
 }
@@ -522,7 +538,7 @@ impl Default for LearnedStreams {
         LearnedStreams {
             generation: 0,
             none: true,
-            pass_started: 0,
+            pass_started: None,
             count: 0,
             keys: [(0, FixedStr::empty()); MAX_LEARNED],
         }
@@ -538,7 +554,7 @@ pub static LEARNED: PgLwLock<LearnedStreams> = unsafe { PgLwLock::new(c"redis_pg
 /// Hands the stream keys of a complete pass (`None`: forget the last ones) to discovery
 /// (main thread only). Keys that are not UTF-8 or longer than a slot, or more of them than
 /// fit, hand over nothing: discovery then walks the keyspace itself.
-pub fn hand_over_learned(learned: Option<(i64, &[StreamKey])>) {
+pub fn hand_over_learned(learned: Option<(std::time::Instant, &[StreamKey])>) {
     if !preloaded() {
         return;
     }
@@ -559,7 +575,7 @@ pub fn hand_over_learned(learned: Option<(i64, &[StreamKey])>) {
         t.keys[i].1.set(text);
     }
     t.count = keys.len();
-    t.pass_started = started;
+    t.pass_started = Some(started);
     t.none = false;
 }
 
@@ -573,26 +589,25 @@ pub fn learned_generation() -> u64 {
 }
 
 /// The stream keys last handed over, and when their pass started.
-pub fn learned() -> Option<(i64, Vec<StreamKey>)> {
+pub fn learned() -> Option<(std::time::Instant, Vec<StreamKey>)> {
     if !preloaded() {
         return None;
     }
     let t = LEARNED.share();
-    if t.none {
-        return None;
-    }
+    let started = t.pass_started.filter(|_| !t.none)?;
     let keys = t.keys[..t.count].iter().map(|(db, k)| (*db, k.as_str().as_bytes().to_vec()));
-    Some((t.pass_started, keys.collect()))
+    Some((started, keys.collect()))
 }
 
 /// `redis_sync.rate_limit`'s buckets, shared by every worker process's lanes.
 #[derive(Default)]
 pub struct BudgetCell {
-    lock: AtomicBool,
+    /// The PID of the process whose thread holds the lock; 0 when free.
+    owner: AtomicI32,
     budget: UnsafeCell<Option<crate::ratelimit::Budget>>,
 }
 
-// SAFETY: `budget` is only touched while `lock` is held (in `with_budget`).
+// SAFETY: `budget` is only touched while `owner` holds the lock (in `with_budget`).
 unsafe impl Sync for BudgetCell {}
 // SAFETY: an atomic and plain Copy data with no pointers (an Instant is a CLOCK_MONOTONIC
 // reading, the same clock in every process).
@@ -601,9 +616,51 @@ unsafe impl PGRXSharedMemory for BudgetCell {}
 // SAFETY: as for STATUS.
 pub static BUDGET: PgAtomic<BudgetCell> = unsafe { PgAtomic::new(c"redis_pg_sync_budget") };
 
-/// Runs `f` on the shared buckets (made at `rate` on first use), under a spin lock held
-/// only for the few arithmetic steps of `f`. Any thread may call it; gives `f` back when the
-/// shared memory does not exist (not preloaded).
+/// Releases the budget's lock when dropped (also when `f` panics).
+struct Held<'a>(&'a AtomicI32);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// Takes the budget's lock. A holder that has died (a worker process that exited while one
+/// of its threads held it) is taken over, so the lock cannot stay held.
+fn lock_budget(owner: &AtomicI32) -> Held<'_> {
+    let me = std::process::id() as i32;
+    let mut spins = 0u32;
+    loop {
+        match owner.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return Held(owner),
+            Err(holder) => {
+                spins += 1;
+                if spins.is_multiple_of(64) && holder != me && !process_alive(holder) {
+                    let taken =
+                        owner.compare_exchange(holder, me, Ordering::Acquire, Ordering::Relaxed);
+                    if taken.is_ok() {
+                        return Held(owner);
+                    }
+                }
+                if spins < 16 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Runs `f` on the shared buckets (made at `rate` on first use), under a lock held only for
+/// the few arithmetic steps of `f`. Any thread may call it; gives `f` back when the shared
+/// memory does not exist (not preloaded).
 pub fn with_budget<R, F>(rate: u32, f: F) -> Result<R, F>
 where
     F: FnOnce(&mut crate::ratelimit::Budget) -> R,
@@ -612,16 +669,11 @@ where
         return Err(f);
     }
     let cell = BUDGET.get();
-    while cell.lock.swap(true, Ordering::Acquire) {
-        std::hint::spin_loop();
-        std::thread::yield_now();
-    }
-    // SAFETY: the lock is held, so no other thread or process touches the cell until it is
-    // released below; `f` is arithmetic only and cannot block.
+    let _held = lock_budget(&cell.owner);
+    // SAFETY: the lock is held until `_held` drops, so no other thread or process touches
+    // the cell meanwhile; `f` is arithmetic only and cannot block.
     let budget = unsafe { &mut *cell.budget.get() };
     let b = budget
         .get_or_insert_with(|| crate::ratelimit::Budget::new(rate, std::time::Instant::now()));
-    let r = f(b);
-    cell.lock.store(false, Ordering::Release);
-    Ok(r)
+    Ok(f(b))
 }

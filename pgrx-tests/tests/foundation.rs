@@ -266,6 +266,12 @@ fn idles_on_a_hot_standby_and_starts_on_promotion() {
     assert_eq!(standby.query_text("pg_is_in_recovery()").as_deref(), Some("true"));
     standby.wait_status("state", "standby", T);
     assert_eq!(standby.status("redis_connected").as_deref(), Some("false"));
+    let states = |pg: &Cluster| {
+        pg.query_text("SELECT string_agg(worker || ':' || state, ',' ORDER BY worker) FROM redis_sync_workers()")
+    };
+    wait_for("both standby workers idle", T, || {
+        (states(&standby)?.as_str() == "key_values:standby,streams:standby").then_some(())
+    });
     // Only the primary's workers talk to Redis: every connection named after a worker
     // process (redis_pg_sync-<pid>) is one of the primary's two.
     let mut r = redis.client();
@@ -279,6 +285,9 @@ fn idles_on_a_hot_standby_and_starts_on_promotion() {
     standby.execute("SELECT pg_promote()");
     standby.wait_status("state", "running", T);
     assert_eq!(standby.status("redis_connected").as_deref(), Some("true"));
+    wait_for("both workers running after promotion", T, || {
+        (states(&standby)?.as_str() == "key_values:running,streams:running").then_some(())
+    });
 }
 
 #[test]

@@ -157,6 +157,39 @@ fn an_idle_worker_sleeps() {
 }
 
 #[test]
+fn both_worker_processes_share_one_rate_limit() {
+    let _machine = shared();
+    let redis = Redis::start();
+    let mut r = redis.client();
+    load_keys(&mut r, 0, 200_000);
+    add_numbered(&mut r, "budget", 0..200_000);
+    let pg = Cluster::start_defaults(
+        &redis,
+        &[("redis_sync.rate_limit", "20"), ("redis_sync.sync_interval", "100ms")],
+    );
+    let rows = || pg.number("SELECT messages_processed FROM redis_sync_status()");
+    let kv = || pg.number("SELECT key_values_processed FROM redis_sync_status()");
+    wait_for("both workers busy", T, || (rows() > 0 && kv() > 0).then_some(()));
+    // A window with both at work: stream reads in one process, key-value pages in the other,
+    // every round trip counted in redis_ops.
+    let ops = || pg.number("SELECT redis_ops FROM redis_sync_status()");
+    let (t0, ops0, rows0, kv0) = (Instant::now(), ops(), rows(), kv());
+    std::thread::sleep(Duration::from_secs(10));
+    let (ops1, rows1, kv1) = (ops(), rows(), kv());
+    let per_s = (ops1 - ops0) as f64 / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "rate_limit = 20: {per_s:.1} round trips/s from both workers; {} rows, {} keys meanwhile",
+        rows1 - rows0,
+        kv1 - kv0
+    );
+    assert!(rows1 > rows0 && rows1 < 200_001, "streams busy all along: {rows0} -> {rows1}");
+    assert!(kv1 > kv0, "key values busy too: {kv0} -> {kv1}");
+    // One budget for both: at most the rate (with the turns' publishing lag); a budget per
+    // process would let each use the whole rate.
+    assert!(per_s <= 20.0 * 1.25, "{per_s:.1} round trips/s at rate_limit = 20");
+}
+
+#[test]
 fn a_redis_with_fewer_databases_than_the_search_range() {
     let _machine = shared();
     let redis = Redis::start_with(&["--databases", "4"]);

@@ -135,6 +135,11 @@ impl KeySync {
         }
     }
 
+    /// Is a pass due to start (none under way, its time come)?
+    pub fn due(&self, now: Instant) -> bool {
+        self.pass.is_none() && now >= self.next_pass
+    }
+
     /// Starts the next pass now (events may have been missed).
     pub fn pass_now(&mut self, now: Instant) {
         self.next_pass = now;

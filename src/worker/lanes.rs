@@ -3,8 +3,9 @@
 //!
 //! A lane's own failure (a Postgres error writing its rows, a Redis error about its keys, a
 //! missing grant) backs off that lane only, on its own schedule; the others go on. Redis
-//! itself being unreachable is one condition for all lanes: it is counted, logged and backed
-//! off once, the lanes wait, and the discovery lane's next job is the probe that finds the
+//! itself being unreachable is one condition for all lanes of a process: it is counted,
+//! logged and backed off once, the lanes wait, and the next job of the stream worker's
+//! discovery lane (or the key-value worker's next pass start) is the probe that finds the
 //! server back.
 
 use std::time::{Duration, Instant};
@@ -100,9 +101,10 @@ impl Retry {
         self.backoff.failures() > 0
     }
 
-    /// How long until the next try, when one is held back.
+    /// How long until the next try, when one is held back (not once the hold is over: what
+    /// else gates the try says when it is due).
     fn wait(&self, now: Instant) -> Option<Duration> {
-        self.hold_until.map(|t| t.saturating_duration_since(now))
+        self.hold_until.filter(|t| *t > now).map(|t| t - now)
     }
 }
 
@@ -285,9 +287,12 @@ impl Lanes {
         health.last_error_time = shmem::now();
     }
 
-    /// Is anything of this process backing off (its state is then `backing_off`)?
+    /// Is anything of this process backing off (its state is then `backing_off`)? Not
+    /// while the first connection is still being made.
     pub fn any_failing(&self) -> bool {
-        !self.link.up || self.role.lanes().iter().any(|l| self.lanes[*l as usize].retry.failing())
+        self.link.retry.failing()
+            || (self.link.ever && !self.link.up)
+            || self.role.lanes().iter().any(|l| self.lanes[*l as usize].retry.failing())
     }
 
     /// Writes the rows of this process's lanes to shared memory.

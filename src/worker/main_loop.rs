@@ -251,10 +251,7 @@ impl Worker {
         if generation == self.learned.0 {
             return;
         }
-        let learned = shmem::learned().map(|(started, streams)| {
-            let age = Duration::from_micros((shmem::now() - started).max(0) as u64);
-            Learned { at: now.checked_sub(age).unwrap_or(now), streams }
-        });
+        let learned = shmem::learned().map(|(at, streams)| Learned { at, streams });
         if let Some(l) = &learned {
             self.streams.streams_seen(&self.settings, l, now);
         }
@@ -336,11 +333,15 @@ impl Worker {
     fn key_value_turn(&mut self, now: Instant) -> bool {
         let enabled =
             self.settings.key_value_auto_discovery && !self.settings.key_value_patterns.is_empty();
-        // While Redis is unreachable, the start of a pass is the probe that finds it back.
+        // While Redis is unreachable, the start of a pass is the probe that finds it back:
+        // sent when a pass is due and both the lane's and the link's delays are over.
         let may_start = if self.lanes.link.up {
             self.lanes.get(Lane::KeyValues).may_work(now)
         } else {
-            enabled && self.lanes.may_probe(now)
+            enabled
+                && self.keys.due(now)
+                && self.lanes.get(Lane::KeyValues).may_work(now)
+                && self.lanes.may_probe(now)
         };
         let ctx = KvCtx { budget: &self.budget, waker: &self.waker, may_start };
         let outcome = self.keys.step(&mut self.kv_writer, &self.settings, now, &ctx);
@@ -358,10 +359,7 @@ impl Worker {
                 if let Some(summary) = turn.finished {
                     self.log.debug(&pass_line(&summary));
                     // Handed to the stream worker's discovery, which may skip its own walk.
-                    shmem::hand_over_learned(self.keys.learned().map(|l| {
-                        let age = now.saturating_duration_since(l.at).as_micros() as i64;
-                        (shmem::now() - age, &l.streams[..])
-                    }));
+                    shmem::hand_over_learned(self.keys.learned().map(|l| (l.at, &l.streams[..])));
                 }
                 turn.worked
             }
@@ -460,14 +458,24 @@ impl Worker {
         let kv_on = self.settings.mode == Mode::Sync
             && self.settings.key_value_auto_discovery
             && !self.settings.key_value_patterns.is_empty();
+        let probe = self.lanes.probe_wait(now);
         match self.role {
-            Role::Streams => wait = wait.min(self.streams.discovery_wait(&self.settings, now)),
-            Role::KeyValues if kv_on => wait = wait.min(self.keys.wait(now)),
+            Role::Streams => {
+                wait = wait.min(self.streams.discovery_wait(&self.settings, now));
+                // The probe is discovery's next job; one in flight wakes the loop itself.
+                if !self.lanes.link.up && !self.streams.discovery_busy() {
+                    wait = wait.min(probe);
+                }
+            }
+            Role::KeyValues if kv_on => {
+                let mut next = self.keys.wait(now);
+                // The probe is the next pass start: when it is due and the link's delay over.
+                if !self.lanes.link.up && !self.keys.busy() {
+                    next = next.max(probe);
+                }
+                wait = wait.min(next);
+            }
             Role::KeyValues => {}
-        }
-        // The key-value worker with nothing to do has no link to probe.
-        if !self.lanes.link.up && (self.role == Role::Streams || kv_on) {
-            wait = wait.min(self.lanes.probe_wait(now));
         }
         for &lane in self.role.lanes() {
             if let Some(held) = self.lanes.get_ref(lane).wait(now) {

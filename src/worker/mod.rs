@@ -33,9 +33,6 @@ pub use signals::spawn_helper;
 /// How long the postmaster waits before starting the worker again after it exited.
 const RESTART_TIME: Duration = Duration::from_secs(5);
 
-/// How much nicer (lower in CPU priority) the key-value worker is than the server.
-const KEY_VALUE_NICE: libc::c_int = 10;
-
 /// What a worker process does.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Role {
@@ -104,6 +101,7 @@ unsafe extern "C-unwind" fn on_exit_kv(_code: std::ffi::c_int, _arg: pg_sys::Dat
     shmem::update(|s| {
         s.kv.pid = 0;
         s.kv.state = WorkerState::Stopped;
+        s.kv.started_at = 0;
     });
 }
 
@@ -150,13 +148,6 @@ pub extern "C-unwind" fn redis_sync_worker_main(arg: pg_sys::Datum) {
             s.redis_server.set(&settings.redis.server());
         }),
         Role::KeyValues => {
-            // Below the stream worker (and Redis) for the CPU: when the cores are busy, a
-            // key-value pass's comparing and writing waits, not a stream commit. Threads
-            // started later inherit it.
-            // SAFETY: setpriority only changes this thread's scheduling priority.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, KEY_VALUE_NICE) } != 0 {
-                pgrx::log!("redis_pg_sync: could not lower the key-value worker's priority");
-            }
             shmem::clear_skipped();
             shmem::hand_over_learned(None);
             shmem::update(|s| {
