@@ -338,9 +338,10 @@ impl Worker {
         let may_start = if self.lanes.link.up {
             self.lanes.get(Lane::KeyValues).may_work(now)
         } else {
+            // (The lane's hold is looked at without counting a retry: the probe counts one.)
             enabled
                 && self.keys.due(now)
-                && self.lanes.get(Lane::KeyValues).may_work(now)
+                && self.lanes.get_ref(Lane::KeyValues).wait(now).is_none()
                 && self.lanes.may_probe(now)
         };
         let ctx = KvCtx { budget: &self.budget, waker: &self.waker, may_start };
