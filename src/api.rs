@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
+use crate::worker::Role;
 
 const NOT_LOADED_HINT: &str = "redis_pg_sync is not in shared_preload_libraries, so no worker runs: add it there (ALTER SYSTEM SET shared_preload_libraries = 'redis_pg_sync') and restart PostgreSQL";
 
@@ -169,7 +170,7 @@ fn redis_sync_lanes() -> TableIterator<
         .zip(s.lanes.iter())
         .map(|(lane, slot)| {
             // The key-value lane runs in a process of its own.
-            let pid = if *lane == crate::ratelimit::Lane::KeyValues { s.kv.pid } else { s.pid };
+            let pid = if Role::KeyValues.lanes().contains(lane) { s.kv.pid } else { s.pid };
             let state = if pid != 0 { slot.state.as_str() } else { "stopped" };
             (
                 lane.as_str().to_owned(),
@@ -197,24 +198,23 @@ fn redis_sync_workers() -> TableIterator<
         name!(started_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    use crate::ratelimit::Lane;
     let Some(s) = shmem::snapshot() else {
         return TableIterator::new(Vec::new());
     };
-    let lanes = |l: &[Lane]| l.iter().map(|l| l.as_str().to_owned()).collect::<Vec<_>>();
+    let lanes = |r: Role| r.lanes().iter().map(|l| l.as_str().to_owned()).collect::<Vec<_>>();
     let rows = vec![
         (
             "streams".to_owned(),
             (s.pid != 0).then_some(s.pid),
             s.state.as_str().to_owned(),
-            lanes(&[Lane::Streams, Lane::Discovery]),
+            lanes(Role::Streams),
             ts(s.started_at),
         ),
         (
             "key_values".to_owned(),
             (s.kv.pid != 0).then_some(s.kv.pid),
             s.kv.state.as_str().to_owned(),
-            lanes(&[Lane::KeyValues]),
+            lanes(Role::KeyValues),
             ts(s.kv.started_at),
         ),
     ];

@@ -773,6 +773,11 @@ impl Changes {
 }
 
 impl Settings {
+    /// Is the key-value mirror on (auto-discovery with at least one pattern)?
+    pub fn mirrors_key_values(&self) -> bool {
+        self.key_value_auto_discovery && !self.key_value_patterns.is_empty()
+    }
+
     /// What differs from `old` (the settings before a reload). Pure.
     pub fn changes(&self, old: &Settings) -> Changes {
         let redis = self.redis != old.redis;

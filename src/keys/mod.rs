@@ -184,7 +184,7 @@ impl KeySync {
         now: Instant,
         ctx: &KvCtx<'_>,
     ) -> Result<KvTurn> {
-        if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
+        if !s.mirrors_key_values() {
             self.drop_pass();
             return Ok(KvTurn::default());
         }

@@ -14,7 +14,7 @@ mod reply;
 mod values;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,9 @@ fn count_round_trip() {
 /// in the process where the library is not preloaded.
 #[derive(Clone)]
 pub struct SharedBudget {
+    /// The rate every thread of this process asks with (0: unlimited, no bucket looked at).
+    rate: Arc<AtomicU32>,
+    /// The buckets where the shared memory does not exist.
     local: Arc<Mutex<Budget>>,
     shared: bool,
 }
@@ -59,6 +62,7 @@ pub struct SharedBudget {
 impl SharedBudget {
     pub fn new(rate: u32) -> SharedBudget {
         let budget = SharedBudget {
+            rate: Arc::new(AtomicU32::new(rate)),
             local: Arc::new(Mutex::new(Budget::new(rate, Instant::now()))),
             shared: crate::shmem::preloaded(),
         };
@@ -68,8 +72,7 @@ impl SharedBudget {
 
     fn with<R>(&self, f: impl FnOnce(&mut Budget) -> R) -> R {
         let f = if self.shared {
-            let rate = self.local.lock().unwrap_or_else(|e| e.into_inner()).rate();
-            match crate::shmem::with_budget(rate, f) {
+            match crate::shmem::with_budget(self.rate.load(Ordering::Relaxed), f) {
                 Ok(r) => return r,
                 Err(f) => f,
             }
@@ -80,7 +83,7 @@ impl SharedBudget {
     }
 
     pub fn set_rate(&self, rate: u32) {
-        self.local.lock().unwrap_or_else(|e| e.into_inner()).set_rate(rate, Instant::now());
+        self.rate.store(rate, Ordering::Relaxed);
         self.with(|b| {
             if b.rate() != rate {
                 b.set_rate(rate, Instant::now());
@@ -91,10 +94,9 @@ impl SharedBudget {
     /// Waits (sleeping the calling thread, which is never the main one) for a token of
     /// `lane` and counts the round trip about to be made.
     pub fn take(&self, lane: Lane) {
-        // Unlimited: no bucket to look at.
-        let unlimited = self.local.lock().unwrap_or_else(|e| e.into_inner()).rate() == 0;
         loop {
-            if unlimited {
+            // Unlimited: no bucket to look at.
+            if self.rate.load(Ordering::Relaxed) == 0 {
                 break;
             }
             match self.with(|b| b.try_take(lane, Instant::now())) {

@@ -331,8 +331,7 @@ impl Worker {
 
     /// The key-value lane: start a pass when due, or take one step of the pass under way.
     fn key_value_turn(&mut self, now: Instant) -> bool {
-        let enabled =
-            self.settings.key_value_auto_discovery && !self.settings.key_value_patterns.is_empty();
+        let enabled = self.settings.mirrors_key_values();
         // While Redis is unreachable, the start of a pass is the probe that finds it back:
         // sent when a pass is due and both the lane's and the link's delays are over.
         let may_start = if self.lanes.link.up {
@@ -456,9 +455,7 @@ impl Worker {
     /// wake it when they hand something over.
     fn wait(&self, now: Instant) -> Duration {
         let mut wait = MAX_WAIT;
-        let kv_on = self.settings.mode == Mode::Sync
-            && self.settings.key_value_auto_discovery
-            && !self.settings.key_value_patterns.is_empty();
+        let kv_on = self.settings.mode == Mode::Sync && self.settings.mirrors_key_values();
         let probe = self.lanes.probe_wait(now);
         match self.role {
             Role::Streams => {
@@ -524,7 +521,7 @@ impl Worker {
         if s.mode == Mode::Monitor {
             return (WorkerState::Monitoring, "monitor mode: no key-value mirror".into(), true);
         }
-        if !s.key_value_auto_discovery || s.key_value_patterns.is_empty() {
+        if !s.mirrors_key_values() {
             return (
                 WorkerState::Running,
                 "idle: key-value mirror off (redis_sync.key_value_auto_discovery)".into(),
