@@ -20,8 +20,8 @@ use crate::error::SyncError;
 pub use copy::copy_into;
 pub use latch::{wait, WakeHandle, Waker, MAX_WAIT};
 pub use txn::{
-    cancel_if_timed_out, flush_idle_stats, flush_last_commit, in_transaction, not_prepared,
-    set_query_timeout,
+    cancel_if_timed_out, commits_wait_for_standbys, defer_flush, flush_idle_stats, flush_wal,
+    flushed_lsn, in_transaction, last_commit_lsn, not_prepared, set_query_timeout,
 };
 
 /// A Postgres error caught by `PgTryBuilder`, as a typed error keeping its SQLSTATE.

@@ -1,7 +1,7 @@
 //! One transaction per write, under `redis_sync.query_timeout`, with errors caught and typed.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 
@@ -42,6 +42,56 @@ pub unsafe fn cancel_if_timed_out() -> bool {
     false
 }
 
+/// Whether this process's commits return before their WAL is flushed (see [`defer_flush`]).
+static DEFER_FLUSH: AtomicBool = AtomicBool::new(false);
+
+/// With `on`, the transactions of [`in_transaction`] commit with `synchronous_commit = off`:
+/// the commit returns (and its rows are visible) without waiting for the WAL flush, and the
+/// caller finds out when it is durable with [`last_commit_lsn`] and [`flushed_lsn`]. This is
+/// how PostgreSQL's own logical-replication apply workers commit: the stream worker
+/// acknowledges an entry only once the WAL holding its row is flushed, so nothing that Redis
+/// forgets can be lost in a crash, and no commit waits on a disk flush that other writers'
+/// WAL (a key-value pass, say) made slow.
+pub fn defer_flush(on: bool) {
+    DEFER_FLUSH.store(on, Ordering::Relaxed);
+}
+
+/// Whether commits wait for synchronous standbys, as the server, database or role configure
+/// it (`synchronous_standby_names` set and `synchronous_commit` above `local`). Read outside
+/// a transaction, where the worker's own per-transaction setting is not in force.
+pub fn commits_wait_for_standbys() -> bool {
+    // SAFETY: main thread; both are plain GUC variables of this backend, and a non-null
+    // `SyncRepStandbyNames` points at a NUL-terminated string owned by the GUC machinery.
+    unsafe {
+        let level = pg_sys::synchronous_commit as u32;
+        let names = pg_sys::SyncRepStandbyNames;
+        level > pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_LOCAL_FLUSH
+            && !names.is_null()
+            && *names != 0
+    }
+}
+
+/// The end of this process's last commit record in the WAL (0 before the first).
+pub fn last_commit_lsn() -> u64 {
+    // SAFETY: main thread; this process's own record of its last commit.
+    unsafe { pg_sys::XactLastCommitEnd }
+}
+
+/// How far the WAL is flushed to disk.
+pub fn flushed_lsn() -> u64 {
+    // SAFETY: reads the shared flush position under its spin lock; a null timeline pointer
+    // is allowed.
+    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+}
+
+/// Flushes the WAL up to `lsn` (what a synchronous commit waits for; standbys are not
+/// waited for).
+pub fn flush_wal(lsn: u64) {
+    // SAFETY: main thread, outside a transaction; flushing up to a position already written
+    // is what a synchronous commit does.
+    unsafe { pg_sys::XLogFlush(lsn) };
+}
+
 pub fn set_query_timeout(timeout: std::time::Duration) {
     QUERY_TIMEOUT_MS.store(timeout.as_millis() as u64, Ordering::Relaxed);
 }
@@ -65,8 +115,25 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         }
     }
     let f = AssertUnwindSafe(f);
+    let defer = DEFER_FLUSH.load(Ordering::Relaxed);
     let outcome = PgTryBuilder::new(move || {
         let f = f;
+        if defer {
+            // SAFETY: inside the transaction started above; a LOCAL setting ends with it,
+            // and `off` is a valid value, so nothing is raised.
+            unsafe {
+                pg_sys::set_config_option(
+                    c"synchronous_commit".as_ptr(),
+                    c"off".as_ptr(),
+                    pg_sys::GucContext::PGC_USERSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                    pg_sys::GucAction::GUC_ACTION_LOCAL,
+                    true,
+                    pgrx::PgLogLevel::ERROR as std::ffi::c_int,
+                    false,
+                );
+            }
+        }
         match (f.0)() {
             Ok(r) => {
                 // SAFETY: the snapshot pushed above is still the active one, and the
@@ -107,17 +174,6 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         });
     }
     outcome
-}
-
-/// Flushes the WAL up to the end of this process's last commit, whatever
-/// `synchronous_commit` the server, the database or the role sets: an entry is acknowledged
-/// in Redis only once its row would survive a crash. (With `synchronous_commit = on` the
-/// commit already waited for this and the call returns at once; standbys are not waited
-/// for.)
-pub fn flush_last_commit() {
-    // SAFETY: outside a transaction on the main thread; XactLastCommitEnd is this process's
-    // own record of its last commit, and flushing up to it is what a synchronous commit does.
-    unsafe { pg_sys::XLogFlush(pg_sys::XactLastCommitEnd) };
 }
 
 thread_local! {

@@ -170,9 +170,17 @@ pub struct StreamSync {
     /// Replies to reads made before the last failure, pause or change of scope are dropped
     /// unread (their entries stay in our pending list and are read again from there).
     epoch: u64,
-    /// Entries whose rows are committed but not yet acknowledged, by database: they ride
-    /// along with the next read of that database (one round trip for both).
+    /// Entries whose rows are committed and flushed but not yet acknowledged, by database:
+    /// they ride along with the next read of that database (one round trip for both).
     unacked: BTreeMap<u8, Acks>,
+    /// Entries whose rows are committed, but maybe not yet flushed to disk, oldest first:
+    /// where the commit ends in the WAL, when it committed, and the acknowledgements by
+    /// database. They move to `unacked` once the WAL is flushed that far.
+    awaiting: std::collections::VecDeque<(u64, Instant, BTreeMap<u8, Acks>)>,
+    /// How far the WAL was flushed when last looked at.
+    flushed: u64,
+    /// When the shared read of the busy databases last found entries.
+    shared_found_at: Option<Instant>,
     /// Moving average of an entry's size in bytes, for the read budget.
     avg_entry_bytes: usize,
     group: String,
@@ -217,6 +225,9 @@ impl StreamSync {
             busy: std::collections::BTreeSet::new(),
             epoch: 0,
             unacked: BTreeMap::new(),
+            awaiting: std::collections::VecDeque::new(),
+            flushed: 0,
+            shared_found_at: None,
             avg_entry_bytes: 1024,
             group: String::new(),
             last_search: String::new(),
@@ -288,6 +299,7 @@ impl StreamSync {
         self.index.clear();
         if other_server {
             self.unacked.clear();
+            self.awaiting.clear();
             self.readers.clear();
             self.combined = None;
         }

@@ -168,7 +168,6 @@ fn serve(
 ) {
     let mut conn: Option<(RedisSettings, RedisConn)> = None;
     for reqs in requests {
-        budget.take(Lane::Streams);
         let out = read(home, &mut conn, reqs, &client_id);
         if out.iter().any(|r| r.result.as_ref().is_err_and(|e| e.connection_lost())) {
             conn = None;
@@ -177,6 +176,11 @@ fn serve(
             return;
         }
         wake.wake();
+        // The round trip is paid for after it is made, before the next one: a read that
+        // waits in Redis costs Redis nothing until an entry ends it, so it starts at once
+        // and an entry is never kept waiting for a token. Over time it is still one token
+        // per round trip (a reader runs ahead by one at most).
+        budget.take(Lane::Streams);
     }
 }
 

@@ -7,10 +7,11 @@
 //! ([`StreamSync::advance_cursors`]), and that only committed entries are acknowledged
 //! ([`StreamSync::land`]).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
 
 use super::reader::{
-    GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
+    Acks, GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
 };
 use super::writer::{StreamRow, Target, Written};
 use super::{Cursor, StreamSync, StreamWriter};
@@ -31,7 +32,24 @@ const READ_BYTES_BUDGET: usize = 16 << 20;
 
 /// How long entries left in a stream's pending list (refused, or held back) wait before the
 /// list is read again.
-const RETRY_HELD: std::time::Duration = std::time::Duration::from_secs(5);
+const RETRY_HELD: Duration = Duration::from_secs(5);
+
+/// Committed entries wait at most this long for the WAL writer to flush their commit before
+/// the worker flushes it itself (and can acknowledge them).
+const FLUSH_AT_LATEST: Duration = Duration::from_secs(1);
+
+/// While committed entries wait for their flush, the loop looks again this often.
+const FLUSH_POLL: Duration = Duration::from_millis(20);
+
+/// How long the shared read goes on finding nothing before its databases go back to reads
+/// of their own: three of the stream lane's rounds at `rate_limit` (so at most three empty
+/// reads), none when the rate is unlimited (reads of their own then cost no waiting).
+fn linger(rate_limit: u32) -> Duration {
+    if rate_limit == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(3.0 / (rate_limit as f64 * crate::ratelimit::Lane::Streams.share()))
+}
 
 /// Where a batch's rows go: the stream-table writer, or a stand-in in unit tests.
 pub trait BatchWriter {
@@ -161,10 +179,15 @@ impl StreamSync {
             let mut batches = Vec::new();
             for reply in replies {
                 pumped.replies += 1;
-                if let Some(b) = self.take_reply(reply, from_busy, s, log)? {
+                if let Some(b) = self.take_reply(reply, s, log)? {
                     batches.push(b);
                 }
             }
+            let found: Vec<(u8, usize)> = batches
+                .iter()
+                .map(|(db, b): &(u8, Vec<StreamBatch>)| (*db, b.iter().map(|b| b.ids.len()).sum()))
+                .collect();
+            self.note_round(&found, from_busy, Instant::now(), linger(s.rate_limit));
             // Read ahead while these batches are written, when the next read cannot depend
             // on them (no busy database re-reads pending entries).
             if let (true, Some(feed)) = (from_busy, feed) {
@@ -179,6 +202,7 @@ impl StreamSync {
             }
             pumped.landed += self.land_reads(writer, s, log, batches)?;
         }
+        self.settle_acks(Instant::now());
         if let Some(feed) = feed {
             self.feed(s, feed)?;
         }
@@ -207,13 +231,11 @@ impl StreamSync {
         }
     }
 
-    /// Takes one reply: drops it if it belongs to an older epoch, applies group fixes,
-    /// moves cursors, and decides whether its database is busy (read with the others in one
-    /// round trip) or idle (its own read waits in Redis). Returns the batches to land.
+    /// Takes one reply: drops it if it belongs to an older epoch, applies group fixes and
+    /// moves cursors. Returns the batches to land.
     fn take_reply(
         &mut self,
         reply: ReadReply,
-        from_busy: bool,
         s: &Settings,
         log: &Log,
     ) -> Result<Option<(u8, Vec<StreamBatch>)>> {
@@ -233,22 +255,85 @@ impl StreamSync {
             }
         };
         self.advance_cursors(&reply.request, &batches);
-        let entries = self.note_reply(&batches);
-        self.note_busy(db, entries, from_busy);
+        self.note_reply(&batches);
         Ok(Some((db, batches)))
     }
 
-    /// A database whose read found entries, or whose streams re-read pending ones, is busy
-    /// (read with the others in one round trip, without waiting); one whose read with the
-    /// others found nothing is idle again (its own read waits in Redis).
-    pub(super) fn note_busy(&mut self, db: u8, entries: usize, from_busy: bool) {
+    /// Decides after a round trip's replies (the entries each database's read found) which
+    /// databases are busy: read together in the shared round trip, without waiting in
+    /// Redis. A database stays in it while that round trip finds entries anywhere: riding
+    /// along costs no round trip, where a read of its own would take one of the rate limit
+    /// for every entry that wakes it. Only once the shared read has found nothing at all for
+    /// `linger` do its databases go back to reads of their own, waiting in Redis: one
+    /// empty read right after a full one (read ahead while a token was spare) says nothing
+    /// about the traffic.
+    pub(super) fn note_round(
+        &mut self,
+        found: &[(u8, usize)],
+        from_busy: bool,
+        now: Instant,
+        linger: Duration,
+    ) {
+        let any = found.iter().any(|(_, n)| *n > 0);
+        if any && from_busy {
+            self.shared_found_at = Some(now);
+        }
+        let quiet =
+            !any && self.shared_found_at.is_none_or(|t| now.saturating_duration_since(t) >= linger);
+        for &(db, entries) in found {
+            self.note_busy(db, entries, from_busy && quiet);
+        }
+    }
+
+    /// A database whose read found entries, or whose streams re-read pending ones, is busy.
+    /// `may_idle`: the shared read found nothing in any database; then a database with
+    /// nothing pending is idle again (its own read waits in Redis).
+    fn note_busy(&mut self, db: u8, entries: usize, may_idle: bool) {
         let pending =
             self.streams.iter().any(|t| t.db == db && t.readable() && t.cursor != Cursor::New);
         if entries > 0 || pending {
             self.busy.insert(db);
-        } else if from_busy {
+        } else if may_idle {
             self.busy.remove(&db);
         }
+    }
+
+    /// Moves the acknowledgements whose commits the WAL now holds on disk (up to `flushed`)
+    /// to those sent with the next reads.
+    pub(super) fn release_durable(&mut self, flushed: u64) {
+        self.flushed = self.flushed.max(flushed);
+        while self.awaiting.front().is_some_and(|(lsn, ..)| *lsn <= self.flushed) {
+            let Some((_, _, by_db)) = self.awaiting.pop_front() else { break };
+            for (db, acks) in by_db {
+                self.unacked.entry(db).or_default().extend(acks);
+            }
+        }
+    }
+
+    /// Commits return before their WAL is flushed (see [`crate::pg::defer_flush`]), so
+    /// their entries wait here until it is: the WAL writer flushes within
+    /// `wal_writer_delay`, and other commits flush it too. The worker flushes it itself only
+    /// when no read is under way that could bring entries to land (every database's read
+    /// waits in Redis), or when the oldest has waited [`FLUSH_AT_LATEST`]: a commit never
+    /// waits for the disk while entries stream in.
+    fn settle_acks(&mut self, now: Instant) {
+        let Some(&(newest, ..)) = self.awaiting.back() else { return };
+        let mut flushed = crate::pg::flushed_lsn();
+        if flushed < newest {
+            let oldest = self.awaiting.front().map_or(now, |a| a.1);
+            let reading =
+                !self.busy.is_empty() || self.combined.as_ref().is_some_and(Reader::in_flight);
+            if !reading || now.saturating_duration_since(oldest) >= FLUSH_AT_LATEST {
+                crate::pg::flush_wal(newest);
+                flushed = newest;
+            }
+        }
+        self.release_durable(flushed);
+    }
+
+    /// How long the loop may wait while committed entries wait for their flush.
+    pub fn ack_wait(&self) -> Option<Duration> {
+        (!self.awaiting.is_empty()).then_some(FLUSH_POLL)
     }
 
     /// Lands the batches of one round trip's reads, in one transaction.
@@ -276,10 +361,6 @@ impl StreamSync {
         let readable: BTreeSet<u8> =
             self.streams.iter().filter(|t| t.readable()).map(|t| t.db).collect();
         self.busy.retain(|db| readable.contains(db));
-        // Acknowledgements owed to a database with nothing left to read go with the others.
-        let owed: Vec<u8> =
-            self.unacked.keys().copied().filter(|db| !readable.contains(db)).collect();
-        self.busy.extend(owed);
         // A database's own reader (its thread and connection) is kept while the database has
         // streams, busy or not: a database that turns busy and idle again under a moderate
         // load must not cost a connect (and TLS handshake) each time.
@@ -312,11 +393,26 @@ impl StreamSync {
         Ok(())
     }
 
-    /// One round trip reading every busy database.
+    /// One round trip reading every busy database. Acknowledgements owed to a database it
+    /// does not read go with it too: one whose own read waits in Redis (and would carry them
+    /// only when it ends), or one with nothing left to read.
     fn send_busy(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
         let dbs: Vec<u8> = self.busy.iter().copied().collect();
-        let reqs: Vec<ReadRequest> =
+        let mut reqs: Vec<ReadRequest> =
             dbs.into_iter().filter_map(|db| self.next_request(db, s)).collect();
+        let owed: Vec<u8> = self
+            .unacked
+            .keys()
+            .copied()
+            .filter(|db| {
+                !self.busy.contains(db)
+                    && (self.readers.get(db).is_some_and(Reader::in_flight)
+                        || !self.streams.iter().any(|t| t.db == *db && t.readable()))
+            })
+            .collect();
+        for db in owed {
+            reqs.extend(self.acks_only(db, s));
+        }
         if reqs.is_empty() {
             return Ok(());
         }
@@ -388,18 +484,37 @@ impl StreamSync {
         let n = streams.len().max(1);
         let fit = READ_BYTES_BUDGET / self.avg_entry_bytes.max(1) / n;
         let spread = (MAX_ENTRIES_PER_READ as usize / n).max(1);
-        Some(ReadRequest {
+        let count = (fit.min(spread).max(1) as u32).min(s.batch_size);
+        Some(self.request(db, s, acks, streams, count, block.then_some(s.poll_interval)))
+    }
+
+    /// A request that only acknowledges the committed entries of database `db`.
+    fn acks_only(&mut self, db: u8, s: &Settings) -> Option<ReadRequest> {
+        let acks = self.unacked.remove(&db)?;
+        Some(self.request(db, s, acks, Vec::new(), 1, None))
+    }
+
+    fn request(
+        &self,
+        db: u8,
+        s: &Settings,
+        acks: Acks,
+        streams: Vec<ReadStream>,
+        count: u32,
+        block: Option<Duration>,
+    ) -> ReadRequest {
+        ReadRequest {
             acks,
             settings: s.redis.clone(),
             db,
             group: s.consumer_group.clone(),
             consumer: s.consumer_name.clone(),
-            count: (fit.min(spread).max(1) as u32).min(s.batch_size),
-            block: block.then_some(s.poll_interval),
+            count,
+            block,
             streams,
             auto_create: s.auto_create_consumer_groups,
             epoch: self.epoch,
-        })
+        }
     }
 
     /// Moves cursors after a reply: a pending re-read goes on after its last entry, or
@@ -429,15 +544,13 @@ impl StreamSync {
         }
     }
 
-    /// Keeps the moving average of entry sizes that the read budget uses; returns the
-    /// entries the read found.
-    fn note_reply(&mut self, batches: &[StreamBatch]) -> usize {
+    /// Keeps the moving average of entry sizes that the read budget uses.
+    fn note_reply(&mut self, batches: &[StreamBatch]) {
         let entries: usize = batches.iter().map(|b| b.ids.len()).sum();
         let bytes: usize = batches.iter().map(|b| b.copy.len()).sum();
         if let Some(avg) = bytes.checked_div(entries) {
             self.avg_entry_bytes = (self.avg_entry_bytes * 3 + avg) / 4;
         }
-        entries
     }
 
     /// Keys of `db` that a read found to be of another type now (deleted and set again as a
@@ -543,36 +656,37 @@ impl StreamSync {
             .filter(|(i, _)| self.streams[*i].read_pending)
             .map(|(i, _)| self.streams[*i].stream_key.clone())
             .collect();
-        let Written { held, settled } = match writer.write(&rows, &copy, &proven, &recheck) {
-            Ok(w) => w,
-            Err(e @ SyncError::Refused { .. })
-                if acks.iter().all(|(i, _)| {
-                    let t = &self.streams[*i];
-                    t.refused && t.read_pending
-                }) =>
-            {
-                // Entries already known refused, refused again on their re-read: no news, so
-                // no failure of the lane (no backoff, no other stream's reads dropped).
-                // They wait for proof: new entries next, the pending list again in 5 s.
-                for (i, _) in &acks {
-                    let t = &mut self.streams[*i];
-                    t.last_error = e.to_string();
-                    t.state = StreamState::Error;
-                    t.proven = false;
-                    t.wait_for_new = true;
-                    t.retry_due = true;
-                    t.retry_at = None;
-                    t.cursor = Cursor::New;
+        let Written { held, settled, commit_lsn } =
+            match writer.write(&rows, &copy, &proven, &recheck) {
+                Ok(w) => w,
+                Err(e @ SyncError::Refused { .. })
+                    if acks.iter().all(|(i, _)| {
+                        let t = &self.streams[*i];
+                        t.refused && t.read_pending
+                    }) =>
+                {
+                    // Entries already known refused, refused again on their re-read: no news, so
+                    // no failure of the lane (no backoff, no other stream's reads dropped).
+                    // They wait for proof: new entries next, the pending list again in 5 s.
+                    for (i, _) in &acks {
+                        let t = &mut self.streams[*i];
+                        t.last_error = e.to_string();
+                        t.state = StreamState::Error;
+                        t.proven = false;
+                        t.wait_for_new = true;
+                        t.retry_due = true;
+                        t.retry_at = None;
+                        t.cursor = Cursor::New;
+                    }
+                    writer.reset();
+                    return Landed { result: Ok(0), touched, lost };
                 }
-                writer.reset();
-                return Landed { result: Ok(0), touched, lost };
-            }
-            Err(e) => {
-                self.refused_write(&acks, &e);
-                writer.reset();
-                return Landed { result: Err(e), touched, lost: Vec::new() };
-            }
-        };
+                Err(e) => {
+                    self.refused_write(&acks, &e);
+                    writer.reset();
+                    return Landed { result: Err(e), touched, lost: Vec::new() };
+                }
+            };
         // Refused rows the dead-letter table has no room for: not acknowledged; their
         // streams read their pending lists again in a few seconds.
         let held: HashSet<(&str, &str)> = held
@@ -636,12 +750,17 @@ impl StreamSync {
         drop(settled);
         drop(rows);
         drop(copy);
+        let mut by_db: BTreeMap<u8, Acks> = BTreeMap::new();
         for (i, ids) in acks {
             if ids.is_empty() {
                 continue;
             }
             let t = &self.streams[i];
-            self.unacked.entry(t.db).or_default().push((t.key.clone(), ids));
+            by_db.entry(t.db).or_default().push((t.key.clone(), ids));
+        }
+        if !by_db.is_empty() {
+            self.awaiting.push_back((commit_lsn, Instant::now(), by_db));
+            self.release_durable(self.flushed);
         }
         Landed { result: Ok(handled), touched, lost }
     }
@@ -697,7 +816,7 @@ fn not_a_stream(ty: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use super::*;
     use crate::error::SyncError;
@@ -708,6 +827,8 @@ mod tests {
     /// refused: the table's refusal, unless `proven`; then dead-lettered).
     #[derive(Default)]
     struct Table {
+        /// Where its commits end in the WAL (0: durable at once).
+        lsn: u64,
         fail: bool,
         bad: Vec<String>,
         rows: Vec<String>,
@@ -744,10 +865,10 @@ mod tests {
                     .filter(|(_, r)| bad.contains(&r.message_id))
                     .map(|(i, _)| i)
                     .collect();
-                return Ok(Written { held, settled: Vec::new() });
+                return Ok(Written { held, ..Default::default() });
             }
             self.dead.extend(bad);
-            Ok(Written::default())
+            Ok(Written { commit_lsn: self.lsn, ..Default::default() })
         }
         fn reset(&mut self) {}
     }
@@ -841,23 +962,85 @@ mod tests {
     fn databases_turn_busy_with_entries_and_idle_when_a_shared_read_finds_none() {
         let mut s = sync_with(&[(0, "a"), (1, "b")]);
         // Re-reading pending entries: busy whatever the read found.
-        s.note_busy(1, 0, true);
+        let t0 = Instant::now();
+        let z = Duration::ZERO;
+        s.note_round(&[(1, 0)], true, t0, z);
         assert!(s.busy.contains(&1));
         for st in &mut s.streams {
             st.cursor = Cursor::New;
         }
         // The shared read found nothing in db 1: idle, its own read waits in Redis.
-        s.note_busy(1, 0, true);
+        s.note_round(&[(1, 0)], true, t0, z);
         assert!(!s.busy.contains(&1));
         // Its waiting read came back empty: still idle; with entries: busy.
-        s.note_busy(1, 0, false);
+        s.note_round(&[(1, 0)], false, t0, z);
         assert!(!s.busy.contains(&1));
-        s.note_busy(1, 3, false);
+        s.note_round(&[(1, 3)], false, t0, z);
         assert!(s.busy.contains(&1));
         assert!(!s.busy.contains(&0));
         // After a failure or a discovery every database starts over busy, pending first.
         s.restart_from_pending();
         assert_eq!(s.busy.iter().copied().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_quiet_database_rides_along_while_the_shared_read_finds_entries_elsewhere() {
+        let mut s = sync_with(&[(0, "a"), (1, "b"), (2, "c")]);
+        for st in &mut s.streams {
+            st.cursor = Cursor::New;
+        }
+        s.busy.extend([0, 1, 2]);
+        let t0 = Instant::now();
+        let linger = super::linger(100);
+        assert_eq!(linger, Duration::from_micros(37_500));
+        // db 0 had entries, dbs 1 and 2 none: they stay in the shared read (no round trip
+        // of their own, no token of the rate limit each time an entry wakes them).
+        s.note_round(&[(0, 5), (1, 0), (2, 0)], true, t0, linger);
+        assert_eq!(s.busy.iter().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+        // The shared read found nothing anywhere right after: still busy (one empty read
+        // right after a full one says nothing about the traffic).
+        let empty = [(0, 0), (1, 0), (2, 0)];
+        s.note_round(&empty, true, t0 + Duration::from_millis(1), linger);
+        assert_eq!(s.busy.len(), 3);
+        // Nothing found anywhere for longer than `linger`: every database waits in Redis.
+        s.note_round(&empty, true, t0 + linger, linger);
+        assert!(s.busy.is_empty());
+        // Unlimited rate: at once.
+        s.busy.extend([0, 1, 2]);
+        s.note_round(&[(0, 5), (1, 0), (2, 0)], true, t0, super::linger(0));
+        s.note_round(&empty, true, t0, super::linger(0));
+        assert!(s.busy.is_empty());
+    }
+
+    #[test]
+    fn acknowledgements_wait_until_the_commit_is_on_disk() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a")]);
+        s.streams[0].cursor = Cursor::New;
+        let mut table = Table { lsn: 100, ..Default::default() };
+        assert_eq!(
+            s.land(&mut table, vec![(0, vec![batch("a", &["1-0"])])], 1).result.ok(),
+            Some(1)
+        );
+        // Committed (the row is there) but its WAL is not flushed yet: not acknowledged.
+        let acks = |s: &mut StreamSync| s.next_request(0, &settings).map(|r| r.acks);
+        assert_eq!(acks(&mut s), Some(vec![]));
+        s.release_durable(99);
+        assert_eq!(acks(&mut s), Some(vec![]));
+        table.lsn = 200;
+        assert_eq!(
+            s.land(&mut table, vec![(0, vec![batch("a", &["2-0"])])], 2).result.ok(),
+            Some(1)
+        );
+        // Flushed past the first commit only: its entries go with the next read.
+        s.release_durable(150);
+        assert_eq!(acks(&mut s), Some(vec![(b"a".to_vec(), vec!["1-0".to_owned()])]));
+        assert_eq!(acks(&mut s), Some(vec![]));
+        // A position older than one already seen moves nothing back.
+        s.release_durable(120);
+        assert_eq!(acks(&mut s), Some(vec![]));
+        s.release_durable(200);
+        assert_eq!(acks(&mut s), Some(vec![(b"a".to_vec(), vec!["2-0".to_owned()])]));
     }
 
     #[test]

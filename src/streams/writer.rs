@@ -13,11 +13,13 @@ use crate::shmem;
 
 /// What a write did with its rows, by index: `held` refused with no room for dead letters
 /// (not to be acknowledged), `settled` found already stored as dead letters (not written
-/// again; to be acknowledged).
+/// again; to be acknowledged). `commit_lsn`: the end of the write's last commit in the WAL;
+/// its entries may be acknowledged once the WAL is flushed that far (0: already durable).
 #[derive(Debug, Default)]
 pub struct Written {
     pub held: Vec<usize>,
     pub settled: Vec<usize>,
+    pub commit_lsn: u64,
 }
 
 /// One stream entry ready for the stream table.
@@ -141,9 +143,10 @@ impl StreamWriter {
     /// COPY text format) in one transaction: Postgres' own bulk path, with multi-row heap
     /// inserts. When the batch meets rows already stored, or COPY cannot be used, the rows go
     /// through `INSERT ... ON CONFLICT` instead. Returns the rows held back: refused, with
-    /// no room left in the dead-letter table (their entries must not be acknowledged). When
-    /// it returns, the commit is flushed to the local WAL (see
-    /// [`crate::pg::flush_last_commit`]): the other entries may be acknowledged.
+    /// no room left in the dead-letter table (their entries must not be acknowledged), and
+    /// where the commit ends in the WAL: the other entries may be acknowledged once the WAL
+    /// is flushed that far (the commit itself need not wait for it, see
+    /// [`crate::pg::defer_flush`]).
     ///
     /// Rows of the streams in `recheck` (read again from their pending list) that are
     /// already in the dead-letter table, the same entry with the same fields, are not
@@ -172,8 +175,7 @@ impl StreamWriter {
             let held = self.insert_isolating(&rest)?;
             held.into_iter().filter_map(|j| keep.get(j).copied()).collect()
         };
-        crate::pg::flush_last_commit();
-        Ok(Written { held, settled })
+        Ok(Written { held, settled, commit_lsn: crate::pg::last_commit_lsn() })
     }
 
     /// The indices of the rows of `streams` whose entries are already dead letters with

@@ -54,6 +54,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(role: Role, settings: Settings, waker: Waker) -> Worker {
         pg::set_query_timeout(settings.query_timeout);
+        follow_commit_setting(role);
         let seed = (pg::my_pid() as u64) << 32 ^ shmem::now() as u64;
         let now = Instant::now();
         let mut streams = StreamSync::new(now);
@@ -115,6 +116,7 @@ impl Worker {
     /// Picks up new settings after a reload. A changed Redis address or credentials moves
     /// every lane to the new Redis at once.
     fn reload(&mut self) {
+        follow_commit_setting(self.role);
         let new = Settings::load();
         let changes = new.changes(&self.settings);
         if changes.is_empty() {
@@ -460,6 +462,9 @@ impl Worker {
         match self.role {
             Role::Streams => {
                 wait = wait.min(self.streams.discovery_wait(&self.settings, now));
+                if let Some(acks) = self.streams.ack_wait() {
+                    wait = wait.min(acks);
+                }
                 // The probe is discovery's next job; one in flight wakes the loop itself.
                 if !self.lanes.link.up && !self.streams.discovery_busy() {
                     wait = wait.min(probe);
@@ -565,6 +570,14 @@ impl Worker {
             self.activity = (idle, activity.to_owned());
         }
     }
+}
+
+/// The stream worker's commits return before their WAL is flushed, and its entries are
+/// acknowledged once it is (see [`pg::defer_flush`]); except where the server, database or
+/// role make commits wait for synchronous standbys: then they wait, as configured. The
+/// key-value worker acknowledges nothing and commits as configured.
+fn follow_commit_setting(role: Role) {
+    pg::defer_flush(role == Role::Streams && !pg::commits_wait_for_standbys());
 }
 
 /// The debug line of a finished key-value pass.

@@ -464,6 +464,30 @@ fn trace(pg: &Cluster) {
         gaps.get::<_, i64>(4),
         gaps.get::<_, f64>(5)
     );
+    // Where the time goes: from the producer's send to Redis' clock in the entry ID (the
+    // XADD waiting on a busy Redis), and from there to the commit (the worker).
+    let parts = c
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY r), percentile_cont(0.99) WITHIN GROUP (ORDER BY r),
+                    max(r),
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY w), percentile_cont(0.99) WITHIN GROUP (ORDER BY w),
+                    max(w)
+               FROM (SELECT (split_part(message_id, '-', 1)::float8 * 1000 - (data->>'sent_us')::float8) / 1000.0 AS r,
+                            (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e3
+                             - split_part(message_id, '-', 1)::float8) AS w
+                       FROM redis_streams WHERE data ? 'sent_us') x",
+            &[],
+        )
+        .expect("parts");
+    eprintln!(
+        "[trace] send to Redis: p50 {:.1} ms, p99 {:.1}, max {:.1}; Redis to commit: p50 {:.1} ms, p99 {:.1}, max {:.1}",
+        parts.get::<_, f64>(0),
+        parts.get::<_, f64>(1),
+        parts.get::<_, f64>(2),
+        parts.get::<_, f64>(3),
+        parts.get::<_, f64>(4),
+        parts.get::<_, f64>(5)
+    );
     for row in c
         .query(
             "SELECT floor(extract(epoch FROM pg_xact_commit_timestamp(xmin)))::int8 % 1000 AS s,
