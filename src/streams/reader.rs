@@ -372,6 +372,15 @@ fn batches(
         .collect()
 }
 
+/// The COPY text of `rows`.
+pub fn copy_text(rows: &[StreamRow]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in rows {
+        push_copy_row(&mut out, r);
+    }
+    out
+}
+
 fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
     push_copy_field(out, &row.stream_key);
     out.push(b'\t');

@@ -255,8 +255,39 @@ impl StreamSync {
             }
         };
         self.advance_cursors(&reply.request, &batches);
+        let mut batches = batches;
+        if reply.request.streams.iter().any(|st| st.after != ">") {
+            self.drop_known_landed(db, &mut batches);
+        }
         self.note_reply(&batches);
         Ok(Some((db, batches)))
+    }
+
+    /// A re-read of a pending list also brings entries this worker has landed and not yet
+    /// acknowledged (their acknowledgements wait for the WAL flush, or for the next read):
+    /// they are dropped here, not written again.
+    pub(super) fn drop_known_landed(&self, db: u8, batches: &mut [StreamBatch]) {
+        let mut known: HashSet<(&[u8], &str)> = HashSet::new();
+        let queued = self.awaiting.iter().filter_map(|(_, _, by_db)| by_db.get(&db));
+        for acks in queued.chain(self.unacked.get(&db)) {
+            for (key, ids) in acks {
+                known.extend(ids.iter().map(|id| (key.as_slice(), id.as_str())));
+            }
+        }
+        if known.is_empty() {
+            return;
+        }
+        for b in batches.iter_mut() {
+            let before = b.ids.len();
+            b.ids.retain(|id| !known.contains(&(b.key.as_slice(), id.as_str())));
+            if b.ids.len() == before {
+                continue;
+            }
+            b.rows.retain(|r| !known.contains(&(b.key.as_slice(), r.message_id.as_str())));
+            b.copy = super::reader::copy_text(&b.rows);
+            // (An entry deleted from the stream since it landed comes back without fields.)
+            b.trimmed = b.ids.len().saturating_sub(b.rows.len());
+        }
     }
 
     /// Decides after a round trip's replies (the entries each database's read found) which
@@ -1041,6 +1072,37 @@ mod tests {
         assert_eq!(acks(&mut s), Some(vec![]));
         s.release_durable(200);
         assert_eq!(acks(&mut s), Some(vec![(b"a".to_vec(), vec!["2-0".to_owned()])]));
+    }
+
+    #[test]
+    fn a_pending_re_read_drops_entries_landed_and_not_yet_acknowledged() {
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a")]);
+        s.streams[0].cursor = Cursor::New;
+        let mut table = Table { lsn: 100, ..Default::default() };
+        assert_eq!(
+            s.land(&mut table, vec![(0, vec![batch("a", &["1-0"])])], 1).result.ok(),
+            Some(1)
+        );
+        table.lsn = 0;
+        assert_eq!(
+            s.land(&mut table, vec![(0, vec![batch("a", &["2-0"])])], 1).result.ok(),
+            Some(1)
+        );
+        // A discovery sends the stream back to its pending list: 1-0 (awaiting its flush) and
+        // 2-0 (flushed, its acknowledgement not sent yet) come back with 3-0, never landed.
+        let mut got = vec![batch("a", &["1-0", "2-0", "3-0"])];
+        s.drop_known_landed(0, &mut got);
+        assert_eq!(got[0].ids, vec!["3-0"]);
+        assert_eq!(got[0].rows.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>(), ["3-0"]);
+        assert_eq!(got[0].trimmed, 0);
+        // Once acknowledged (sent with a read), they are no longer known.
+        let _ = s.next_request(0, &settings);
+        s.release_durable(100);
+        let _ = s.next_request(0, &settings);
+        let mut got = vec![batch("a", &["1-0", "2-0"])];
+        s.drop_known_landed(0, &mut got);
+        assert_eq!(got[0].ids.len(), 2);
     }
 
     #[test]

@@ -909,7 +909,7 @@ fn main() {
         md,
         "Written by `make bench` on {date}; machine: {cores} cores, {machine}; {pg_version}."
     );
-    let _ = writeln!(md, "Every cluster ran with fsync = on and synchronous_commit = on; one run, side by side. Each section says the settings its figures used.\n");
+    let _ = writeln!(md, "Every cluster ran with fsync = on and synchronous_commit = on (the stream worker's own commits do not wait for the flush; it acknowledges an entry only once its commit is flushed); one run, side by side. Each section says the settings its figures used.\n");
 
     let _ = writeln!(md, "## At the defaults, on a production-shaped Redis\n");
     let _ = writeln!(md, "Every `redis_sync.*` setting at its default (rate_limit 100, batch_size 100, poll_interval 1s, discovery every 10s, key-value sync on, db_search_range 0-15); Redis holds {} string keys in db 0 and 20 streams over dbs 0, 1 and 2, which receive 1,000 entries/s in all from the start until 10 s after the keys are mirrored.\n", d.keys);
