@@ -320,15 +320,18 @@ fn redis_sync_streams() -> TableIterator<
     TableIterator::new(rows)
 }
 
-/// Writes dead letters back to the stream table (each in a subtransaction) and removes
-/// those that landed; those still refused stay, with `attempts` raised. Only dead letters of
-/// streams matching `stream_pattern` (fnmatch, as stored), at most `max` of them.
+/// Writes dead letters back to the stream table, or through their route to its target
+/// (each in a subtransaction), and removes those that landed; those still refused stay,
+/// with `attempts` raised. Only dead letters of streams matching `stream_pattern` (fnmatch,
+/// as stored), at most `max` of them; with `route`, only that route's (`''`: only the
+/// stream table's).
 #[pg_extern(volatile)]
 fn redis_sync_replay_dead_letters(
     stream_pattern: default!(&str, "'*'"),
     max: default!(Option<i32>, "NULL"),
+    route: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(landed, i64), name!(stayed, i64))> {
-    match crate::streams::replay(stream_pattern, max.map(i64::from)) {
+    match crate::streams::replay(stream_pattern, max.map(i64::from), route) {
         Ok(r) => TableIterator::once((r.landed, r.stayed)),
         Err(e) => {
             e.report(PgLogLevel::ERROR);
@@ -360,14 +363,7 @@ fn redis_sync_discover() -> TableIterator<
         t.discovery_requested += 1;
         t.discovery_requested
     };
-    // SAFETY: BackendPidGetProc returns the PGPROC of a live backend or NULL (checked);
-    // setting another process's latch is what latches are for.
-    unsafe {
-        let proc_ = pg_sys::BackendPidGetProc(status.pid);
-        if !proc_.is_null() {
-            pg_sys::SetLatch(&mut (*proc_).procLatch);
-        }
-    }
+    crate::pg::wake_backend(status.pid);
     // Answered once a discovery that started after this request has finished.
     let deadline = Instant::now() + Duration::from_secs(30);
     let gen = loop {

@@ -37,6 +37,16 @@ pub fn encode_name(bytes: &[u8]) -> String {
     }
 }
 
+/// A value for a text column of a route: valid UTF-8 without NUL as it is, anything else as
+/// `$b64:` and the base64 of the bytes (a text column cannot hold them; a `bytea` column
+/// gets the bytes themselves).
+pub fn encode_value_text(bytes: &[u8]) -> String {
+    match plain(bytes) {
+        Some(s) => s.to_owned(),
+        None => format!("{B64_NAME_PREFIX}{}", STANDARD.encode(bytes)),
+    }
+}
+
 /// Inverse of [`encode_name`]; `None` for text that no name encodes to.
 pub fn decode_name(text: &str) -> Option<Vec<u8>> {
     if let Some(b64) = text.strip_prefix(B64_NAME_PREFIX) {
@@ -145,6 +155,32 @@ pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
     }
     out.push('}');
     out
+}
+
+/// Inverse of [`entry_json`]: the (name, value) pairs of a stored `data` object, a name
+/// that held several values once per value; `None` for text that no entry encodes to.
+pub fn decode_entry_json(json: &str) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let value = |v: &serde_json::Value| -> Option<Vec<u8>> {
+        match v {
+            serde_json::Value::String(s) => Some(s.as_bytes().to_vec()),
+            serde_json::Value::Object(o) => STANDARD.decode(o.get(B64_VALUE_KEY)?.as_str()?).ok(),
+            _ => None,
+        }
+    };
+    let mut out = Vec::new();
+    for (k, v) in v.as_object()? {
+        let name = decode_name(k)?;
+        match v {
+            serde_json::Value::Array(values) => {
+                for v in values {
+                    out.push((name.clone(), value(v)?));
+                }
+            }
+            v => out.push((name, value(v)?)),
+        }
+    }
+    Some(out)
 }
 
 /// Milliseconds of a stream entry ID (`<ms>-<seq>`).

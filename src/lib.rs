@@ -11,6 +11,7 @@
 //! | `pg` | transactions and timeouts, COPY, DDL, the latch, the log hook | yes: the Postgres plumbing |
 //! | `streams` | discovery, read rounds, reader thread, monitor mode, stream-table writer | the writer and the round, on the main thread; never the reader thread |
 //! | `keys` | key-value passes, fingerprint memory, rows, scanner and notification threads, writer | the pass and writer, on the main thread; never the two threads |
+//! | `routes` | routes into users' tables: their mapping (pure), catalog checks, SQL functions | the catalog and SQL functions; never the mapping |
 //! | `redis` | connections, commands, reply parsing | no |
 //! | `encode`, `parse`, `backoff`, `ratelimit`, `error` | pure helpers | no |
 //!
@@ -31,12 +32,18 @@ mod parse;
 mod pg;
 mod ratelimit;
 mod redis;
+mod routes;
 mod shmem;
 mod streams;
 mod worker;
 
 pgrx::pg_module_magic!();
 
+extension_sql_file!(
+    "../sql/routes.sql",
+    name = "routes",
+    requires = [routes::sql::redis_sync_routes_changed]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

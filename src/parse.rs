@@ -211,6 +211,104 @@ impl Pattern {
         self.tokens[t..].iter().all(|tok| *tok == Token::Any)
     }
 
+    /// What each `*` and `?` of the pattern matched in `name`, in order, when the whole of
+    /// `name` matches; each `*` takes as little as it can, from the left (`user:*:*` on
+    /// `user:7:profile:x` gives `7` and `profile:x`).
+    pub fn captures<'n>(&self, name: &'n [u8]) -> Option<Vec<&'n [u8]>> {
+        // The same walk as `matches`, noting where each token starts; the last `*` is the
+        // only backtrack point, so earlier ones keep their shortest span.
+        let mut start = vec![0usize; self.tokens.len() + 1];
+        let (mut t, mut n) = (0usize, 0usize);
+        let mut star: Option<(usize, usize)> = None;
+        while n < name.len() {
+            if t < self.tokens.len() {
+                start[t] = n;
+                match &self.tokens[t] {
+                    Token::Any => {
+                        star = Some((t, n));
+                        t += 1;
+                        continue;
+                    }
+                    Token::One => {
+                        t += 1;
+                        n += 1;
+                        continue;
+                    }
+                    Token::Literal(c) if *c == name[n] => {
+                        t += 1;
+                        n += 1;
+                        continue;
+                    }
+                    Token::Class { negated, items } => {
+                        let inside = items.iter().any(|(lo, hi)| *lo <= name[n] && name[n] <= *hi);
+                        if inside != *negated {
+                            t += 1;
+                            n += 1;
+                            continue;
+                        }
+                    }
+                    Token::Literal(_) => {}
+                }
+            }
+            let (st, sn) = star?;
+            t = st + 1;
+            n = sn + 1;
+            star = Some((st, sn + 1));
+        }
+        if !self.tokens[t..].iter().all(|tok| *tok == Token::Any) {
+            return None;
+        }
+        for s in start.iter_mut().skip(t) {
+            *s = name.len();
+        }
+        Some(
+            self.tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, tok)| matches!(tok, Token::Any | Token::One))
+                .map(|(i, _)| &name[start[i]..start[i + 1]])
+                .collect(),
+        )
+    }
+
+    /// How many `*` and `?` the pattern has (what `$key_part N` may name).
+    pub fn wildcards(&self) -> usize {
+        self.tokens.iter().filter(|t| matches!(t, Token::Any | Token::One)).count()
+    }
+
+    /// How specific the pattern is: its characters that are not wildcards (a route whose
+    /// pattern is more specific wins over one that matches the same name with a looser one).
+    pub fn specificity(&self) -> usize {
+        self.tokens.iter().filter(|t| !matches!(t, Token::Any | Token::One)).count()
+    }
+
+    /// The name the pattern matches when each `*` and `?` is given `parts` in order; `None`
+    /// when the pattern has classes, the parts are too few, or a `?` is given more or less
+    /// than one byte.
+    pub fn fill(&self, parts: &[&[u8]]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut k = 0;
+        for tok in &self.tokens {
+            match tok {
+                Token::Literal(c) => out.push(*c),
+                Token::Any => {
+                    out.extend_from_slice(parts.get(k)?);
+                    k += 1;
+                }
+                Token::One => {
+                    let p = parts.get(k)?;
+                    if p.len() != 1 {
+                        return None;
+                    }
+                    out.extend_from_slice(p);
+                    k += 1;
+                }
+                Token::Class { .. } => return None,
+            }
+        }
+        (k == parts.len()).then_some(out)
+    }
+
     /// The same pattern in Redis' glob syntax, for `SCAN ... MATCH`: Redis negates a class
     /// with `^` and treats `\\` as an escape, so both are translated. The server-side match
     /// only narrows what comes back; every key is confirmed with [`Pattern::matches`].
@@ -352,6 +450,30 @@ mod tests {
         assert!(m("*a*b*c*", "xxaxxbxxcxx"));
         assert!(!m("*a*b*c*", "xxaxxcxxbxx"));
         assert!(Pattern::new("x*").matches(b"x\xff\x00"));
+    }
+
+    #[test]
+    fn captures_are_shortest_from_the_left() {
+        let c = |p: &str, s: &str| {
+            Pattern::new(p).captures(s.as_bytes()).map(|v| {
+                v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(c("user:*:*", "user:7:profile:x"), Some(vec!["7".into(), "profile:x".into()]));
+        assert_eq!(c("user:*", "user:42"), Some(vec!["42".into()]));
+        assert_eq!(c("a?c*", "abcdef"), Some(vec!["b".into(), "def".into()]));
+        assert_eq!(c("*-*", "a-b-c"), Some(vec!["a".into(), "b-c".into()]));
+        assert_eq!(c("*x", "axbx"), Some(vec!["axb".into()]));
+        assert_eq!(c("k*", "k"), Some(vec!["".into()]));
+        assert_eq!(c("s[0-9]*", "s5tail"), Some(vec!["tail".into()]));
+        assert_eq!(c("user:*", "order:1"), None);
+        assert_eq!(Pattern::new("user:*:*").wildcards(), 2);
+        assert!(Pattern::new("user:*").specificity() > Pattern::new("*").specificity());
+        let p = Pattern::new("user:*:?");
+        assert_eq!(p.fill(&[b"7", b"x"]), Some(b"user:7:x".to_vec()));
+        assert_eq!(p.fill(&[b"7", b"xy"]), None);
+        assert_eq!(p.fill(&[b"7"]), None);
+        assert_eq!(Pattern::new("s[0-9]*").fill(&[b"x"]), None);
     }
 
     #[test]

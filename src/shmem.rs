@@ -193,6 +193,9 @@ pub struct Counters {
     pub key_value_passes: AtomicU64,
     /// Stream entries deleted upstream while pending, so never stored.
     pub entries_lost: AtomicU64,
+    /// Bumped when a transaction that changed `redis_sync.routes` commits: the workers load
+    /// the routes again when it moves.
+    pub routes_generation: AtomicU64,
 }
 
 // SAFETY: atomics only, valid in any process that maps the segment.
@@ -212,6 +215,7 @@ pub fn init() {
     pg_shmem_init!(SKIPPED);
     pg_shmem_init!(LEARNED);
     pg_shmem_init!(BUDGET);
+    pg_shmem_init!(ROUTES);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -676,4 +680,113 @@ where
     let b = budget
         .get_or_insert_with(|| crate::ratelimit::Budget::new(rate, std::time::Instant::now()));
     Ok(f(b))
+}
+
+/// How many routes there may be (`redis_sync_add_*_route` refuses more).
+pub const MAX_ROUTES: usize = 64;
+
+/// One route's figures, for `redis_sync_routes()`.
+#[derive(Clone, Copy)]
+pub struct RouteSlot {
+    pub used: bool,
+    /// Stream routes (written by the stream worker) or key routes (the key-value worker).
+    pub keys: bool,
+    pub name: FixedStr<64>,
+    pub rows_landed: i64,
+    pub dead_letters: i64,
+    /// TimestampTz values; 0 = never.
+    pub last_landed: i64,
+    pub last_error: FixedStr<512>,
+    pub last_error_time: i64,
+}
+
+impl RouteSlot {
+    pub const EMPTY: RouteSlot = RouteSlot {
+        used: false,
+        keys: false,
+        name: FixedStr::empty(),
+        rows_landed: 0,
+        dead_letters: 0,
+        last_landed: 0,
+        last_error: FixedStr::empty(),
+        last_error_time: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+pub struct RouteTable {
+    pub slots: [RouteSlot; MAX_ROUTES],
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable { slots: [RouteSlot::EMPTY; MAX_ROUTES] }
+    }
+}
+
+// SAFETY: plain Copy data with no pointers.
+unsafe impl PGRXSharedMemory for RouteTable {}
+
+// SAFETY: as for STATUS.
+pub static ROUTES: PgLwLock<RouteTable> = unsafe { PgLwLock::new(c"redis_pg_sync_routes") };
+
+/// The routes' generation (0 where the shared memory does not exist).
+pub fn routes_generation() -> u64 {
+    if preloaded() {
+        COUNTERS.get().routes_generation.load(Ordering::Relaxed)
+    } else {
+        0
+    }
+}
+
+/// Says that the routes changed (any backend, after its commit), and wakes both workers to
+/// load them.
+pub fn bump_routes_generation() {
+    bump(|c| &c.routes_generation, 1);
+    if let Some(s) = snapshot() {
+        crate::pg::wake_backend(s.pid);
+        crate::pg::wake_backend(s.kv.pid);
+    }
+}
+
+/// Keeps a slot for each route of `names`, stream routes or key routes (`keys`): the
+/// figures of those already listed stay; the slots of that kind's other routes are freed.
+pub fn keep_routes(keys: bool, names: &[String]) {
+    if !preloaded() {
+        return;
+    }
+    let mut table = ROUTES.exclusive();
+    for s in table.slots.iter_mut() {
+        if s.used && s.keys == keys && !names.iter().any(|n| n == s.name.as_str()) {
+            *s = RouteSlot::EMPTY;
+        }
+    }
+    for n in names {
+        if table.slots.iter().any(|s| s.used && s.keys == keys && s.name.as_str() == n) {
+            continue;
+        }
+        if let Some(s) = table.slots.iter_mut().find(|s| !s.used) {
+            *s = RouteSlot { used: true, keys, ..RouteSlot::EMPTY };
+            s.name.set(n);
+        }
+    }
+}
+
+/// Runs `f` on the slot of route `name`, when it has one (main thread only).
+pub fn update_route(name: &str, f: impl FnOnce(&mut RouteSlot)) {
+    if !preloaded() {
+        return;
+    }
+    let mut table = ROUTES.exclusive();
+    if let Some(s) = table.slots.iter_mut().find(|s| s.used && s.name.as_str() == name) {
+        f(s);
+    }
+}
+
+/// The route slots now in use.
+pub fn route_slots() -> Vec<RouteSlot> {
+    if !preloaded() {
+        return Vec::new();
+    }
+    ROUTES.share().slots.iter().filter(|s| s.used).copied().collect()
 }

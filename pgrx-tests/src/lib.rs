@@ -285,6 +285,11 @@ struct PgInstall {
     bindir: PathBuf,
 }
 
+/// A program of the Postgres under test (`pg_dump`, `pg_restore`, `psql`).
+pub fn pg_program(name: &str) -> PathBuf {
+    pg_install().bindir.join(name)
+}
+
 /// `pg_config --sharedir` of the Postgres under test.
 pub fn pg_sharedir() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
@@ -699,6 +704,14 @@ impl Cluster {
     /// Both worker processes' PIDs (stream worker first), once both run.
     pub fn worker_pids(&self) -> Option<[i32; 2]> {
         Some([self.worker_pid()?, self.kv_worker_pid()?])
+    }
+
+    /// `kill -9` of the stream worker (by its PID); returns the PID. The postmaster then
+    /// restarts every backend (crash recovery), as it does for any backend killed so.
+    pub fn kill_worker(&self) -> i32 {
+        let pid = self.worker_pid().expect("the stream worker runs");
+        assert!(send_signal(pid as u32, libc::SIGKILL), "kill -9 {pid}");
+        pid
     }
 
     /// Appends raw lines to postgresql.conf (to test what a reload does with them).

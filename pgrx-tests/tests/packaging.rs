@@ -77,7 +77,18 @@ fn extension_version() -> String {
 
 #[test]
 fn an_update_from_0_1_0_equals_a_fresh_install() {
-    let _script = EarlierRelease::install("0.1.0");
+    update_equals_fresh("0.1.0");
+}
+
+#[test]
+fn an_update_from_0_2_0_equals_a_fresh_install() {
+    update_equals_fresh("0.2.0");
+}
+
+/// Installs release `from` from its frozen script, updates it step by step to this version,
+/// and compares the catalog with a fresh install.
+fn update_equals_fresh(from: &str) {
+    let _script = EarlierRelease::install(from);
     let pg = Cluster::start_with(ClusterOptions {
         preload: true,
         no_extension: true,
@@ -87,9 +98,14 @@ fn an_update_from_0_1_0_equals_a_fresh_install() {
     pg.execute("CREATE DATABASE updated");
     pg.client_of("fresh").batch_execute("CREATE EXTENSION redis_pg_sync").expect("fresh install");
     let mut updated = pg.client_of("updated");
-    updated.batch_execute("CREATE EXTENSION redis_pg_sync VERSION '0.1.0'").expect("install 0.1.0");
+    updated
+        .batch_execute(&format!("CREATE EXTENSION redis_pg_sync VERSION '{from}'"))
+        .unwrap_or_else(|e| panic!("install {from}: {e}"));
     let old = catalog(&pg, "updated");
-    assert!(old.iter().any(|l| l.starts_with("extension redis_pg_sync 0.1.0 ")), "{old:#?}");
+    assert!(
+        old.iter().any(|l| l.starts_with(&format!("extension redis_pg_sync {from} "))),
+        "{old:#?}"
+    );
     updated.batch_execute("ALTER EXTENSION redis_pg_sync UPDATE").expect("update");
 
     let (fresh, updated) = (catalog(&pg, "fresh"), catalog(&pg, "updated"));
@@ -110,7 +126,7 @@ fn an_update_from_0_1_0_equals_a_fresh_install() {
         only_fresh.is_empty() && only_updated.is_empty(),
         "the update differs from a fresh install\nonly in the fresh install:\n{only_fresh:#?}\nonly after the update:\n{only_updated:#?}"
     );
-    assert_ne!(old, fresh, "0.1.0 and {version} should differ (the update did something)");
+    assert_ne!(old, fresh, "{from} and {version} should differ (the update did something)");
 }
 
 /// A child process killed (by its PID) and reaped when dropped, also when the test fails.

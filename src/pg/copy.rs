@@ -53,12 +53,17 @@ unsafe extern "C-unwind" fn copy_source(
 /// used on the table (row-level security, or INSERT granted on columns only): the caller
 /// then takes its INSERT path.
 pub fn copy_into(schema: &str, table: &str, columns: &[&CStr], chunks: &[Vec<u8>]) -> Result<()> {
+    super::in_transaction(|| copy_rows(schema, table, columns, chunks))
+}
+
+/// As [`copy_into`], inside the caller's transaction.
+pub fn copy_rows(schema: &str, table: &str, columns: &[&CStr], chunks: &[Vec<u8>]) -> Result<()> {
     let schema =
         CString::new(schema).map_err(|_| SyncError::Config("schema name contains NUL".into()))?;
     let table =
         CString::new(table).map_err(|_| SyncError::Config("table name contains NUL".into()))?;
-    super::in_transaction(|| {
-        // SAFETY: inside a transaction on the main thread; every pointer handed to Postgres
+    {
+        // SAFETY: inside a transaction (the caller's) on the main thread; every pointer handed to Postgres
         // is palloc'd in the transaction's context or outlives the COPY (`chunks`, whose
         // address the callback reads only until COPY_SOURCE is cleared below).
         unsafe {
@@ -114,5 +119,5 @@ pub fn copy_into(schema: &str, table: &str, columns: &[&CStr], chunks: &[Vec<u8>
             pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             Ok(())
         }
-    })
+    }
 }

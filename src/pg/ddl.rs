@@ -87,10 +87,48 @@ pub fn ensure_stream_tables(client: &mut SpiClient<'_>, schema: &str, table: &st
             sqlstate text,
             attempts int NOT NULL DEFAULT 1,
             created_at timestamptz NOT NULL DEFAULT now(),
+            route text,
             UNIQUE (stream_key, message_id));",
         qualified(schema, DEAD_LETTER_TABLE),
     );
     create_unless_exists(client, schema, DEAD_LETTER_TABLE, &dead_ddl)
+}
+
+/// The dead-letter table of `schema` for routes (with the stream table when it is missing
+/// too: it is where entries of no route go), and its `route` column, added to a table made
+/// before routes existed.
+pub fn ensure_route_dead_letters(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    stream_table: &str,
+) -> Result<()> {
+    ensure_stream_tables(client, schema, stream_table)?;
+    let has_route = client
+        .select(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid = pg_catalog.to_regclass($1) AND attname = 'route'
+                               AND NOT attisdropped)",
+            None,
+            &[qualified(schema, DEAD_LETTER_TABLE).into()],
+        )
+        .map_err(spi_err)?
+        .first()
+        .get_one::<bool>()
+        .map_err(spi_err)?
+        .unwrap_or(false);
+    if !has_route {
+        client
+            .update(
+                &format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS route text",
+                    qualified(schema, DEAD_LETTER_TABLE)
+                ),
+                None,
+                &[],
+            )
+            .map_err(spi_err)?;
+    }
+    Ok(())
 }
 
 /// The key-value table of `schema`.

@@ -17,12 +17,27 @@ use pgrx::prelude::*;
 
 use crate::error::SyncError;
 
-pub use copy::copy_into;
+pub use copy::{copy_into, copy_rows};
 pub use latch::{wait, WakeHandle, Waker, MAX_WAIT};
 pub use txn::{
     cancel_if_timed_out, commits_wait_for_standbys, defer_flush, flush_idle_stats, flush_wal,
     flushed_lsn, in_transaction, last_commit_lsn, not_prepared, set_query_timeout,
 };
+
+/// Sets the latch of the backend with process ID `pid`, if it lives (wakes a worker).
+pub fn wake_backend(pid: i32) {
+    if pid == 0 {
+        return;
+    }
+    // SAFETY: BackendPidGetProc returns the PGPROC of a live backend or NULL (checked);
+    // setting another process's latch is what latches are for.
+    unsafe {
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        if !proc_.is_null() {
+            pg_sys::SetLatch(&mut (*proc_).procLatch);
+        }
+    }
+}
 
 /// A Postgres error caught by `PgTryBuilder`, as a typed error keeping its SQLSTATE.
 pub fn caught(e: CaughtError) -> SyncError {

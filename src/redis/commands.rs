@@ -172,6 +172,34 @@ impl Redis {
         }
     }
 
+    /// The IDs `consumer` holds pending in `key`'s `group` (`XPENDING ... - + max consumer`);
+    /// `None` when there are `max` or more (the list is then not known whole).
+    pub fn pending_ids(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        consumer: &str,
+        max: usize,
+    ) -> Result<Option<Vec<String>>> {
+        let mut cmd = ::redis::cmd("XPENDING");
+        cmd.arg(key).arg(group).arg("-").arg("+").arg(max).arg(consumer);
+        let Value::Array(items) = self.query(db, "XPENDING", &cmd)? else {
+            return Err(SyncError::protocol("XPENDING", "unexpected reply shape"));
+        };
+        if items.len() >= max {
+            return Ok(None);
+        }
+        let ids = items
+            .iter()
+            .filter_map(|item| match item {
+                Value::Array(parts) => parts.first().and_then(as_string),
+                _ => None,
+            })
+            .collect();
+        Ok(Some(ids))
+    }
+
     /// Claims entries of other consumers idle longer than `min_idle` into our pending list
     /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed, and how many pending entries
     /// Redis found deleted from the stream meanwhile (and dropped from the pending list).

@@ -23,6 +23,10 @@ use crate::redis::{Redis, SharedBudget, StreamInfo};
 /// size, and a tenth of the round trips of `COUNT 1000`.
 const SCAN_COUNT: u32 = 10_000;
 
+/// A routed stream's pending list is read whole only when it is shorter than this (longer
+/// ones keep their landing records until it is).
+const PENDING_LIST_MAX: usize = 10_000;
+
 pub enum Job {
     Discover {
         settings: Box<Settings>,
@@ -30,6 +34,9 @@ pub enum Job {
         supplied: Option<Vec<(u8, Vec<u8>)>>,
         /// Streams whose consumer group is known to exist: no XGROUP CREATE for them.
         has_group: HashSet<(u8, Vec<u8>)>,
+        /// Streams that go to a route: the IDs our consumer holds pending are read, so
+        /// that landing records of entries no longer pending can go.
+        routed: HashSet<(u8, Vec<u8>)>,
         scope: u64,
     },
     Monitor {
@@ -61,6 +68,8 @@ pub struct Found {
     pub claimed: std::result::Result<usize, String>,
     /// Pending entries Redis found deleted from the stream while claiming.
     pub lost: usize,
+    /// A routed stream: the IDs our consumer holds pending (after claiming), when known.
+    pub pending: Option<Vec<String>>,
 }
 
 pub struct Discovered {
@@ -164,8 +173,8 @@ fn serve(
         }
         let Some(r) = redis.as_mut() else { continue };
         let outcome = match job {
-            Job::Discover { settings, supplied, has_group, .. } => {
-                discover(r, &settings, supplied, &has_group).map(Report::Discovered)
+            Job::Discover { settings, supplied, has_group, routed, .. } => {
+                discover(r, &settings, supplied, &has_group, &routed).map(Report::Discovered)
             }
             Job::Monitor { settings, streams, .. } => monitor(r, &settings, streams),
         };
@@ -186,6 +195,7 @@ fn discover(
     s: &Settings,
     supplied: Option<Vec<(u8, Vec<u8>)>>,
     has_group: &HashSet<(u8, Vec<u8>)>,
+    routed: &HashSet<(u8, Vec<u8>)>,
 ) -> Result<Discovered> {
     let dbs = redis.databases()?;
     let mut candidates: Vec<(u8, Vec<u8>, bool)> =
@@ -222,6 +232,7 @@ fn discover(
             info: None,
             claimed: Ok(0),
             lost: 0,
+            pending: None,
         })
         .collect();
     if s.mode == Mode::Sync {
@@ -242,6 +253,19 @@ fn discover(
     refresh_info(redis, s, &mut found)?;
     if s.mode == Mode::Sync {
         claim(redis, s, &mut found)?;
+        for f in found.iter_mut().filter(|f| routed.contains(&(f.db, f.key.clone()))) {
+            f.pending = match redis.pending_ids(
+                f.db,
+                &f.key,
+                &s.consumer_group,
+                &s.consumer_name,
+                PENDING_LIST_MAX,
+            ) {
+                Ok(ids) => ids,
+                Err(e) if e.connection_lost() => return Err(e),
+                Err(_) => None,
+            };
+        }
     }
     Ok(Discovered { found, missing_dbs: dbs.missing(&s.db_search_range) })
 }

@@ -152,6 +152,13 @@ impl StreamSync {
             });
             self.discovery_started = Some(now);
             self.log_search(s, fresh.is_some());
+            // Landing records up to here were written before the pending lists are read:
+            // those holding no ID still pending may go when the report comes.
+            self.records_floor = if self.streams.iter().any(|t| t.route.is_some()) {
+                crate::routes::landed_max().unwrap_or(None)
+            } else {
+                None
+            };
             Job::Discover {
                 settings: Box::new(s.clone()),
                 supplied: fresh.map(|l| l.streams.clone()),
@@ -161,6 +168,12 @@ impl StreamSync {
                     .filter(|t| {
                         !t.unreadable && matches!(t.state, StreamState::Active | StreamState::Error)
                     })
+                    .map(|t| (t.db, t.key.clone()))
+                    .collect(),
+                routed: self
+                    .streams
+                    .iter()
+                    .filter(|t| t.route.is_some())
                     .map(|t| (t.db, t.key.clone()))
                     .collect(),
                 scope: self.scope,
@@ -235,7 +248,9 @@ impl StreamSync {
         }
         let changes = self.reconcile(kept, s.redis.db);
         log_changes(&changes, log);
+        self.assign_routes(log);
         let mut slots = Vec::new();
+        let mut forget = Vec::new();
         for (i, t) in self.streams.iter_mut().enumerate() {
             let Some(f) = outcome.remove(&(t.db, t.key.clone())) else { continue };
             match (&f.group, s.mode) {
@@ -270,11 +285,21 @@ impl StreamSync {
                 slots.push((i, info.clone()));
             }
             t.note_lost(f.lost, log);
+            if let (Some(route), Some(pending), Some(floor)) =
+                (&t.route, &f.pending, self.records_floor)
+            {
+                forget.push((route.name.clone(), t.stream_key.clone(), pending.clone(), floor));
+            }
             match f.claimed {
                 Ok(0) => {}
                 Ok(_) => t.cursor = Cursor::Pending("0".into()),
                 Err(e) => t.last_error = e,
             }
+        }
+        if let Err(e) = crate::routes::forget_landed(&s.consumer_group, &forget) {
+            log.warning(&format!(
+                "landing records not cleared (tried again at the next discovery): {e}"
+            ));
         }
         if s.mode == Mode::Sync {
             // Refused entries waiting for proof are tried again too: the cause may be gone

@@ -17,16 +17,18 @@ mod round;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::encode::encode_name;
+use crate::routes::{Destination, Route, RouteSet};
 use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
 
 pub use discoverer::Discoverer;
 pub use discovery::{DiscoveryCtx, DiscoveryTurn, Learned};
 pub use replay::replay;
 pub use round::Feed;
-pub use writer::StreamWriter;
+pub use writer::{route_insert_sql, Writers};
 
 use reader::Reader;
 
@@ -87,6 +89,12 @@ struct Tracked {
     held_back: bool,
     /// Entries were held back during the walk of the pending list under way.
     held_in_walk: bool,
+    /// The route its entries go to (`None`: the stream table).
+    route: Option<Arc<Route>>,
+    /// Left out of reads because of its route: the route is broken (until the routes
+    /// change), or its target refused a write (until the time given; then its pending
+    /// list is read again).
+    held: Option<(String, Option<Instant>)>,
 }
 
 impl Tracked {
@@ -115,7 +123,22 @@ impl Tracked {
             retry_at: None,
             held_back: false,
             held_in_walk: false,
+            route: None,
+            held: None,
         }
+    }
+
+    /// Leaves the stream out of reads because of its route (see `held`); said once in the
+    /// log.
+    fn hold(&mut self, error: String, until: Option<Instant>, log: &crate::worker::Log) {
+        self.state = StreamState::Error;
+        self.cursor = Cursor::Pending("0".into());
+        if self.last_error != error {
+            log.warning(&format!("stream \"{}\": {error}", self.stream_key));
+            shmem::bump(|c| &c.errors, 1);
+            self.last_error = error.clone();
+        }
+        self.held = Some((error, until));
     }
 
     /// Counts entries found deleted while pending: logged the first time for the stream,
@@ -136,7 +159,7 @@ impl Tracked {
 
     /// Is the stream read (its group exists, and it is a stream)?
     fn readable(&self) -> bool {
-        self.state != StreamState::NoGroup && !self.unreadable
+        self.state != StreamState::NoGroup && !self.unreadable && self.held.is_none()
     }
 
     /// Leaves the stream out of reads with `error` (state `error`); said once in the log and
@@ -152,6 +175,10 @@ impl Tracked {
         }
     }
 }
+
+/// Routes are loaded again at least this often, whether or not the generation moved (a
+/// change the trigger did not see: a restore with triggers off, a target altered).
+const ROUTES_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct StreamSync {
     streams: Vec<Tracked>,
@@ -181,6 +208,13 @@ pub struct StreamSync {
     flushed: u64,
     /// When the shared read of the busy databases last found entries.
     shared_found_at: Option<Instant>,
+    /// The stream routes, as last loaded, and the generation they were loaded at.
+    routes: RouteSet,
+    routes_gen: Option<u64>,
+    routes_loaded: Option<Instant>,
+    /// The last landing record written before the discovery under way read the pending
+    /// lists (`None`: no routed stream, or not known).
+    records_floor: Option<i64>,
     /// Moving average of an entry's size in bytes, for the read budget.
     avg_entry_bytes: usize,
     group: String,
@@ -228,6 +262,10 @@ impl StreamSync {
             awaiting: std::collections::VecDeque::new(),
             flushed: 0,
             shared_found_at: None,
+            routes: RouteSet::default(),
+            routes_gen: None,
+            routes_loaded: None,
+            records_floor: None,
             avg_entry_bytes: 1024,
             group: String::new(),
             last_search: String::new(),
@@ -310,6 +348,81 @@ impl StreamSync {
     fn reindex(&mut self) {
         self.index =
             self.streams.iter().enumerate().map(|(i, t)| ((t.db, t.key.clone()), i)).collect();
+    }
+
+    /// Gives each tracked stream its route (or none: the stream table); a stream whose route
+    /// is broken is held with the reason. Returns whether any stream's destination changed.
+    fn assign_routes(&mut self, log: &crate::worker::Log) -> bool {
+        let mut changed = false;
+        for t in &mut self.streams {
+            let (route, broken) = match self.routes.destination(&t.key) {
+                Destination::Generic => (None, None),
+                Destination::Route(r, _) => (Some(r), None),
+                Destination::Broken(e) => (None, Some(e)),
+            };
+            let same_route = match (&t.route, &route) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+                _ => false,
+            };
+            let was_broken = t.held.as_ref().is_some_and(|(_, until)| until.is_none());
+            if !same_route || was_broken != broken.is_some() {
+                changed = true;
+            }
+            t.route = route;
+            match broken {
+                Some(e) => t.hold(e, None, log),
+                None if was_broken || !same_route => {
+                    // Read again from its pending list, into its new destination.
+                    t.held = None;
+                    if t.state == StreamState::Error {
+                        t.state = StreamState::Active;
+                        t.last_error.clear();
+                    }
+                    t.cursor = Cursor::Pending("0".into());
+                }
+                None => {}
+            }
+        }
+        changed
+    }
+
+    /// Loads the stream routes again when they changed (the generation in shared memory
+    /// moved) or every few seconds, and gives the streams their routes. A change of where a
+    /// stream goes drops the reads under way (their rows were made for the old
+    /// destination): its pending entries are read again.
+    pub fn follow_routes(
+        &mut self,
+        s: &crate::gucs::Settings,
+        now: Instant,
+        log: &crate::worker::Log,
+    ) {
+        let gen = shmem::routes_generation();
+        let due =
+            self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= ROUTES_RELOAD);
+        if self.routes_gen == Some(gen) && !due {
+            return;
+        }
+        self.routes_loaded = Some(now);
+        match crate::routes::load(crate::routes::Kind::Stream, &s.role) {
+            Ok(set) => {
+                for b in &set.broken {
+                    if !self.routes.broken.iter().any(|o| o.name == b.name && o.error == b.error) {
+                        log.warning(&format!("route \"{}\" cannot run: {}", b.name, b.error));
+                    }
+                }
+                self.routes = set;
+                self.routes_gen = Some(gen);
+                if self.assign_routes(log) {
+                    // Reads waiting in Redis are ended now: one would otherwise take the
+                    // next entry into our pending list for the old destination.
+                    self.stop_reads(&s.redis);
+                    self.publish_all();
+                }
+            }
+            // (Not installed in this database yet, or no access: tried again later.)
+            Err(e) => log.debug(&format!("routes not loaded: {e}")),
+        }
     }
 
     /// Writes the per-stream figures of streams `idx` to shared memory.

@@ -19,6 +19,7 @@ use crate::gucs::RedisSettings;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
 use crate::redis::{GroupRead, RedisConn, SharedBudget};
+use crate::routes::mapping::{push_copy_cells, Entry};
 
 /// Entries to acknowledge: stream key and IDs.
 pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
@@ -31,6 +32,8 @@ pub struct ReadStream {
     pub stream_key: String,
     /// Named in `redis_sync.streams` (its group is created with MKSTREAM).
     pub configured: bool,
+    /// The route its entries go to, when one matches: the rows are the route's columns.
+    pub map: Option<std::sync::Arc<crate::routes::RowMap>>,
 }
 
 #[derive(Debug, Clone)]
@@ -347,17 +350,23 @@ fn batches(
     reply
         .into_iter()
         .map(|(key, entries)| {
-            let stream_key =
-                req.streams.iter().find(|s| s.key == key).map_or("", |s| s.stream_key.as_str());
+            let asked = req.streams.iter().find(|s| s.key == key);
+            let stream_key = asked.map_or("", |s| s.stream_key.as_str());
+            let map = asked.and_then(|s| s.map.as_deref());
             let mut batch =
                 StreamBatch { ids: Vec::with_capacity(entries.len()), ..Default::default() };
             for e in entries {
                 if let Some(fields) = &e.fields {
+                    let millis = entry_id_millis(&e.id).unwrap_or(0);
+                    let cells = map.map_or_else(Vec::new, |m| {
+                        m.entry_cells(&Entry { id: &e.id, stream: stream_key, millis, fields })
+                    });
                     let row = StreamRow {
                         stream_key: stream_key.to_owned(),
                         message_id: e.id.clone(),
                         data: entry_json(fields),
-                        millis: entry_id_millis(&e.id).unwrap_or(0),
+                        millis,
+                        cells,
                     };
                     push_copy_row(&mut batch.copy, &row);
                     batch.rows.push(row);
@@ -381,7 +390,13 @@ pub fn copy_text(rows: &[StreamRow]) -> Vec<u8> {
     out
 }
 
+/// A row's line of COPY text: the route's columns when it goes to a route, else the stream
+/// table's (stream_key, message_id, data, timestamp).
 fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
+    if !row.cells.is_empty() {
+        push_copy_cells(out, &row.cells);
+        return;
+    }
     push_copy_field(out, &row.stream_key);
     out.push(b'\t');
     push_copy_field(out, &row.message_id);

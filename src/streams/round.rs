@@ -8,17 +8,19 @@
 //! ([`StreamSync::land`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::reader::{
     Acks, GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
 };
-use super::writer::{StreamRow, Target, Written};
-use super::{Cursor, StreamSync, StreamWriter};
+use super::writer::{StreamRow, Target, Writers, Written};
+use super::{Cursor, StreamSync};
 use crate::error::{Result, SyncError};
 use crate::gucs::Settings;
 use crate::pg::Waker;
 use crate::redis::SharedBudget;
+use crate::routes::Route;
 use crate::shmem::{self, StreamState};
 use crate::worker::Log;
 
@@ -60,40 +62,46 @@ pub trait BatchWriter {
     /// `recheck`: streams (as stored) whose rows were read again from their pending list,
     /// so some may already be dead letters (committed before their acknowledgement was
     /// lost): those are not written again, and come back as settled.
+    /// `route`: where the rows go (`None`: the stream table).
     fn write(
         &mut self,
+        route: Option<&Arc<Route>>,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
         recheck: &[String],
     ) -> Result<Written>;
-    /// Forgets prepared statements after a failure.
-    fn reset(&mut self);
+    /// Forgets the prepared statements of a destination after a failure.
+    fn reset(&mut self, route: Option<&Arc<Route>>);
 }
 
-impl BatchWriter for StreamWriter {
+impl BatchWriter for Writers {
     fn write(
         &mut self,
+        route: Option<&Arc<Route>>,
         rows: &[StreamRow],
         copy: &[Vec<u8>],
         proven: &[String],
         recheck: &[String],
     ) -> Result<Written> {
-        StreamWriter::write(self, rows, copy, proven, recheck)
+        self.for_route(route)?.write(rows, copy, proven, recheck)
     }
-    fn reset(&mut self) {
-        StreamWriter::reset(self)
+    fn reset(&mut self, route: Option<&Arc<Route>>) {
+        Writers::reset(self, route)
     }
 }
 
 /// The stream table the settings name.
 fn target_of(s: &Settings) -> Target {
-    Target {
+    Target::Table {
         schema: s.schema.clone(),
         stream_table: s.stream_table.clone(),
         overwrite: s.stream_conflict_overwrite,
     }
 }
+
+/// The batches of one destination (a route, or the stream table for `None`), by stream.
+type Group = (Option<Arc<Route>>, Vec<(usize, StreamBatch)>);
 
 /// What one turn of the stream lane did.
 #[derive(Debug, Default)]
@@ -119,7 +127,7 @@ impl StreamSync {
     /// stream reads its pending entries first when reads start again.
     pub fn pump(
         &mut self,
-        writer: &mut StreamWriter,
+        writer: &mut Writers,
         s: &Settings,
         log: &Log,
         feed: Option<&Feed<'_>>,
@@ -134,7 +142,7 @@ impl StreamSync {
 
     fn pump_inner(
         &mut self,
-        writer: &mut StreamWriter,
+        writer: &mut Writers,
         s: &Settings,
         log: &Log,
         feed: Option<&Feed<'_>>,
@@ -144,9 +152,9 @@ impl StreamSync {
         if feed.is_some() && !self.streams.is_empty() {
             // The table exists (is created) as soon as the settings name it, before the
             // first entry comes.
-            writer.prepare(&target_of(s))?;
-            writer.dead_letter_max = s.dead_letter_max;
-            if let Err(e) = writer.expire_dead_letters(s.dead_letter_retention) {
+            writer.configure(s);
+            writer.table.prepare(&target_of(s))?;
+            if let Err(e) = writer.table.expire_dead_letters(s.dead_letter_retention) {
                 // Old dead letters stay a minute longer; the streams go on.
                 log.warning(&format!(
                     "dead letters past redis_sync.dead_letter_retention not deleted: {e}"
@@ -215,6 +223,13 @@ impl StreamSync {
     /// left there, whether or not new entries come.
     pub(super) fn retry_held(&mut self, now: std::time::Instant) {
         for t in &mut self.streams {
+            // A stream held after its route's target failed is read again, from its
+            // pending list, once its time is up.
+            if t.held.as_ref().is_some_and(|(_, until)| until.is_some_and(|u| now >= u)) {
+                t.held = None;
+                t.cursor = Cursor::Pending("0".into());
+                self.busy.insert(t.db);
+            }
             if !t.retry_due {
                 continue;
             }
@@ -240,6 +255,20 @@ impl StreamSync {
         log: &Log,
     ) -> Result<Option<(u8, Vec<StreamBatch>)>> {
         if reply.request.epoch != self.epoch {
+            // Dropped unread; entries it brought are in our pending list now, and are read
+            // from there at once (a read that was waiting in Redis when reads were stopped
+            // may have taken an entry added just after).
+            if let Ok(ReadOutcome::Entries(batches)) = &reply.result {
+                for b in batches.iter().filter(|b| !b.ids.is_empty()) {
+                    if let Some(&i) = self.index.get(&(reply.request.db, b.key.clone())) {
+                        let t = &mut self.streams[i];
+                        if t.readable() {
+                            t.cursor = Cursor::Pending("0".into());
+                            self.busy.insert(t.db);
+                        }
+                    }
+                }
+            }
             return Ok(None);
         }
         let db = reply.request.db;
@@ -370,7 +399,7 @@ impl StreamSync {
     /// Lands the batches of one round trip's reads, in one transaction.
     fn land_reads(
         &mut self,
-        writer: &mut StreamWriter,
+        writer: &mut Writers,
         s: &Settings,
         log: &Log,
         reads: Vec<(u8, Vec<StreamBatch>)>,
@@ -378,7 +407,7 @@ impl StreamSync {
         if reads.iter().all(|(_, b)| b.iter().all(|b| b.ids.is_empty())) {
             return Ok(0);
         }
-        writer.prepare(&target_of(s))?;
+        writer.table.prepare(&target_of(s))?;
         let now = shmem::now();
         let landed = self.land(writer, reads, now);
         self.publish_landed(&landed, now, log);
@@ -509,6 +538,7 @@ impl StreamSync {
                     },
                     stream_key: t.stream_key.clone(),
                     configured: t.configured,
+                    map: t.route.as_ref().map(|r| r.map.clone()),
                 }
             })
             .collect();
@@ -655,27 +685,77 @@ impl StreamSync {
         reads: Vec<(u8, Vec<StreamBatch>)>,
         now: i64,
     ) -> Landed {
-        let mut rows = Vec::new();
-        let mut copy = Vec::new();
-        let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
-        let mut lost = Vec::new();
+        // One write per destination (the stream table, each route's target), each in its
+        // own transaction: a route whose target fails holds only its own streams.
+        let mut groups: Vec<Group> = Vec::new();
         for (db, batches) in reads {
             for b in batches {
                 if b.ids.is_empty() {
                     continue;
                 }
-                let Some(&i) = self.index.get(&(db, b.key)) else { continue };
-                if b.trimmed > 0 {
-                    lost.push((i, b.trimmed));
+                let Some(&i) = self.index.get(&(db, b.key.clone())) else { continue };
+                let route = self.streams[i].route.clone();
+                let name = route.as_ref().map(|r| r.name.clone());
+                match groups.iter_mut().find(|(r, _)| r.as_ref().map(|r| &r.name) == name.as_ref())
+                {
+                    Some((_, items)) => items.push((i, b)),
+                    None => groups.push((route, vec![(i, b)])),
                 }
-                rows.extend(b.rows);
-                copy.push(b.copy);
-                acks.push((i, b.ids));
             }
+        }
+        let mut out = Landed::of(Ok(0), Vec::new(), Vec::new());
+        for (route, items) in groups {
+            let streams: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
+            let landed = self.land_group(writer, route.as_ref(), items, now);
+            out.touched.extend(landed.touched);
+            out.lost.extend(landed.lost);
+            out.dead += landed.dead;
+            match (landed.result, route) {
+                (Ok(n), Some(r)) => {
+                    out.routes.push((r.name.clone(), n.saturating_sub(landed.dead), String::new()));
+                    out.result = out.result.map(|m| m + n);
+                }
+                (Ok(n), None) => out.result = out.result.map(|m| m + n),
+                // A route's target failed: its streams wait and read their pending entries
+                // again later; the other destinations go on.
+                (Err(e), Some(r)) => {
+                    let error = format!("route \"{}\": {e}", r.name);
+                    out.routes.push((r.name.clone(), 0, error.clone()));
+                    out.held.extend(streams.into_iter().map(|i| (i, error.clone())));
+                }
+                (Err(e), None) => {
+                    if out.result.is_ok() {
+                        out.result = Err(e);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Lands the batches of one destination in one write.
+    fn land_group(
+        &mut self,
+        writer: &mut impl BatchWriter,
+        route: Option<&Arc<Route>>,
+        items: Vec<(usize, StreamBatch)>,
+        now: i64,
+    ) -> Landed {
+        let mut rows = Vec::new();
+        let mut copy = Vec::new();
+        let mut acks: Vec<(usize, Vec<String>)> = Vec::new();
+        let mut lost = Vec::new();
+        for (i, b) in items {
+            if b.trimmed > 0 {
+                lost.push((i, b.trimmed));
+            }
+            rows.extend(b.rows);
+            copy.push(b.copy);
+            acks.push((i, b.ids));
         }
         let touched: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
         if acks.is_empty() {
-            return Landed { result: Ok(0), touched, lost };
+            return Landed::of(Ok(0), touched, lost);
         }
         let proven: Vec<String> = acks
             .iter()
@@ -687,8 +767,8 @@ impl StreamSync {
             .filter(|(i, _)| self.streams[*i].read_pending)
             .map(|(i, _)| self.streams[*i].stream_key.clone())
             .collect();
-        let Written { held, settled, commit_lsn } =
-            match writer.write(&rows, &copy, &proven, &recheck) {
+        let Written { held, settled, commit_lsn, dead } =
+            match writer.write(route, &rows, &copy, &proven, &recheck) {
                 Ok(w) => w,
                 Err(e @ SyncError::Refused { .. })
                     if acks.iter().all(|(i, _)| {
@@ -709,13 +789,13 @@ impl StreamSync {
                         t.retry_at = None;
                         t.cursor = Cursor::New;
                     }
-                    writer.reset();
-                    return Landed { result: Ok(0), touched, lost };
+                    writer.reset(route);
+                    return Landed::of(Ok(0), touched, lost);
                 }
                 Err(e) => {
                     self.refused_write(&acks, &e);
-                    writer.reset();
-                    return Landed { result: Err(e), touched, lost: Vec::new() };
+                    writer.reset(route);
+                    return Landed::of(Err(e), touched, Vec::new());
                 }
             };
         // Refused rows the dead-letter table has no room for: not acknowledged; their
@@ -793,7 +873,9 @@ impl StreamSync {
             self.awaiting.push_back((commit_lsn, Instant::now(), by_db));
             self.release_durable(self.flushed);
         }
-        Landed { result: Ok(handled), touched, lost }
+        let mut landed = Landed::of(Ok(handled), touched, lost);
+        landed.dead = dead;
+        landed
     }
 
     /// A write of the streams in `acks` failed with `e`: they say so. A refusal of every
@@ -819,6 +901,22 @@ impl StreamSync {
         for &(i, n) in &landed.lost {
             self.streams[i].note_lost(n, log);
         }
+        let until = Instant::now() + RETRY_HELD;
+        for (i, error) in &landed.held {
+            self.streams[*i].hold(error.clone(), Some(until), log);
+        }
+        for (name, n, error) in &landed.routes {
+            shmem::update_route(name, |r| {
+                if *n > 0 {
+                    r.rows_landed += *n as i64;
+                    r.last_landed = now;
+                }
+                if !error.is_empty() {
+                    r.last_error.set(error);
+                    r.last_error_time = now;
+                }
+            });
+        }
         if let Ok(handled) = landed.result {
             if handled > 0 {
                 shmem::bump(|c| &c.messages_processed, handled as u64);
@@ -836,6 +934,18 @@ pub(super) struct Landed {
     pub touched: Vec<usize>,
     /// Streams whose read brought entries deleted while pending, and how many.
     pub lost: Vec<(usize, usize)>,
+    /// Streams held because their route's target failed, and why.
+    pub held: Vec<(usize, String)>,
+    /// Each route written: its name, the rows it landed, and its error ("" for none).
+    pub routes: Vec<(String, usize, String)>,
+    /// Rows that went to dead letters.
+    pub dead: usize,
+}
+
+impl Landed {
+    fn of(result: Result<usize>, touched: Vec<usize>, lost: Vec<(usize, usize)>) -> Landed {
+        Landed { result, touched, lost, held: Vec::new(), routes: Vec::new(), dead: 0 }
+    }
 }
 
 /// The `last_error` of a stream key that holds another type now.
@@ -871,6 +981,7 @@ mod tests {
     impl BatchWriter for Table {
         fn write(
             &mut self,
+            _route: Option<&Arc<Route>>,
             rows: &[StreamRow],
             _copy: &[Vec<u8>],
             proven: &[String],
@@ -901,7 +1012,7 @@ mod tests {
             self.dead.extend(bad);
             Ok(Written { commit_lsn: self.lsn, ..Default::default() })
         }
-        fn reset(&mut self) {}
+        fn reset(&mut self, _route: Option<&Arc<Route>>) {}
     }
 
     fn sync_with(streams: &[(u8, &str)]) -> StreamSync {
@@ -924,6 +1035,7 @@ mod tests {
                     message_id: i.to_string(),
                     data: "{}".into(),
                     millis: 0,
+                    cells: Vec::new(),
                 })
                 .collect(),
             copy: Vec::new(),

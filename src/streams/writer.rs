@@ -6,9 +6,15 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{PgBuiltInOids, PgOid};
 
+use std::ffi::CString;
+use std::sync::Arc;
+
 use crate::error::{Result, SyncError};
-use crate::pg::ddl::{ensure_stream_tables, qualified, DEAD_LETTER_TABLE};
-use crate::pg::{copy_into, in_transaction, spi_err};
+use crate::pg::ddl::{
+    ensure_route_dead_letters, ensure_stream_tables, qualified, DEAD_LETTER_TABLE,
+};
+use crate::pg::{copy_into, copy_rows, in_transaction, spi_err};
+use crate::routes::{Conflict, Route};
 use crate::shmem;
 
 /// What a write did with its rows, by index: `held` refused with no room for dead letters
@@ -20,6 +26,8 @@ pub struct Written {
     pub held: Vec<usize>,
     pub settled: Vec<usize>,
     pub commit_lsn: u64,
+    /// Rows of this write that went to the dead-letter table.
+    pub dead: usize,
 }
 
 /// One stream entry ready for the stream table.
@@ -31,14 +39,86 @@ pub struct StreamRow {
     pub data: String,
     /// Milliseconds of the entry ID.
     pub millis: i64,
+    /// The values of a route's columns, when the entry goes to a route (empty otherwise).
+    pub cells: Vec<crate::routes::mapping::Cell>,
 }
 
 /// What the statements were prepared for; a change re-prepares them.
 #[derive(Clone, PartialEq, Debug)]
-pub struct Target {
-    pub schema: String,
-    pub stream_table: String,
-    pub overwrite: bool,
+pub enum Target {
+    /// The stream table of `schema`.
+    Table { schema: String, stream_table: String, overwrite: bool },
+    /// A route's target; its dead letters go to the dead-letter table of `schema` (beside
+    /// `stream_table`), its landing records name the consumer `group`.
+    Route { route: Arc<Route>, schema: String, stream_table: String, group: String },
+}
+
+impl Target {
+    /// The schema of the dead-letter table.
+    fn schema(&self) -> &str {
+        match self {
+            Target::Table { schema, .. } | Target::Route { schema, .. } => schema,
+        }
+    }
+
+    fn route(&self) -> Option<&Arc<Route>> {
+        match self {
+            Target::Table { .. } => None,
+            Target::Route { route, .. } => Some(route),
+        }
+    }
+}
+
+/// The stream table's writer and one writer per route that has rows, each with statements
+/// of its own.
+#[derive(Default)]
+pub struct Writers {
+    pub table: StreamWriter,
+    routes: std::collections::HashMap<String, StreamWriter>,
+    /// The dead-letter table's schema, the stream table and the consumer group, from the
+    /// settings.
+    context: (String, String, String),
+    dead_letter_max: u64,
+}
+
+impl Writers {
+    /// Takes the settings the route writers need.
+    pub fn configure(&mut self, s: &crate::gucs::Settings) {
+        self.context = (s.schema.clone(), s.stream_table.clone(), s.consumer_group.clone());
+        self.dead_letter_max = s.dead_letter_max;
+        self.table.dead_letter_max = s.dead_letter_max;
+    }
+
+    /// The writer of `route` (the stream table's for `None`), its statements prepared.
+    pub fn for_route(&mut self, route: Option<&Arc<Route>>) -> Result<&mut StreamWriter> {
+        let Some(route) = route else { return Ok(&mut self.table) };
+        let target = Target::Route {
+            route: route.clone(),
+            schema: self.context.0.clone(),
+            stream_table: self.context.1.clone(),
+            group: self.context.2.clone(),
+        };
+        let w = self.routes.entry(route.name.clone()).or_default();
+        w.dead_letter_max = self.dead_letter_max;
+        w.prepare(&target)?;
+        Ok(w)
+    }
+
+    /// Forgets the statements of one destination after a failure.
+    pub fn reset(&mut self, route: Option<&Arc<Route>>) {
+        match route {
+            None => self.table.reset(),
+            Some(r) => {
+                self.routes.remove(&r.name);
+            }
+        }
+    }
+
+    /// Forgets every prepared statement (after a failure of the lane).
+    pub fn reset_all(&mut self) {
+        self.table.reset();
+        self.routes.clear();
+    }
 }
 
 /// After a batch met rows already stored, this many batches go straight to the
@@ -56,8 +136,15 @@ pub struct StreamWriter {
     /// isolating refused rows, and where COPY cannot be used.
     insert: Option<OwnedPreparedStatement>,
     dead_letter: Option<OwnedPreparedStatement>,
-    /// Which rows re-read from a pending list are already dead letters.
+    /// Which rows re-read from a pending list are already dead letters (for a route: already
+    /// landed, as its landing records say).
     dead_lettered: Option<OwnedPreparedStatement>,
+    /// A route's landing records: which entries landed, written with the rows.
+    record: Option<OwnedPreparedStatement>,
+    /// The types the route's INSERT casts to, as prepared.
+    casts: Vec<String>,
+    /// The highest landing record this writer wrote.
+    pub landed_max: i64,
     /// Batches left that skip the COPY fast path after one met rows already stored.
     use_conflict_for: u32,
     /// COPY is not usable on this table (row-level security, or no table-level INSERT
@@ -100,6 +187,8 @@ impl StreamWriter {
         self.insert = None;
         self.dead_letter = None;
         self.dead_lettered = None;
+        self.record = None;
+        self.casts.clear();
         self.copy_unusable = false;
     }
 
@@ -109,24 +198,66 @@ impl StreamWriter {
             return Ok(());
         }
         self.reset();
-        let (insert, dead_letter, dead_lettered, stored) = in_transaction(|| {
+        let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+        let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+        let (insert, dead_letter, dead_lettered, record, stored) = in_transaction(|| {
             Spi::connect_mut(|client| {
-                ensure_stream_tables(client, &target.schema, &target.stream_table)?;
-                let stored = count_dead_letters(client, &target.schema)?;
-                let insert = client
-                    .prepare_mut(insert_sql(target).as_str(), &insert_types())
-                    .map_err(spi_err)?
-                    .keep();
-                let dead = client
-                    .prepare_mut(dead_letter_sql(&target.schema).as_str(), &dead_letter_types())
-                    .map_err(spi_err)?
-                    .keep();
-                let text = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
-                let lookup = client
-                    .prepare_mut(dead_lettered_sql(&target.schema).as_str(), &[text, text, text])
-                    .map_err(spi_err)?
-                    .keep();
-                Ok((insert, dead, lookup, stored))
+                let schema = target.schema();
+                match target {
+                    Target::Table { stream_table, .. } => {
+                        ensure_stream_tables(client, schema, stream_table)?
+                    }
+                    Target::Route { stream_table, .. } => {
+                        ensure_route_dead_letters(client, schema, stream_table)?
+                    }
+                }
+                let stored = count_dead_letters(client, schema)?;
+                let (insert, dead, lookup, record) = match target {
+                    Target::Table { schema, stream_table, overwrite } => {
+                        let insert = client
+                            .prepare_mut(
+                                insert_sql(schema, stream_table, *overwrite).as_str(),
+                                &insert_types(),
+                            )
+                            .map_err(spi_err)?
+                            .keep();
+                        let dead = client
+                            .prepare_mut(dead_letter_sql(schema).as_str(), &dead_letter_types())
+                            .map_err(spi_err)?
+                            .keep();
+                        let lookup = client
+                            .prepare_mut(
+                                dead_lettered_sql(schema).as_str(),
+                                &[text_array, text_array, text_array],
+                            )
+                            .map_err(spi_err)?
+                            .keep();
+                        (insert, dead, lookup, None)
+                    }
+                    Target::Route { route, schema, .. } => {
+                        let insert = client
+                            .prepare_mut(
+                                route_insert_sql(route, &route.casts).as_str(),
+                                &vec![text_array; route.map.columns.len()],
+                            )
+                            .map_err(spi_err)?
+                            .keep();
+                        let dead = client
+                            .prepare_mut(route_dead_letter_sql(schema).as_str(), &[text; 6])
+                            .map_err(spi_err)?
+                            .keep();
+                        let lookup = client
+                            .prepare_mut(LANDED_LOOKUP, &[text_array, text_array, text, text])
+                            .map_err(spi_err)?
+                            .keep();
+                        let record = client
+                            .prepare_mut(LANDED_RECORD, &[text, text, text_array, text_array])
+                            .map_err(spi_err)?
+                            .keep();
+                        (insert, dead, lookup, Some(record))
+                    }
+                };
+                Ok((insert, dead, lookup, record, stored))
             })
         })?;
         shmem::bump(|c| &c.pg_ops, 1);
@@ -135,7 +266,89 @@ impl StreamWriter {
         self.insert = Some(insert);
         self.dead_letter = Some(dead_letter);
         self.dead_lettered = Some(dead_lettered);
+        self.record = record;
+        self.casts = target.route().map(|r| r.casts.clone()).unwrap_or_default();
         self.target = Some(target.clone());
+        Ok(())
+    }
+
+    /// Writes the landing records of `rows` (a route's), in the caller's transaction: which
+    /// entries of which stream landed, so that a re-read of the pending list after a crash
+    /// skips them.
+    fn record_landed(
+        &mut self,
+        client: &mut pgrx::spi::SpiClient<'_>,
+        rows: &[&StreamRow],
+    ) -> Result<()> {
+        let (Some(stmt), Some(Target::Route { route, group, .. })) =
+            (self.record.as_ref(), self.target.as_ref())
+        else {
+            return Ok(());
+        };
+        let mut by_stream: Vec<(&str, String)> = Vec::new();
+        for r in rows {
+            match by_stream.iter_mut().find(|(k, _)| *k == r.stream_key) {
+                Some((_, ids)) => {
+                    ids.push(' ');
+                    ids.push_str(&r.message_id);
+                }
+                None => by_stream.push((&r.stream_key, r.message_id.clone())),
+            }
+        }
+        if by_stream.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = by_stream.iter().map(|(k, _)| *k).collect();
+        let ids: Vec<&str> = by_stream.iter().map(|(_, i)| i.as_str()).collect();
+        let args = [route.name.as_str().into(), group.as_str().into(), keys.into(), ids.into()];
+        let seqs = client.update(stmt, None, &args).map_err(spi_err)?;
+        for row in seqs {
+            if let Some(seq) = row.get::<i64>(1).map_err(spi_err)? {
+                self.landed_max = self.landed_max.max(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// The route's INSERT casts to the types the target has now: re-prepared (in the
+    /// caller's transaction, after the target is locked) when a column's type changed
+    /// (`ALTER TABLE ... TYPE`), so no statement keeps a stale cast.
+    fn follow_target_types(&mut self, client: &mut pgrx::spi::SpiClient<'_>) -> Result<()> {
+        let Some(Target::Route { route, .. }) = self.target.as_ref() else { return Ok(()) };
+        let route = route.clone();
+        let names: Vec<&str> = route.map.columns.iter().map(|c| c.name.as_str()).collect();
+        let rows = client
+            .select(
+                "SELECT pg_catalog.format_type(a.atttypid, NULL)
+                   FROM unnest($2::text[]) WITH ORDINALITY AS c(n, i)
+                   LEFT JOIN pg_catalog.pg_attribute a
+                     ON a.attrelid = $1 AND a.attname = c.n AND NOT a.attisdropped
+                  ORDER BY c.i",
+                None,
+                &[route.target.into(), names.into()],
+            )
+            .map_err(spi_err)?;
+        let mut now = Vec::new();
+        for row in rows {
+            match row.get::<String>(1).map_err(spi_err)? {
+                Some(t) => now.push(t),
+                None => {
+                    return Err(SyncError::Postgres {
+                        sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                        message: format!("a mapped column of {} is gone", route.table),
+                    })
+                }
+            }
+        }
+        if now != self.casts {
+            let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+            let insert = client
+                .prepare_mut(route_insert_sql(&route, &now).as_str(), &vec![text_array; now.len()])
+                .map_err(spi_err)?
+                .keep();
+            self.insert = Some(insert);
+            self.casts = now;
+        }
         Ok(())
     }
 
@@ -164,6 +377,7 @@ impl StreamWriter {
             return Ok(Written::default());
         }
         self.proven = proven.to_vec();
+        let dead_before = self.dead_letters;
         let settled =
             if recheck.is_empty() { Vec::new() } else { self.already_dead_letters(rows, recheck)? };
         let held = if settled.is_empty() {
@@ -175,7 +389,8 @@ impl StreamWriter {
             let held = self.insert_isolating(&rest)?;
             held.into_iter().filter_map(|j| keep.get(j).copied()).collect()
         };
-        Ok(Written { held, settled, commit_lsn: crate::pg::last_commit_lsn() })
+        let dead = self.dead_letters.saturating_sub(dead_before) as usize;
+        Ok(Written { held, settled, commit_lsn: crate::pg::last_commit_lsn(), dead })
     }
 
     /// The indices of the rows of `streams` whose entries are already dead letters with
@@ -199,9 +414,19 @@ impl StreamWriter {
         if index.is_empty() {
             return Ok(Vec::new());
         }
+        let target = self.target.as_ref();
         let found = in_transaction(|| {
             Spi::connect(|client| {
-                let args = [keys.into(), ids.into(), fields.into()];
+                // (Made inside the transaction: an array's type is looked up in the catalog.)
+                let args: Vec<pgrx::datum::DatumWithOid> = match target {
+                    Some(Target::Route { route, group, .. }) => vec![
+                        keys.into(),
+                        ids.into(),
+                        group.as_str().into(),
+                        route.name.as_str().into(),
+                    ],
+                    _ => vec![keys.into(), ids.into(), fields.into()],
+                };
                 let table = client.select(stmt, None, &args).map_err(spi_err)?;
                 let mut out = Vec::new();
                 for row in table {
@@ -219,7 +444,7 @@ impl StreamWriter {
         if self.use_conflict_for > 0 {
             self.use_conflict_for -= 1;
         } else if !self.copy_unusable {
-            match self.copy_in(copy) {
+            match self.copy_in(copy, rows) {
                 Ok(()) => return Ok(Vec::new()),
                 Err(SyncError::Postgres {
                     sqlstate: PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
@@ -277,7 +502,7 @@ impl StreamWriter {
         }
         if self.dead_letter_max > 0 && self.dead_letters >= self.dead_letter_max {
             // Counted again first: dead letters may have been replayed or deleted by hand.
-            let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
+            let schema = self.target.as_ref().map(|t| t.schema().to_owned()).unwrap_or_default();
             let stored =
                 in_transaction(|| Spi::connect_mut(|client| count_dead_letters(client, &schema)))?;
             self.dead_letters = stored.max(0) as u64;
@@ -306,7 +531,7 @@ impl StreamWriter {
         let Some(t) = self.target.as_ref() else { return Ok(()) };
         let sql = format!(
             "DELETE FROM {} WHERE created_at < now() - make_interval(secs => $1)",
-            qualified(&t.schema, DEAD_LETTER_TABLE)
+            qualified(t.schema(), DEAD_LETTER_TABLE)
         );
         let secs = retention.as_secs_f64();
         let deleted = in_transaction(|| {
@@ -367,9 +592,28 @@ impl StreamWriter {
         }
     }
 
-    fn copy_in(&mut self, chunks: &[Vec<u8>]) -> Result<()> {
-        let t = self.target.as_ref().ok_or_else(crate::pg::not_prepared)?;
-        copy_into(&t.schema, &t.stream_table, &COPY_COLUMNS, chunks)?;
+    fn copy_in(&mut self, chunks: &[Vec<u8>], rows: &[StreamRow]) -> Result<()> {
+        let t = self.target.clone().ok_or_else(crate::pg::not_prepared)?;
+        match &t {
+            Target::Table { schema, stream_table, .. } => {
+                copy_into(schema, stream_table, &COPY_COLUMNS, chunks)?
+            }
+            Target::Route { route, .. } => {
+                let names: Vec<CString> = route
+                    .map
+                    .columns
+                    .iter()
+                    .map(|c| CString::new(c.name.as_str()))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|_| SyncError::Config("a column name contains NUL".into()))?;
+                let columns: Vec<&std::ffi::CStr> = names.iter().map(|c| c.as_c_str()).collect();
+                let all: Vec<&StreamRow> = rows.iter().collect();
+                in_transaction(|| {
+                    copy_rows(&route.schema, &route.relname, &columns, chunks)?;
+                    Spi::connect_mut(|client| self.record_landed(client, &all))
+                })?;
+            }
+        }
         shmem::bump(|c| &c.pg_ops, 1);
         Ok(())
     }
@@ -377,6 +621,9 @@ impl StreamWriter {
     /// Inserts `rows` in one transaction; returns how many were inserted (a row already
     /// stored inserts nothing unless `stream_conflict_overwrite` updates it).
     fn insert_rows(&mut self, rows: &[StreamRow]) -> Result<usize> {
+        if let Some(Target::Route { route, .. }) = self.target.clone() {
+            return self.insert_route_rows(&route, rows);
+        }
         let stmt = self.insert.as_ref().ok_or_else(crate::pg::not_prepared)?;
         let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
@@ -394,25 +641,67 @@ impl StreamWriter {
         Ok(inserted)
     }
 
+    /// A route's rows through its INSERT (one text array per column, each cast to the
+    /// column's type: its input function), with their landing records, in one transaction.
+    /// Returns how many rows the statement inserted (a row the target already has inserts
+    /// nothing under `conflict = 'nothing'`); every row counts as landed.
+    fn insert_route_rows(&mut self, route: &Route, rows: &[StreamRow]) -> Result<usize> {
+        let n = route.map.columns.len();
+        let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); n];
+        for r in rows {
+            for (k, array) in arrays.iter_mut().enumerate() {
+                array.push(r.cells.get(k).and_then(|c| c.as_deref()));
+            }
+        }
+        let all: Vec<&StreamRow> = rows.iter().collect();
+        let inserted = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                // The target is locked first, so a change of its columns that committed
+                // before is seen here.
+                client
+                    .update(&format!("LOCK TABLE {} IN ROW EXCLUSIVE MODE", route.table), None, &[])
+                    .map_err(spi_err)?;
+                self.follow_target_types(client)?;
+                let stmt = self.insert.as_ref().ok_or_else(crate::pg::not_prepared)?;
+                let args: Vec<pgrx::datum::DatumWithOid> =
+                    arrays.iter().map(|a| a.clone().into()).collect();
+                let inserted = client.update(stmt, None, &args).map_err(spi_err)?.len();
+                self.record_landed(client, &all)?;
+                Ok(inserted)
+            })
+        })?;
+        shmem::bump(|c| &c.pg_ops, 1);
+        Ok(inserted)
+    }
+
     fn dead_letter(&mut self, row: &StreamRow, err: &SyncError) -> Result<()> {
-        let stmt = self.dead_letter.as_ref().ok_or_else(crate::pg::not_prepared)?;
+        let route = self.target.as_ref().and_then(Target::route).map(|r| r.name.clone());
         let sqlstate = crate::error::sqlstate_text(err.sqlstate());
-        let args = [
+        let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
             row.stream_key.as_str().into(),
             row.message_id.as_str().into(),
             row.data.as_str().into(),
             err.to_string().into(),
             sqlstate.into(),
         ];
+        if let Some(r) = &route {
+            args.push(r.as_str().into());
+        }
         let stored = in_transaction(|| {
-            Spi::connect_mut(|client| client.update(stmt, None, &args).map(|_| ()).map_err(spi_err))
+            Spi::connect_mut(|client| {
+                let stmt = self.dead_letter.as_ref().ok_or_else(crate::pg::not_prepared)?;
+                client.update(stmt, None, &args).map_err(spi_err)?;
+                // A route's dead letter is a landing too: a re-read skips it.
+                self.record_landed(client, &[row])
+            })
         });
         match stored {
             Ok(()) => {}
             // The row cannot even be a dead letter as it is (a stream name too long for the
             // index): it goes in under a short name, the whole row kept in `fields`.
             Err(e) if e.is_row_level() => {
-                let schema = self.target.as_ref().map(|t| t.schema.clone()).unwrap_or_default();
+                let schema =
+                    self.target.as_ref().map(|t| t.schema().to_owned()).unwrap_or_default();
                 in_transaction(|| {
                     Spi::connect_mut(|client| {
                         client
@@ -426,6 +715,9 @@ impl StreamWriter {
         }
         shmem::bump(|c| &c.pg_ops, 1);
         shmem::bump(|c| &c.dead_letters, 1);
+        if let Some(r) = &route {
+            shmem::update_route(r, |s| s.dead_letters += 1);
+        }
         self.dead_letters += 1;
         shmem::update(|st| st.dead_letters_stored = self.dead_letters as i64);
         Ok(())
@@ -437,8 +729,8 @@ fn insert_types() -> [PgOid; 4] {
     [text, text, text, PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID)]
 }
 
-fn insert_sql(t: &Target) -> String {
-    let conflict = if t.overwrite {
+fn insert_sql(schema: &str, stream_table: &str, overwrite: bool) -> String {
+    let conflict = if overwrite {
         "ON CONFLICT (stream_key, message_id) DO UPDATE SET data = EXCLUDED.data, \"timestamp\" = EXCLUDED.\"timestamp\", synced_at = now()"
     } else {
         "ON CONFLICT (stream_key, message_id) DO NOTHING"
@@ -448,7 +740,70 @@ fn insert_sql(t: &Target) -> String {
          SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000)
            FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(k, m, d, ts)
          {conflict}",
-        qualified(&t.schema, &t.stream_table),
+        qualified(schema, stream_table),
+    )
+}
+
+/// A route's INSERT: one text array per mapped column, each cast to the column's type (its
+/// input function, as COPY uses; the column's own modifier applies on assignment).
+pub fn route_insert_sql(route: &Route, casts: &[String]) -> String {
+    let cols: Vec<String> =
+        route.map.columns.iter().map(|c| crate::parse::quote_ident(&c.name)).collect();
+    let aliases: Vec<String> = (1..=cols.len()).map(|k| format!("c{k}")).collect();
+    let values: Vec<String> =
+        aliases.iter().zip(casts).map(|(a, t)| format!("u.{a}::{t}")).collect();
+    let params: Vec<String> = (1..=cols.len()).map(|k| format!("${k}::text[]")).collect();
+    let conflict = match &route.conflict {
+        Conflict::Nothing => "ON CONFLICT DO NOTHING".to_owned(),
+        Conflict::Update(keys) => {
+            let set: Vec<String> = route
+                .map
+                .columns
+                .iter()
+                .filter(|c| !keys.contains(&c.name))
+                .map(|c| {
+                    let q = crate::parse::quote_ident(&c.name);
+                    format!("{q} = EXCLUDED.{q}")
+                })
+                .collect();
+            let keys: Vec<String> = keys.iter().map(|k| crate::parse::quote_ident(k)).collect();
+            if set.is_empty() {
+                format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+            } else {
+                format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), set.join(", "))
+            }
+        }
+    };
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}) {conflict}",
+        route.table,
+        cols.join(", "),
+        values.join(", "),
+        params.join(", "),
+        aliases.join(", "),
+    )
+}
+
+/// A route's landing records: stream, consumer group and the IDs (space-separated).
+const LANDED_RECORD: &str = "INSERT INTO redis_sync.landed (route, stream_key, consumer_group, ids)
+     SELECT $1, u.k, $2, pg_catalog.string_to_array(u.i, ' ')
+       FROM unnest($3::text[], $4::text[]) AS u(k, i)
+     RETURNING seq";
+
+/// The 0-based indices of the (stream, ID) pairs a route's landing records hold.
+const LANDED_LOOKUP: &str = "SELECT (u.i - 1)::int8
+       FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(k, m, i)
+      WHERE EXISTS (SELECT 1 FROM redis_sync.landed l
+                     WHERE l.stream_key = u.k AND l.consumer_group = $3 AND l.route = $4
+                       AND u.m = ANY (l.ids))";
+
+/// A route's dead letter: with the route's name.
+fn route_dead_letter_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {} AS d (stream_key, message_id, fields, error, sqlstate, route)
+         VALUES ($1, $2, $3::jsonb, $4, $5, $6)
+         {DEAD_LETTER_CONFLICT}, route = EXCLUDED.route",
+        qualified(schema, DEAD_LETTER_TABLE),
     )
 }
 

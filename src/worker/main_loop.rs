@@ -21,7 +21,7 @@ use crate::pg::{self, LoopContext, Waker, MAX_WAIT};
 use crate::ratelimit::Lane;
 use crate::redis::SharedBudget;
 use crate::shmem::{self, LaneState, WorkerState};
-use crate::streams::{DiscoveryCtx, DiscoveryTurn, Feed, Learned, StreamSync, StreamWriter};
+use crate::streams::{DiscoveryCtx, DiscoveryTurn, Feed, Learned, StreamSync, Writers};
 
 /// A turn longer than this is logged at debug level, with what took the time.
 const SLOW_TURN: Duration = Duration::from_millis(100);
@@ -37,7 +37,7 @@ pub struct Worker {
     budget: SharedBudget,
     waker: Waker,
     streams: StreamSync,
-    stream_writer: StreamWriter,
+    stream_writer: Writers,
     keys: KeySync,
     kv_writer: KvWriter,
     /// Listening to keyspace notifications, when Redis publishes them.
@@ -66,7 +66,7 @@ impl Worker {
             budget: SharedBudget::new(settings.rate_limit),
             waker,
             streams,
-            stream_writer: StreamWriter::default(),
+            stream_writer: Writers::default(),
             keys: KeySync::new(now),
             kv_writer: KvWriter::default(),
             notifier: None,
@@ -262,6 +262,7 @@ impl Worker {
 
     /// The stream lane: land what the readers brought, start the next reads.
     fn stream_turn(&mut self, now: Instant) -> bool {
+        self.streams.follow_routes(&self.settings, now, &self.log);
         let feed_ok = self.lanes.link.up && self.lanes.get(Lane::Streams).may_work(now);
         let feed = Feed { budget: &self.budget, waker: &self.waker };
         let outcome = self.streams.pump(
@@ -282,7 +283,7 @@ impl Worker {
                 p.replies > 0
             }
             Err(e) => {
-                self.stream_writer.reset();
+                self.stream_writer.reset_all();
                 self.lanes.failed(Lane::Streams, e, &self.settings, &self.log, now);
                 true
             }

@@ -1,0 +1,220 @@
+//! Routes: streams and keys into the user's own tables, column by column, with Postgres'
+//! own types. The generic stream and key-value tables stay the default for whatever no route
+//! matches.
+//!
+//! - `mapping`: what a route maps and the rows it makes (pure: the reader threads use it)
+//! - `catalog`: routes as `redis_sync.routes` holds them, checked against the catalog
+//! - `sql`: the SQL functions that add, drop and list routes
+//!
+//! Routes live in `redis_sync.routes`, a configuration table of the extension (kept by
+//! `pg_dump`). A trigger on it bumps a generation number in shared memory once the change
+//! commits; each worker loads its kind of routes again when the number moves (and every
+//! few seconds anyway), so a change by hand or by `pg_restore` counts too.
+
+pub mod catalog;
+pub mod mapping;
+pub mod sql;
+
+use std::sync::Arc;
+
+use pgrx::pg_sys;
+
+pub use mapping::{Kind, RowMap};
+
+use crate::parse::Pattern;
+
+/// What a stream route does with a row its target already has (a unique key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conflict {
+    /// Keep the stored row.
+    Nothing,
+    /// Overwrite it, on these key columns (sorted).
+    Update(Vec<String>),
+}
+
+/// What a key route does when its key is deleted or expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletes {
+    Delete,
+    Ignore,
+    /// Sets this timestamptz column to the time the key was found gone.
+    Mark(String),
+}
+
+/// A route, checked and ready to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub kind: Kind,
+    pub patterns: Vec<Pattern>,
+    pub target: pg_sys::Oid,
+    /// The target, schema-qualified and quoted.
+    pub table: String,
+    /// Its schema and name, unquoted.
+    pub schema: String,
+    pub relname: String,
+    pub map: Arc<RowMap>,
+    /// The type of each mapped column (in `map`'s order), as the INSERT path casts to it.
+    pub casts: Vec<String>,
+    pub conflict: Conflict,
+    pub deletes: Deletes,
+    /// Key routes: the columns rows are upserted on (sorted).
+    pub key_columns: Vec<String>,
+}
+
+/// A route that did not check out when loaded: its streams or keys wait, and
+/// `redis_sync_routes()` says why.
+#[derive(Clone, Debug)]
+pub struct Broken {
+    pub name: String,
+    pub patterns: Vec<Pattern>,
+    pub error: String,
+}
+
+/// The routes of one kind, as a worker runs them.
+#[derive(Clone, Debug, Default)]
+pub struct RouteSet {
+    pub routes: Vec<Arc<Route>>,
+    pub broken: Vec<Broken>,
+}
+
+/// Where a name goes.
+#[derive(Clone, Debug)]
+pub enum Destination<'n> {
+    /// No route matches: the generic table.
+    Generic,
+    /// This route, with the parts its pattern matched.
+    Route(Arc<Route>, Vec<&'n [u8]>),
+    /// A route matches that is broken now: the name waits.
+    Broken(String),
+}
+
+impl RouteSet {
+    /// The route `name` goes to (see [`mapping::choose`]); a broken route counts as a
+    /// match, so what it would take is held, not sent to the generic table.
+    pub fn destination<'n>(&self, name: &'n [u8]) -> Destination<'n> {
+        let n = self.routes.len();
+        let all = self
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.patterns.as_slice()))
+            .chain(self.broken.iter().map(|b| (b.name.as_str(), b.patterns.as_slice())))
+            .enumerate()
+            .map(|(i, (name, p))| (i, name, p));
+        match mapping::choose(all, name) {
+            None => Destination::Generic,
+            Some((i, parts)) if i < n => Destination::Route(self.routes[i].clone(), parts),
+            Some((i, _)) => {
+                let b = &self.broken[i - n];
+                Destination::Broken(format!("route \"{}\" cannot run: {}", b.name, b.error))
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.broken.is_empty()
+    }
+}
+
+/// Loads the routes of `kind` (main thread of a worker): each checked; those that fail are
+/// kept as broken, with the reason in `redis_sync_routes()` and the log.
+pub fn load(kind: Kind, role: &str) -> crate::error::Result<RouteSet> {
+    let set = crate::pg::in_transaction(|| {
+        pgrx::Spi::connect(|client| {
+            if !catalog::installed(client)? {
+                return Ok(RouteSet::default());
+            }
+            let mut set = RouteSet::default();
+            for def in catalog::load(client, Some(kind))? {
+                match catalog::check(client, &def, role) {
+                    Ok(r) => set.routes.push(Arc::new(r)),
+                    Err(e) => set.broken.push(Broken {
+                        name: def.name.clone(),
+                        patterns: crate::parse::parse_list(&def.patterns)
+                            .iter()
+                            .map(|p| Pattern::new(p))
+                            .collect(),
+                        error: e.message,
+                    }),
+                }
+            }
+            Ok(set)
+        })
+    })?;
+    let names: Vec<String> = set
+        .routes
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(set.broken.iter().map(|b| b.name.clone()))
+        .collect();
+    crate::shmem::keep_routes(kind == Kind::Key, &names);
+    let now = crate::shmem::now();
+    for b in &set.broken {
+        crate::shmem::update_route(&b.name, |s| {
+            if s.last_error.as_str() != b.error {
+                s.last_error.set(&b.error);
+                s.last_error_time = now;
+            }
+        });
+    }
+    for r in &set.routes {
+        crate::shmem::update_route(&r.name, |s| {
+            if s.last_error.as_str().starts_with("route ") {
+                s.last_error.set("");
+            }
+        });
+    }
+    Ok(set)
+}
+
+/// The last landing record written (`None` when there is none), main thread.
+pub fn landed_max() -> crate::error::Result<Option<i64>> {
+    crate::pg::in_transaction(|| {
+        pgrx::Spi::connect(|client| {
+            if !catalog::installed(client)? {
+                return Ok(None);
+            }
+            client
+                .select("SELECT max(seq) FROM redis_sync.landed", None, &[])
+                .map_err(crate::pg::spi_err)?
+                .first()
+                .get_one::<i64>()
+                .map_err(crate::pg::spi_err)
+        })
+    })
+}
+
+/// Deletes the landing records that can no longer matter: for each routed stream (route,
+/// stream as stored, the IDs our consumer holds pending, read after record `floor` was
+/// written), the records up to `floor` holding none of those IDs. Their entries are
+/// acknowledged, so no re-read will meet them.
+pub fn forget_landed(
+    group: &str,
+    streams: &[(String, String, Vec<String>, i64)],
+) -> crate::error::Result<()> {
+    if streams.is_empty() {
+        return Ok(());
+    }
+    crate::pg::in_transaction(|| {
+        pgrx::Spi::connect_mut(|client| {
+            for (route, stream, pending, floor) in streams {
+                client
+                    .update(
+                        "DELETE FROM redis_sync.landed
+                          WHERE route = $1 AND stream_key = $2 AND consumer_group = $3
+                            AND seq <= $4 AND NOT (ids && $5::text[])",
+                        None,
+                        &[
+                            route.as_str().into(),
+                            stream.as_str().into(),
+                            group.into(),
+                            (*floor).into(),
+                            pending.clone().into(),
+                        ],
+                    )
+                    .map_err(crate::pg::spi_err)?;
+            }
+            Ok(())
+        })
+    })
+}
