@@ -346,3 +346,118 @@ fn pg_dump_and_pg_restore_keep_the_routes() {
     assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(definitions("restored"), before);
 }
+
+const KEYS: &[(&str, &str)] = &[
+    ("redis_sync.rate_limit", "0"),
+    ("redis_sync.sync_interval", "200ms"),
+    ("redis_sync.stream_auto_discovery", "off"),
+];
+
+fn xmin_of(pg: &Cluster, table: &str, id: &str) -> String {
+    pg.query_text(&format!("SELECT xmin::text FROM {table} WHERE id = {id}")).unwrap_or_default()
+}
+
+/// Waits for `n` more complete key-value passes.
+fn passes(pg: &Cluster, n: i64) {
+    let now = pg.number("SELECT key_value_passes FROM redis_sync_status()");
+    pg.wait_number(
+        &format!("SELECT least(key_value_passes, {}) FROM redis_sync_status()", now + n),
+        now + n,
+        T,
+    );
+}
+
+#[test]
+fn key_routes_upsert_changes_follow_deletes_and_leave_unchanged_rows_alone() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let mut pg = Cluster::start(&redis, KEYS);
+    pg.execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text, age int, updated_at timestamptz);
+         SELECT redis_sync_add_key_route('users', 'user:*', 'users',
+             '{\"id\": \"$key_part 1\", \"name\": \"name\", \"age\": \"age\", \"updated_at\": \"$expires_at\"}', '{id}');
+         CREATE TABLE orders (id text PRIMARY KEY, total numeric, gone_at timestamptz);
+         SELECT redis_sync_add_key_route('orders', 'order:*', 'orders',
+             '{\"id\": \"$key\", \"total\": \"total\"}', '{id}', 'mark:gone_at');
+         CREATE TABLE items (id text PRIMARY KEY, qty int);
+         SELECT redis_sync_add_key_route('items', 'item:*', 'items',
+             '{\"id\": \"$key_part 1\", \"qty\": \"qty\"}', '{id}', 'ignore');",
+    );
+    let hset = |r: &mut redis::Connection, key: &str, fields: &[(&str, &str)]| {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key);
+        for (f, v) in fields {
+            cmd.arg(*f).arg(*v);
+        }
+        let _: i64 = cmd.query(r).expect("HSET");
+    };
+    hset(&mut r, "user:1", &[("name", "Ada"), ("age", "36")]);
+    hset(&mut r, "user:2", &[("name", "Bob"), ("age", "40")]);
+    let _: () = redis::cmd("SET")
+        .arg("user:3")
+        .arg("{\"name\": \"Cy\", \"age\": 5}")
+        .query(&mut r)
+        .expect("SET");
+    hset(&mut r, "order:1", &[("total", "9.50")]);
+    hset(&mut r, "item:1", &[("qty", "3")]);
+    let _: () = redis::cmd("SET").arg("plain").arg("v").query(&mut r).expect("SET");
+    assert!(pg.wait_until_running());
+    pg.wait_number("SELECT count(*) FROM users", 3, T);
+    assert_eq!(
+        pg.query_text(
+            "SELECT string_agg(id || ':' || name || ':' || age, ',' ORDER BY id) FROM users"
+        )
+        .as_deref(),
+        Some("1:Ada:36,2:Bob:40,3:Cy:5")
+    );
+    pg.wait_number("SELECT count(*) FROM orders WHERE total = 9.50", 1, T);
+    pg.wait_number("SELECT count(*) FROM items WHERE qty = 3", 1, T);
+    // Only what no route takes is in the key-value table.
+    pg.wait_number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'plain'", 1, T);
+    assert_eq!(pg.number("SELECT count(*) FROM redis_key_values WHERE redis_key <> 'plain'"), 0);
+    // A change is written; unchanged rows are not (their row version stays).
+    let (x1, x2) = (xmin_of(&pg, "users", "1"), xmin_of(&pg, "users", "2"));
+    hset(&mut r, "user:1", &[("age", "37")]);
+    pg.wait_number("SELECT age FROM users WHERE id = 1", 37, T);
+    passes(&pg, 2);
+    assert_ne!(xmin_of(&pg, "users", "1"), x1);
+    assert_eq!(xmin_of(&pg, "users", "2"), x2, "an unchanged key was rewritten");
+    // An expiry is mapped, and when the key expires its row goes (deletes = 'delete').
+    let _: i64 = redis::cmd("PEXPIRE").arg("user:2").arg(1500).query(&mut r).expect("PEXPIRE");
+    pg.wait_number("SELECT count(*) FROM users WHERE id = 2 AND updated_at IS NOT NULL", 1, T);
+    pg.wait_number("SELECT count(*) FROM users WHERE id = 2", 0, T);
+    // Deleted: 'delete' removes the row, 'mark:gone_at' sets the column, 'ignore' keeps it.
+    let _: i64 =
+        redis::cmd("DEL").arg("user:1").arg("order:1").arg("item:1").query(&mut r).expect("DEL");
+    pg.wait_number("SELECT count(*) FROM users WHERE id = 1", 0, T);
+    pg.wait_number(
+        "SELECT count(*) FROM orders WHERE id = 'order:1' AND gone_at IS NOT NULL",
+        1,
+        T,
+    );
+    passes(&pg, 2);
+    assert_eq!(pg.number("SELECT count(*) FROM items WHERE id = '1'"), 1);
+    // Back again: the mark goes.
+    hset(&mut r, "order:1", &[("total", "10")]);
+    pg.wait_number(
+        "SELECT count(*) FROM orders WHERE id = 'order:1' AND gone_at IS NULL AND total = 10",
+        1,
+        T,
+    );
+    // A key deleted while no worker watched is found by walking the target; after the
+    // restart nothing is remembered, and unchanged rows still keep their row version.
+    let x_order = xmin_of(&pg, "orders", "'order:1'");
+    pg.stop();
+    let _: i64 = redis::cmd("DEL").arg("user:3").query(&mut r).expect("DEL");
+    pg.start_again();
+    assert!(pg.wait_until_running());
+    pg.wait_number("SELECT count(*) FROM users WHERE id = 3", 0, T);
+    passes(&pg, 1);
+    assert_eq!(xmin_of(&pg, "orders", "'order:1'"), x_order, "an unchanged key was rewritten");
+    assert_eq!(
+        pg.query_text(
+            "SELECT string_agg(name, ',') FROM redis_sync_routes() WHERE last_error IS NOT NULL"
+        ),
+        None
+    );
+}

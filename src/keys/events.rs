@@ -1,15 +1,19 @@
 //! Keys named by keyspace notifications, already fetched by the notification thread, written
 //! at once between passes.
 
+use super::memory::KeyId;
 use super::memory::{pass_of, remember};
 use super::notify::Changed;
-use super::pass::skipped;
+use super::pass::{skipped, unmappable, RoutedRow};
+use super::routed;
 use super::rows::{report_refused, Found};
 use super::writer::{KvTarget, KvWriter};
 use super::KeySync;
 use crate::encode::encode_name;
 use crate::error::Result;
 use crate::gucs::{KeyValueDeletes, Settings};
+use crate::routes::mapping::Cell;
+use crate::routes::Destination;
 use crate::shmem;
 
 impl KeySync {
@@ -35,32 +39,66 @@ impl KeySync {
         };
         let cap = s.key_value_max_remembered;
         let mut rows = Vec::new();
+        let mut routed_rows: Vec<RoutedRow> = Vec::new();
         let mut pending = Vec::new();
         let mut gone = Vec::new();
         let mut gone_ids = Vec::new();
+        let mut routed_gone: Vec<(std::sync::Arc<crate::routes::Route>, Vec<Cell>, KeyId)> =
+            Vec::new();
         for (key, found) in keys.iter().zip(found) {
             let id = self.ids.id(db, key);
             if self.pass.is_some() {
                 self.event_times.insert(id, fetched_at);
             }
-            match found {
-                Found::Value { fingerprint, row } => {
+            let destination = self.routes.destination(key);
+            match (found, destination) {
+                (Found::Value { .. } | Found::Gone, Destination::Broken(_)) => {}
+                (Found::Value { fingerprint, row }, Destination::Route(route, parts)) => {
+                    match routed::route_cells(&route, key, &parts, &row) {
+                        Some(cells) => {
+                            routed_rows.push((route, cells, key.clone(), id, fingerprint))
+                        }
+                        None => {
+                            routed::report(&route.name, key, &unmappable(row.value_type));
+                            pending.push((id, fingerprint));
+                        }
+                    }
+                }
+                (Found::Gone, Destination::Route(route, parts)) => {
+                    let cells = routed::key_cells(&route, key, &parts);
+                    routed_gone.push((route, cells, id));
+                }
+                (Found::Value { fingerprint, row }, Destination::Generic) => {
                     rows.push(row);
                     pending.push((id, fingerprint));
                 }
-                Found::Gone => {
+                (Found::Gone, Destination::Generic) => {
                     gone.push(encode_name(key));
                     gone_ids.push(id);
                 }
-                Found::TooBig { ty, bytes } => {
+                (Found::TooBig { ty, bytes }, _) => {
                     let number = self.memory.get(&id).map_or(unseen, |v| pass_of(*v));
                     skipped(&mut self.memory, id, db, key, &ty, bytes, number);
                 }
-                Found::Stream | Found::Other => {}
+                (Found::Stream | Found::Other, _) => {}
             }
         }
         let mut refused = Vec::new();
         let mut touched = writer.upsert_isolating(db, &rows, &mut refused)?;
+        touched += self.write_routed(routed_rows, &mut pending);
+        for (route, cells, id) in routed_gone {
+            match self.route_writers.gone(&route, &[cells]) {
+                Ok(n) => {
+                    touched += n;
+                    gone_ids.push(id);
+                }
+                Err(e) => {
+                    // Remembered still: the deletion check finds it.
+                    self.route_writers.reset();
+                    routed::failed(&route.name, &e.to_string());
+                }
+            }
+        }
         report_refused(db, &rows, &refused);
         let mut full = false;
         for (id, fingerprint) in pending {

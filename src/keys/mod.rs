@@ -21,6 +21,7 @@ mod events;
 mod memory;
 mod notify;
 mod pass;
+mod routed;
 mod rows;
 mod scanner;
 mod writer;
@@ -34,6 +35,7 @@ use crate::error::{Result, SyncError};
 use crate::gucs::Settings;
 use crate::pg::Waker;
 use crate::redis::SharedBudget;
+use crate::routes::RouteSet;
 use crate::streams::Learned;
 
 pub use notify::{flags_cover_changes, Notifier, Scope};
@@ -71,7 +73,15 @@ pub struct KeySync {
     learned: Option<Learned>,
     /// Rows a chunk of a page writes, following the measured cost of a row.
     chunk_rows: usize,
+    /// The key routes, as last loaded, the generation they were loaded at and when.
+    routes: RouteSet,
+    routes_gen: Option<u64>,
+    routes_loaded: Option<Instant>,
+    route_writers: routed::KeyRouteWriters,
 }
+
+/// Routes are loaded again at least this often (a change the trigger did not see).
+const ROUTES_RELOAD: Duration = Duration::from_secs(10);
 
 /// What the key-value lane needs from the main loop for one turn.
 pub struct KvCtx<'a> {
@@ -114,7 +124,44 @@ impl KeySync {
             chunk: None,
             learned: None,
             chunk_rows: 200,
+            routes: RouteSet::default(),
+            routes_gen: None,
+            routes_loaded: None,
+            route_writers: routed::KeyRouteWriters::default(),
         }
+    }
+
+    /// Loads the key routes again when they changed (or every few seconds). A change of
+    /// what any route is voids the memory: the next pass compares every key again (and
+    /// writes only what differs from the tables).
+    pub fn follow_routes(&mut self, s: &Settings, now: Instant) {
+        let gen = crate::shmem::routes_generation();
+        let due =
+            self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= ROUTES_RELOAD);
+        if self.routes_gen == Some(gen) && !due {
+            return;
+        }
+        self.routes_loaded = Some(now);
+        let Ok(set) = crate::routes::load(crate::routes::Kind::Key, &s.role) else { return };
+        self.routes_gen = Some(gen);
+        let same = set.routes.len() == self.routes.routes.len()
+            && set.routes.iter().zip(&self.routes.routes).all(|(a, b)| **a == **b)
+            && set.broken.len() == self.routes.broken.len()
+            && set
+                .broken
+                .iter()
+                .zip(&self.routes.broken)
+                .all(|(a, b)| a.name == b.name && a.error == b.error);
+        if same {
+            return;
+        }
+        for b in &set.broken {
+            pgrx::warning!("route \"{}\" cannot run: {}", b.name, b.error);
+        }
+        self.routes = set;
+        self.route_writers.reset();
+        self.abandon();
+        self.next_pass = now;
     }
 
     /// Is a pass under way?

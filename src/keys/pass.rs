@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::memory::{
     fingerprint_of, pack, pass_of, remember, KeyId, Memory, NO_FINGERPRINT, TOO_BIG,
 };
+use super::routed;
 use super::rows::{report_refused, Found, MIRRORED};
 use super::scanner::{Msg, Page, Scanner};
 use super::writer::{KvTarget, KvWriter};
@@ -18,8 +19,20 @@ use crate::error::{Result, SyncError};
 use crate::gucs::{KeyValueDeletes, Settings};
 use crate::parse::Pattern;
 use crate::redis::Databases;
+use crate::routes::Destination;
 use crate::shmem;
 use crate::streams::Learned;
+
+/// A key going to a route: the route, its row's cells, the key, its id and fingerprint.
+pub(super) type RoutedRow =
+    (std::sync::Arc<crate::routes::Route>, Vec<crate::routes::mapping::Cell>, Vec<u8>, KeyId, u64);
+
+/// Why a key of a type a route cannot map is not written.
+pub(super) fn unmappable(ty: &str) -> String {
+    format!(
+        "it is a {ty}: a route takes hashes, and strings (their JSON object's members as fields)"
+    )
+}
 
 /// Live keys read from the table per step of the deletion check.
 const CHECK_CHUNK: i64 = 2_000;
@@ -59,10 +72,28 @@ pub(super) enum Phase {
     Starting,
     /// Pages are coming.
     Scanning,
-    /// Walking the table's live keys for the ones the pass did not see.
-    Walking { db_index: usize, after: Option<String>, missing: Vec<(u8, String)> },
+    /// Walking the table's live keys for the ones the pass did not see, database by
+    /// database, then each key route's target.
+    Walking {
+        db_index: usize,
+        after: Option<String>,
+        missing: Vec<(u8, String)>,
+        routes: RouteWalk,
+    },
     /// Waiting for the scanner to confirm which missing keys are gone.
-    Confirming { outstanding: usize, gone: usize },
+    Confirming { outstanding: usize, gone: usize, routes: RouteWalk },
+}
+
+/// The deletion check's part for key routes: which target is walked and from where, the
+/// keys its rows stand for that the pass did not see (by route), and, while confirming, the
+/// answers still to come (`true`: a route's) and the keys found still there.
+#[derive(Default)]
+pub(super) struct RouteWalk {
+    index: usize,
+    after: Option<Vec<Option<String>>>,
+    missing: Vec<(usize, Vec<u8>)>,
+    answers: std::collections::VecDeque<bool>,
+    present: std::collections::HashSet<Vec<u8>>,
 }
 
 pub(super) struct Pass {
@@ -241,11 +272,12 @@ impl KeySync {
         let db = chunk.db;
         let number = pass.number;
         let mut rows = Vec::new();
+        let mut routed_rows: Vec<RoutedRow> = Vec::new();
         let mut pending = Vec::new();
         let mut exhausted = true;
         let mut examined = 0;
         loop {
-            if rows.len() >= self.chunk_rows || examined >= KEYS_PER_TURN {
+            if rows.len() + routed_rows.len() >= self.chunk_rows || examined >= KEYS_PER_TURN {
                 // The rest of the page at the next turn.
                 exhausted = false;
                 break;
@@ -288,16 +320,34 @@ impl KeySync {
                 }
             }
             pass.keys += 1;
-            rows.push(row);
-            pending.push((id, fingerprint));
+            match self.routes.destination(&key) {
+                Destination::Generic => {
+                    rows.push(row);
+                    pending.push((id, fingerprint));
+                }
+                // Its route cannot run now: the key waits (not remembered, so a later pass
+                // writes it).
+                Destination::Broken(_) => {}
+                Destination::Route(route, parts) => {
+                    match routed::route_cells(&route, &key, &parts, &row) {
+                        Some(cells) => routed_rows.push((route, cells, key, id, fingerprint)),
+                        None => {
+                            routed::report(&route.name, &key, &unmappable(row.value_type));
+                            pending.push((id, fingerprint));
+                        }
+                    }
+                }
+            }
         }
         if exhausted {
             self.chunk = None;
         }
         let mut refused = Vec::new();
         let t0 = Instant::now();
-        let written = writer.upsert_isolating(db, &rows, &mut refused)?;
-        self.chunk_rows = next_chunk_rows(self.chunk_rows, rows.len(), t0.elapsed());
+        let mut written = writer.upsert_isolating(db, &rows, &mut refused)?;
+        let routed_count = routed_rows.len();
+        written += self.write_routed(routed_rows, &mut pending);
+        self.chunk_rows = next_chunk_rows(self.chunk_rows, rows.len() + routed_count, t0.elapsed());
         // Remembered below like the others, so an unchanged refused key is not tried (and
         // reported) again until it changes or a verifying pass comes.
         report_refused(db, &rows, &refused);
@@ -321,6 +371,51 @@ impl KeySync {
         Ok(!rows.is_empty())
     }
 
+    /// Writes the keys of routes (each route's in one transaction); what committed, or was
+    /// refused by its target (reported), goes to `pending` to be remembered. A route whose
+    /// target fails is reported and its keys are not remembered (the next pass tries them
+    /// again); the other routes and the key-value table go on. Returns the rows written.
+    pub(super) fn write_routed(
+        &mut self,
+        rows: Vec<RoutedRow>,
+        pending: &mut Vec<(KeyId, u64)>,
+    ) -> usize {
+        let mut written = 0;
+        let mut groups: Vec<(std::sync::Arc<crate::routes::Route>, Vec<RoutedRow>)> = Vec::new();
+        for r in rows {
+            match groups.iter_mut().find(|(route, _)| route.name == r.0.name) {
+                Some((_, g)) => g.push(r),
+                None => groups.push((r.0.clone(), vec![r])),
+            }
+        }
+        for (route, group) in groups {
+            let cells: Vec<Vec<crate::routes::mapping::Cell>> =
+                group.iter().map(|r| r.1.clone()).collect();
+            let mut refused = Vec::new();
+            match self.route_writers.upsert_isolating(&route, &cells, 0, &mut refused) {
+                Ok(n) => {
+                    written += n;
+                    for (i, e) in &refused {
+                        routed::report(&route.name, &group[*i].2, &e.to_string());
+                    }
+                    pending.extend(group.iter().map(|r| (r.3, r.4)));
+                    let now = shmem::now();
+                    shmem::update_route(&route.name, |s| {
+                        if n > 0 {
+                            s.rows_landed += n as i64;
+                            s.last_landed = now;
+                        }
+                    });
+                }
+                Err(e) => {
+                    self.route_writers.reset();
+                    routed::failed(&route.name, &e.to_string());
+                }
+            }
+        }
+        written
+    }
+
     /// Every SCAN is done. Redis must be the same server as at the start (a restart during
     /// the pass proves nothing about what is gone); when every key remembered from the last
     /// complete pass was seen again, nothing can be gone. Otherwise the deletion check
@@ -335,12 +430,19 @@ impl KeySync {
         let unseen = self.memory.values().filter(|v| pass_of(**v) != number).count();
         // With the memory full, keys the pass saw may not be in it: the table tells.
         let all_known = self.memory.len() < pass.cap;
-        let walk = s.key_value_deletes != KeyValueDeletes::Ignore
-            && !(pass.trusted && unseen == 0 && all_known);
+        let generic = s.key_value_deletes != KeyValueDeletes::Ignore;
+        let routes = self.routes.routes.iter().any(|r| r.deletes != crate::routes::Deletes::Ignore);
+        let walk = (generic || routes) && !(pass.trusted && unseen == 0 && all_known);
         if !walk {
             return Some(self.close(s, true, 0));
         }
-        pass.phase = Phase::Walking { db_index: 0, after: None, missing: Vec::new() };
+        pass.phase = Phase::Walking {
+            // (The key-value table is not walked when its keys are never deleted.)
+            db_index: if generic { 0 } else { s.db_search_range.len() },
+            after: None,
+            missing: Vec::new(),
+            routes: RouteWalk::default(),
+        };
         None
     }
 
@@ -357,9 +459,13 @@ impl KeySync {
             let mut found = Vec::new();
             for name in &names {
                 // Only keys this pass was looking for: a key outside the patterns is not
-                // "gone" (nor is a name this extension did not write).
+                // "gone" (nor is a name this extension did not write, nor a key a route
+                // takes now: its row here stays as it was).
                 let Some(bytes) = decode_name(name) else { continue };
                 if !pass.patterns.iter().any(|p| p.matches(&bytes)) {
+                    continue;
+                }
+                if !matches!(self.routes.destination(&bytes), Destination::Generic) {
                     continue;
                 }
                 let id = self.ids.id(db, &bytes);
@@ -368,7 +474,7 @@ impl KeySync {
                 }
                 found.push((db, name.clone()));
             }
-            if let Some(Phase::Walking { db_index, after, missing }) =
+            if let Some(Phase::Walking { db_index, after, missing, .. }) =
                 self.pass.as_mut().map(|p| &mut p.phase)
             {
                 missing.extend(found);
@@ -381,10 +487,14 @@ impl KeySync {
             }
             return Ok(worked);
         }
+        if self.walk_route_chunk(writer, s)? {
+            return Ok(worked);
+        }
         // The walk is over: ask about what is missing, a chunk at a time.
         let Some(pass) = self.pass.as_mut() else { return Ok(worked) };
-        let Phase::Walking { missing, .. } = &mut pass.phase else { return Ok(worked) };
+        let Phase::Walking { missing, routes, .. } = &mut pass.phase else { return Ok(worked) };
         let missing = std::mem::take(missing);
+        let mut routes = std::mem::take(routes);
         let mut outstanding = 0;
         let mut i = 0;
         while i < missing.len() {
@@ -400,13 +510,81 @@ impl KeySync {
                 return Err(SyncError::ThreadStopped("scanner"));
             };
             scanner.confirm(&s.redis, db, names)?;
+            routes.answers.push_back(false);
             outstanding += 1;
+        }
+        // A route's key is gone when no database of the range holds it.
+        let route_names: Vec<String> = routes.missing.iter().map(|(_, k)| encode_name(k)).collect();
+        for chunk in route_names.chunks(CONFIRM_CHUNK) {
+            for &db in &s.db_search_range {
+                let Some(scanner) = self.scanner.as_mut() else {
+                    return Err(SyncError::ThreadStopped("scanner"));
+                };
+                scanner.confirm(&s.redis, db, chunk.to_vec())?;
+                routes.answers.push_back(true);
+                outstanding += 1;
+            }
         }
         if outstanding == 0 {
             return Ok(KvTurn { finished: Some(self.close(s, true, 0)), ..worked });
         }
-        pass.phase = Phase::Confirming { outstanding, gone: 0 };
+        pass.phase = Phase::Confirming { outstanding, gone: 0, routes };
         Ok(worked)
+    }
+
+    /// One chunk of the walk of the key routes' targets: their live rows' keys, those the
+    /// pass did not see noted. Returns false once every target is walked.
+    fn walk_route_chunk(&mut self, _writer: &mut KvWriter, s: &Settings) -> Result<bool> {
+        let Some(pass) = self.pass.as_ref() else { return Ok(false) };
+        let Phase::Walking { routes: walk, .. } = &pass.phase else { return Ok(false) };
+        let number = pass.number;
+        let Some(route) = self.routes.routes.get(walk.index).cloned() else { return Ok(false) };
+        if route.deletes == crate::routes::Deletes::Ignore {
+            if let Some(Phase::Walking { routes: walk, .. }) =
+                self.pass.as_mut().map(|p| &mut p.phase)
+            {
+                walk.index += 1;
+                walk.after = None;
+            }
+            return Ok(true);
+        }
+        let rows = match self.route_writers.walk(&route, walk.after.as_deref(), CHECK_CHUNK) {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Its target cannot be read: no deletion found for it this pass.
+                self.route_writers.reset();
+                routed::failed(&route.name, &e.to_string());
+                Vec::new()
+            }
+        };
+        let mut missing = Vec::new();
+        for values in &rows {
+            let Some(key) = routed::key_of(&route, values) else { continue };
+            let mine = matches!(self.routes.destination(&key), Destination::Route(r, _) if r.name == route.name);
+            if !mine {
+                continue;
+            }
+            let seen = s.db_search_range.iter().any(|db| {
+                let id = self.ids.id(*db, &key);
+                self.memory.get(&id).is_some_and(|v| pass_of(*v) == number)
+            });
+            if !seen {
+                missing.push((walk.index, key));
+            }
+        }
+        let full = rows.len() as i64 >= CHECK_CHUNK;
+        let last = rows.last().cloned();
+        if let Some(Phase::Walking { routes: walk, .. }) = self.pass.as_mut().map(|p| &mut p.phase)
+        {
+            walk.missing.extend(missing);
+            if full {
+                walk.after = last;
+            } else {
+                walk.index += 1;
+                walk.after = None;
+            }
+        }
+        Ok(true)
     }
 
     /// The scanner's answer about missing keys: a key that exists again (created after SCAN
@@ -419,8 +597,23 @@ impl KeySync {
         names: Vec<String>,
         types: Vec<String>,
     ) -> Result<Option<PassSummary>> {
-        let Some(pass) = self.pass.as_ref() else { return Ok(None) };
+        let Some(pass) = self.pass.as_mut() else { return Ok(None) };
         let number = pass.number;
+        let route_answer = match &mut pass.phase {
+            Phase::Confirming { routes, .. } => routes.answers.pop_front().unwrap_or(false),
+            _ => false,
+        };
+        if route_answer {
+            if let Phase::Confirming { routes, .. } = &mut pass.phase {
+                for (name, ty) in names.iter().zip(&types) {
+                    if ty == "hash" || ty == "string" {
+                        routes.present.insert(decode_name(name).unwrap_or_default());
+                    }
+                }
+            }
+            return self.confirmation_done(s, 0);
+        }
+        let pass = &*pass;
         let mut really_gone = Vec::new();
         for (name, ty) in names.into_iter().zip(types) {
             if MIRRORED.contains(&ty.as_str()) {
@@ -440,7 +633,13 @@ impl KeySync {
         if touched > 0 {
             shmem::bump(|c| &c.key_values_processed, touched as u64);
         }
-        let Some(Phase::Confirming { outstanding, gone }) =
+        self.confirmation_done(s, touched)
+    }
+
+    /// One answer of the scanner taken (`touched` rows by it); after the last, the keys of
+    /// routes that no database holds get their route's `deletes`, and the pass ends.
+    fn confirmation_done(&mut self, s: &Settings, touched: usize) -> Result<Option<PassSummary>> {
+        let Some(Phase::Confirming { outstanding, gone, routes }) =
             self.pass.as_mut().map(|p| &mut p.phase)
         else {
             return Ok(None);
@@ -450,8 +649,31 @@ impl KeySync {
         if *outstanding > 0 {
             return Ok(None);
         }
-        let gone = *gone;
-        Ok(Some(self.close(s, true, gone)))
+        let generic = *gone;
+        let mut routed_gone = 0;
+        let walk = std::mem::take(routes);
+        for (index, route) in self.routes.routes.clone().iter().enumerate() {
+            let cells: Vec<Vec<crate::routes::mapping::Cell>> = walk
+                .missing
+                .iter()
+                .filter(|(i, key)| *i == index && !walk.present.contains(key))
+                .filter_map(|(_, key)| match self.routes.destination(key) {
+                    Destination::Route(_, parts) => Some(routed::key_cells(route, key, &parts)),
+                    _ => None,
+                })
+                .collect();
+            match self.route_writers.gone(route, &cells) {
+                Ok(n) => routed_gone += n,
+                Err(e) => {
+                    self.route_writers.reset();
+                    routed::failed(&route.name, &e.to_string());
+                }
+            }
+        }
+        if routed_gone > 0 {
+            shmem::bump(|c| &c.key_values_processed, routed_gone as u64);
+        }
+        Ok(Some(self.close(s, true, generic + routed_gone)))
     }
 
     fn close(&mut self, s: &Settings, complete: bool, gone: usize) -> PassSummary {

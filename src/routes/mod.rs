@@ -110,10 +110,6 @@ impl RouteSet {
             }
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.broken.is_empty()
-    }
 }
 
 /// Loads the routes of `kind` (main thread of a worker): each checked; those that fail are

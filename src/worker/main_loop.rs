@@ -346,6 +346,9 @@ impl Worker {
                 && self.lanes.get_ref(Lane::KeyValues).wait(now).is_none()
                 && self.lanes.may_probe(now)
         };
+        if enabled {
+            self.keys.follow_routes(&self.settings, now);
+        }
         let ctx = KvCtx { budget: &self.budget, waker: &self.waker, may_start };
         let outcome = self.keys.step(&mut self.kv_writer, &self.settings, now, &ctx);
         let worked = match outcome {
