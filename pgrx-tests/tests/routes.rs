@@ -193,6 +193,20 @@ fn assert_once(pg: &Cluster, table: &str, id_col: &str, ids: &[String]) {
     let lost = ids.iter().filter(|id| !have.contains_key(*id)).count();
     let duplicated: i64 = have.values().filter(|n| **n > 1).map(|n| n - 1).sum();
     let extra = have.len() - (ids.len() - lost);
+    if duplicated > 0 {
+        let dup = c
+            .query(
+                &format!(
+                    "SELECT {id_col}, xmin::text FROM {table} WHERE {id_col} IN
+                       (SELECT {id_col} FROM {table} GROUP BY 1 HAVING count(*) > 1) ORDER BY 1 LIMIT 6"
+                ),
+                &[],
+            )
+            .expect("dups");
+        for r in dup {
+            eprintln!("duplicated: {} xmin {}", r.get::<_, String>(0), r.get::<_, String>(1));
+        }
+    }
     eprintln!("{table}: {} entries, {lost} lost, {duplicated} duplicated", ids.len());
     assert_eq!((lost, duplicated, extra), (0, 0, 0));
 }
@@ -460,4 +474,50 @@ fn key_routes_upsert_changes_follow_deletes_and_leave_unchanged_rows_alone() {
         ),
         None
     );
+}
+
+#[test]
+fn a_route_that_cannot_work_is_refused_up_front_with_a_clear_error() {
+    let redis = Redis::start();
+    let pg = Cluster::start(&redis, &[("redis_sync.role", "syncer")]);
+    pg.execute(
+        "CREATE ROLE syncer LOGIN;
+         CREATE TABLE t (id bigint PRIMARY KEY, name text, at timestamptz, n int);
+         CREATE TABLE nokey (id bigint, name text);
+         GRANT INSERT, UPDATE, SELECT, DELETE ON t TO syncer;
+         SELECT redis_sync_add_key_route('first', 'user:*', 't', '{\"id\": \"$key_part 1\"}', '{id}');",
+    );
+    let refused = |sql: &str| -> (String, String) {
+        match pg.client().batch_execute(sql) {
+            Ok(()) => panic!("{sql}: accepted"),
+            Err(e) => {
+                let db = e.as_db_error().expect("an error of the server");
+                (db.code().code().to_owned(), db.message().to_owned())
+            }
+        }
+    };
+    let cases: &[(&str, &str, &str)] = &[
+        ("SELECT redis_sync_add_stream_route('a', 's', 't', '{\"nope\": \"f\"}')", "42703", "has no column \"nope\""),
+        ("SELECT redis_sync_add_stream_route('a', 's', 't', '{\"id\": \"$key\"}')", "22023", "$key belongs to key routes"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 't', '{\"id\": \"$nope\"}')", "22023", "is no meta value"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 't', '[1]')", "22023", "must be a JSON object"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 't', '{\"id\": \"$id\"}', 'sometimes')", "22023", "conflict must be"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 'nokey', '{\"id\": \"$id\"}', 'update')", "22023", "needs a primary key or unique constraint"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 'nokey', '{\"id\": \"$id\"}')", "42501", "GRANT INSERT (id) ON public.nokey TO syncer"),
+        ("SELECT redis_sync_add_key_route('a', 'k:*', 't', '{\"name\": \"name\"}', '{name}')", "42P10", "no unique constraint on exactly (name)"),
+        ("SELECT redis_sync_add_key_route('a', 'k:*', 't', '{\"id\": \"$key_part 2\"}', '{id}')", "22023", "has 1 wildcard"),
+        ("SELECT redis_sync_add_key_route('a', 'k:*', 't', '{\"id\": \"$key_part 1\"}', '{id}', 'mark:name')", "22023", "needs a timestamptz column"),
+        ("SELECT redis_sync_add_key_route('a', 'k:*', 't', '{\"id\": \"$key_part 1\"}', '{id}', 'sometimes')", "22023", "deletes must be"),
+        ("SELECT redis_sync_add_key_route('a', 'k:*', 't', '{\"name\": \"$key\", \"id\": \"n\"}', '{id}')", "22023", "must give back the Redis key"),
+        ("SELECT redis_sync_add_key_route('a', 'user:*', 't', '{\"id\": \"$key_part 1\"}', '{id}')", "42710", "route \"first\" already claims the pattern \"user:*\""),
+        ("SELECT redis_sync_add_key_route('first', 'other:*', 't', '{\"id\": \"$key_part 1\"}', '{id}')", "42710", "exists already: drop it first"),
+        ("SELECT redis_sync_add_stream_route('a b', 's', 't', '{\"id\": \"$id\"}')", "22023", "route name"),
+        ("SELECT redis_sync_add_stream_route('a', 's', 'pg_class', '{\"relname\": \"$id\"}')", "22023", "not a table a route may write"),
+    ];
+    for (sql, code, says) in cases {
+        let (got_code, message) = refused(sql);
+        assert!(message.contains(says), "{sql}: {message}");
+        assert_eq!(&got_code, code, "{sql}: {message}");
+    }
+    assert_eq!(pg.number("SELECT count(*) FROM redis_sync.routes"), 1);
 }

@@ -11,7 +11,7 @@ use pgrx::spi::SpiClient;
 use super::mapping::{Column, ColumnType, Kind, RowMap, Source};
 use super::{Conflict, Deletes, Route};
 use crate::error::{Result, SyncError};
-use crate::parse::{parse_list, quote_ident, Pattern};
+use crate::parse::{parse_list, Pattern};
 use crate::pg::spi_err;
 
 /// A route as stored: what the user gave.
@@ -417,12 +417,12 @@ pub fn check(client: &SpiClient<'_>, def: &Def, role: &str) -> std::result::Resu
             };
             if !granted {
                 let what = if *privilege == "DELETE" {
-                    format!("GRANT DELETE ON {qualified} TO {}", quote_ident(&role))
+                    format!("GRANT DELETE ON {qualified} TO {}", crate::pg::quote_identifier(&role))
                 } else {
                     format!(
                         "GRANT {privilege} ({}) ON {qualified} TO {}",
-                        quote_ident(column),
-                        quote_ident(&role)
+                        crate::pg::quote_identifier(column),
+                        crate::pg::quote_identifier(&role)
                     )
                 };
                 return Err(Invalid {

@@ -84,6 +84,22 @@ fn add(def: Def) {
                 message: "redis_sync.routes is missing: update the extension (ALTER EXTENSION redis_pg_sync UPDATE)".into(),
             });
         }
+        let exists = spi(client
+            .select(
+                "SELECT 1 FROM redis_sync.routes WHERE name = $1",
+                None,
+                &[def.name.as_str().into()],
+            )
+            .map(|t| !t.is_empty()));
+        if exists {
+            raise(Invalid {
+                sqlstate: PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                message: format!(
+                    "route \"{}\" exists already: drop it first (redis_sync_drop_route), or change it in redis_sync.routes",
+                    def.name
+                ),
+            });
+        }
         refuse_ambiguous(client, &def);
         let role = crate::gucs::text(&crate::gucs::ROLE);
         if let Err(e) = catalog::check(client, &def, &role) {
@@ -111,12 +127,7 @@ fn add(def: Def) {
                 deletes.into(),
             ],
         );
-        if let Err(e) = inserted {
-            raise(Invalid {
-                sqlstate: PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-                message: format!("route \"{}\" cannot be added: {e} (a route of that name exists? drop it first)", def.name),
-            });
-        }
+        spi(inserted);
         grant_worker(client);
     });
 }

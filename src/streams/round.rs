@@ -457,7 +457,23 @@ impl StreamSync {
     /// does not read go with it too: one whose own read waits in Redis (and would carry them
     /// only when it ends), or one with nothing left to read.
     fn send_busy(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
-        let dbs: Vec<u8> = self.busy.iter().copied().collect();
+        // A database is read from one place at a time: while its own reader's read (waiting
+        // in Redis) is under way, the shared read leaves it out, and that read is ended at
+        // once. Two reads of one stream at the same time could both be handed an entry (one
+        // as new, the other from the pending list) and land it twice.
+        let mut ending = Vec::new();
+        for db in &self.busy {
+            if let Some(r) = self.readers.get_mut(db).filter(|r| r.in_flight()) {
+                ending.extend(r.take_unblock());
+            }
+        }
+        super::reader::unblock(&s.redis, ending);
+        let dbs: Vec<u8> = self
+            .busy
+            .iter()
+            .copied()
+            .filter(|db| !self.readers.get(db).is_some_and(Reader::in_flight))
+            .collect();
         let mut reqs: Vec<ReadRequest> =
             dbs.into_iter().filter_map(|db| self.next_request(db, s)).collect();
         let owed: Vec<u8> = self
