@@ -16,7 +16,7 @@
 //!    passes, one changed key by scanning and by notification).
 //!
 //! Environment: BENCH_ENTRIES (default 1000000), BENCH_KEYS (default 1000000),
-//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams, keys or bigkeys: one
+//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams, keys, bigkeys or routes: one
 //! part alone, printed, RESULTS.md untouched), PG_CONFIG (the Postgres with the extension
 //! installed, built with --release).
 
@@ -839,6 +839,167 @@ fn bench_streams(total: usize, lat_secs: u64) -> Tuned {
     Tuned { fast, copy_rate, copy_secs, defaults, latency, total }
 }
 
+struct RouteFigures {
+    entries: usize,
+    keys: usize,
+    stream: Drain,
+    stream_copy: f64,
+    stream_defaults: Drain,
+    key_secs: f64,
+    key_copy: f64,
+    key_defaults_secs: f64,
+}
+
+/// Times `COPY` of `table`'s rows (`cols`) into an identical empty table; rows/s.
+fn copy_rate(pg: &Cluster, table: &str, cols: &str, rows: usize) -> f64 {
+    let dump = pg.data_dir().join(format!("bench_{table}.copy"));
+    let dump = dump.to_string_lossy();
+    pg.execute(&format!(
+        "COPY (SELECT {cols} FROM {table}) TO '{dump}';
+         CREATE TABLE {table}_copy (LIKE {table} INCLUDING ALL);
+         CHECKPOINT;"
+    ));
+    let t = Instant::now();
+    pg.execute(&format!("COPY {table}_copy ({cols}) FROM '{dump}'"));
+    let rate = rows as f64 / t.elapsed().as_secs_f64();
+    pg.execute(&format!("DROP TABLE {table}_copy; CHECKPOINT"));
+    rate
+}
+
+/// Waits until route `name` has landed `rows` rows; the seconds it took from `t0`.
+fn route_landed(pg: &Cluster, name: &str, rows: usize, t0: Instant) -> f64 {
+    loop {
+        let n: i64 = pg
+            .try_query_text(&format!(
+                "SELECT rows_landed FROM redis_sync_routes() WHERE name = '{name}'"
+            ))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if n as usize >= rows {
+            return t0.elapsed().as_secs_f64();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1800), "route {name}: {n} of {rows}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Routes: a stream route into a typed 5-column table with one index, and a key route of
+/// hashes of 4 fields, each against COPY of the same rows into the same table; tuned and
+/// at the defaults.
+fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    eprintln!("[bench] routes: filling {entries} entries over {STREAMS} streams and {keys} hashes");
+    fill(&mut r, entries);
+    for start in (0..keys).step_by(10_000) {
+        let mut p = redis::pipe();
+        for i in start..(start + 10_000).min(keys) {
+            p.cmd("HSET")
+                .arg(format!("user:{i}"))
+                .arg("name")
+                .arg(format!("user {i}"))
+                .arg("age")
+                .arg(20 + i % 60)
+                .arg("email")
+                .arg(format!("u{i}@example.org"))
+                .arg("city")
+                .arg("Lyon")
+                .ignore();
+        }
+        let _: () = p.query(&mut r).expect("HSET");
+    }
+    let pg = durable(
+        &redis,
+        &[
+            ("redis_sync.enabled", "off"),
+            ("redis_sync.batch_size", "1000"),
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+            ("redis_sync.db_search_range", "0"),
+            ROOMY[0],
+            ROOMY[1],
+        ],
+    );
+    pg.execute(
+        "CREATE TABLE vitals (device_id text, heart_rate int, spo2 int, taken_at timestamptz, entry_id text);
+         CREATE INDEX ON vitals (device_id, taken_at);
+         SELECT redis_sync_add_stream_route('vitals', 'biosignal-*', 'vitals',
+             '{\"device_id\": \"device_id\", \"heart_rate\": \"heart_rate\", \"spo2\": \"spo2\",
+               \"taken_at\": \"$timestamp\", \"entry_id\": \"$id\"}');
+         CREATE TABLE users (id bigint PRIMARY KEY, name text, age int, email text, city text);
+         SELECT redis_sync_add_key_route('users', 'user:*', 'users',
+             '{\"id\": \"$key_part 1\", \"name\": \"name\", \"age\": \"age\", \"email\": \"email\", \"city\": \"city\"}', '{id}');",
+    );
+    eprintln!(
+        "[bench] stream route drain (batch_size=1000, rate_limit=0), key routes off meanwhile"
+    );
+    pg.execute("ALTER SYSTEM SET redis_sync.key_value_auto_discovery = off");
+    pg.reload();
+    let stream = drain(&pg, "vitals", entries);
+    let stream_copy =
+        copy_rate(&pg, "vitals", "device_id, heart_rate, spo2, taken_at, entry_id", entries);
+    eprintln!(
+        "[bench]   {:.0} rows/s ({:.1}s); COPY {stream_copy:.0} rows/s: {:.2}",
+        stream.rows_per_s,
+        stream.secs,
+        stream.rows_per_s / stream_copy
+    );
+    eprintln!("[bench] key route initial sync (rate_limit=0)");
+    let t0 = Instant::now();
+    pg.execute("ALTER SYSTEM SET redis_sync.key_value_auto_discovery = on");
+    pg.reload();
+    let key_secs = route_landed(&pg, "users", keys, t0);
+    let key_copy = copy_rate(&pg, "users", "id, name, age, email, city", keys);
+    eprintln!(
+        "[bench]   {:.0} rows/s ({key_secs:.1}s); COPY {key_copy:.0} rows/s: {:.2}",
+        keys as f64 / key_secs,
+        keys as f64 / key_secs / key_copy
+    );
+    eprintln!(
+        "[bench] both again at the defaults (batch_size=100, rate_limit=100), into new tables"
+    );
+    pg.set("redis_sync.enabled", "off");
+    wait_for("paused", Duration::from_secs(30), || {
+        (pg.status("state").as_deref() == Some("paused")).then_some(())
+    });
+    pg.execute(
+        "CREATE TABLE vitals_defaults (LIKE vitals INCLUDING ALL);
+         CREATE TABLE users_defaults (LIKE users INCLUDING ALL);
+         UPDATE redis_sync.routes SET target = 'vitals_defaults' WHERE name = 'vitals';
+         UPDATE redis_sync.routes SET target = 'users_defaults' WHERE name = 'users';",
+    );
+    for sql in [
+        "ALTER SYSTEM SET redis_sync.batch_size = 100",
+        "ALTER SYSTEM SET redis_sync.rate_limit = 100",
+        "ALTER SYSTEM SET redis_sync.consumer_group = 'bench-defaults'",
+        "ALTER SYSTEM SET redis_sync.key_value_auto_discovery = off",
+    ] {
+        pg.execute(sql);
+    }
+    pg.reload();
+    let stream_defaults = drain(&pg, "vitals_defaults", entries);
+    let base: i64 = pg.number("SELECT rows_landed FROM redis_sync_routes() WHERE name = 'users'");
+    let t0 = Instant::now();
+    pg.execute("ALTER SYSTEM SET redis_sync.key_value_auto_discovery = on");
+    pg.reload();
+    let key_defaults_secs = route_landed(&pg, "users", base as usize + keys, t0);
+    eprintln!(
+        "[bench]   stream route {:.0} rows/s; key route {:.0} rows/s",
+        stream_defaults.rows_per_s,
+        keys as f64 / key_defaults_secs
+    );
+    RouteFigures {
+        entries,
+        keys,
+        stream,
+        stream_copy,
+        stream_defaults,
+        key_secs,
+        key_copy,
+        key_defaults_secs,
+    }
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let keys = env_num("BENCH_KEYS", 1_000_000) as usize;
@@ -870,8 +1031,14 @@ fn main() {
             bench_big_keys(30.0);
             return;
         }
+        "routes" => {
+            bench_routes(entries, keys);
+            return;
+        }
         other => {
-            panic!("BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys")
+            panic!(
+                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes"
+            )
         }
     }
     let d = bench_defaults(keys);
@@ -880,6 +1047,7 @@ fn main() {
     let t = bench_streams(entries, lat_secs);
     let kv = bench_keys(keys);
     let big = bench_big_keys(30.0);
+    let routes = bench_routes(entries, keys);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1018,6 +1186,52 @@ fn main() {
         md,
         "| entries lost / duplicated (IDs compared) | {} / {} |",
         big.lost, big.duplicated
+    );
+    let _ = writeln!(md, "\n## Routes: into the user's own typed tables\n");
+    let _ = writeln!(md, "A stream route: {} entries over {STREAMS} streams into `vitals(device_id text, heart_rate int, spo2 int, taken_at timestamptz, entry_id text)` with one index, no unique key (exactly once by landing records). A key route: {} hashes of 4 fields into `users(id bigint primary key, name, age, email, city)`. Tuned: batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB; then the same at the defaults (batch_size 100, rate_limit 100) into new tables.\n", routes.entries, routes.keys);
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| stream route drain (tuned) | {:.0} rows/s ({:.1} s) |",
+        routes.stream.rows_per_s, routes.stream.secs
+    );
+    let _ = writeln!(
+        md,
+        "| COPY of the same rows into the same table (empty, same index) | {:.0} rows/s |",
+        routes.stream_copy
+    );
+    let _ = writeln!(
+        md,
+        "| **stream route / COPY** | **{:.2}** (target >= 0.8) |",
+        routes.stream.rows_per_s / routes.stream_copy
+    );
+    let _ = writeln!(
+        md,
+        "| stream route drain at the defaults | {:.0} rows/s ({:.2} of COPY) |",
+        routes.stream_defaults.rows_per_s,
+        routes.stream_defaults.rows_per_s / routes.stream_copy
+    );
+    let key_rate = routes.keys as f64 / routes.key_secs;
+    let _ = writeln!(
+        md,
+        "| key route initial sync (rate_limit = 0) | {:.0} rows/s ({:.1} s) |",
+        key_rate, routes.key_secs
+    );
+    let _ = writeln!(
+        md,
+        "| COPY of the same rows into the same table | {:.0} rows/s |",
+        routes.key_copy
+    );
+    let _ = writeln!(
+        md,
+        "| **key route / COPY** | **{:.2}** (target >= 0.5) |",
+        key_rate / routes.key_copy
+    );
+    let _ = writeln!(
+        md,
+        "| key route initial sync at the defaults | {:.0} rows/s ({:.1} s) |",
+        routes.keys as f64 / routes.key_defaults_secs,
+        routes.key_defaults_secs
     );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
