@@ -73,6 +73,11 @@ DO $$
 BEGIN
     IF pg_catalog.to_regnamespace('redis_sync') IS NULL THEN
         CREATE SCHEMA redis_sync;
+    ELSIF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n
+                 JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+                WHERE n.nspname = 'redis_sync') THEN
+        RAISE EXCEPTION 'schema redis_sync exists and is not owned by a superuser'
+            USING HINT = 'redis_pg_sync keeps its routes in a schema of that name: rename the existing schema, or make a superuser its owner, then try again.';
     ELSE
         -- A schema of that name exists already (redis_sync.schema named it, so the worker's
         -- tables may be in it): it becomes the extension's, and DROP EXTENSION then refuses

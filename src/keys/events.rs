@@ -4,7 +4,7 @@
 use super::memory::KeyId;
 use super::memory::{pass_of, remember};
 use super::notify::Changed;
-use super::pass::{skipped, unmappable, RoutedRow};
+use super::pass::{skipped, RoutedRow};
 use super::routed;
 use super::rows::{report_refused, Found};
 use super::writer::{KvTarget, KvWriter};
@@ -55,11 +55,9 @@ impl KeySync {
                 (Found::Value { .. } | Found::Gone, Destination::Broken(_)) => {}
                 (Found::Value { fingerprint, row }, Destination::Route(route, parts)) => {
                     match routed::route_cells(&route, key, &parts, &row) {
-                        Some(cells) => {
-                            routed_rows.push((route, cells, key.clone(), id, fingerprint))
-                        }
-                        None => {
-                            routed::report(&route.name, key, &unmappable(row.value_type));
+                        Ok(cells) => routed_rows.push((route, cells, key.clone(), id, fingerprint)),
+                        Err(why) => {
+                            routed::report(&route.name, key, &why);
                             pending.push((id, fingerprint));
                         }
                     }

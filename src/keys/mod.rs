@@ -136,15 +136,21 @@ impl KeySync {
     /// writes only what differs from the tables).
     pub fn follow_routes(&mut self, s: &Settings, now: Instant) {
         let gen = crate::shmem::routes_generation();
-        let due =
-            self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= ROUTES_RELOAD);
+        let every =
+            if self.routes.unreadable.is_some() { Duration::from_secs(1) } else { ROUTES_RELOAD };
+        let due = self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= every);
         if self.routes_gen == Some(gen) && !due {
             return;
         }
         self.routes_loaded = Some(now);
-        let Ok(set) = crate::routes::load(crate::routes::Kind::Key, &s.role) else { return };
+        let set = match crate::routes::load(crate::routes::Kind::Key, &s.role) {
+            Ok(set) => set,
+            // Every key waits (a pass writes none) until they can be read.
+            Err(e) => crate::routes::RouteSet::unreadable(e.to_string()),
+        };
         self.routes_gen = Some(gen);
-        let same = set.routes.len() == self.routes.routes.len()
+        let same = set.unreadable == self.routes.unreadable
+            && set.routes.len() == self.routes.routes.len()
             && set.routes.iter().zip(&self.routes.routes).all(|(a, b)| **a == **b)
             && set.broken.len() == self.routes.broken.len()
             && set
@@ -157,6 +163,9 @@ impl KeySync {
         }
         for b in &set.broken {
             pgrx::warning!("route \"{}\" cannot run: {}", b.name, b.error);
+        }
+        if let Some(e) = &set.unreadable {
+            pgrx::warning!("the routes cannot be read, so no key is written: {e}");
         }
         self.routes = set;
         self.route_writers.reset();

@@ -27,13 +27,6 @@ use crate::streams::Learned;
 pub(super) type RoutedRow =
     (std::sync::Arc<crate::routes::Route>, Vec<crate::routes::mapping::Cell>, Vec<u8>, KeyId, u64);
 
-/// Why a key of a type a route cannot map is not written.
-pub(super) fn unmappable(ty: &str) -> String {
-    format!(
-        "it is a {ty}: a route takes hashes, and strings (their JSON object's members as fields)"
-    )
-}
-
 /// Live keys read from the table per step of the deletion check.
 const CHECK_CHUNK: i64 = 2_000;
 /// How long one chunk of a page may take to write: a turn of the main loop stays short, so
@@ -330,9 +323,9 @@ impl KeySync {
                 Destination::Broken(_) => {}
                 Destination::Route(route, parts) => {
                     match routed::route_cells(&route, &key, &parts, &row) {
-                        Some(cells) => routed_rows.push((route, cells, key, id, fingerprint)),
-                        None => {
-                            routed::report(&route.name, &key, &unmappable(row.value_type));
+                        Ok(cells) => routed_rows.push((route, cells, key, id, fingerprint)),
+                        Err(why) => {
+                            routed::report(&route.name, &key, &why);
                             pending.push((id, fingerprint));
                         }
                     }
@@ -487,7 +480,7 @@ impl KeySync {
             }
             return Ok(worked);
         }
-        if self.walk_route_chunk(writer, s)? {
+        if self.walk_route_chunk(s)? {
             return Ok(worked);
         }
         // The walk is over: ask about what is missing, a chunk at a time.
@@ -534,7 +527,7 @@ impl KeySync {
 
     /// One chunk of the walk of the key routes' targets: their live rows' keys, those the
     /// pass did not see noted. Returns false once every target is walked.
-    fn walk_route_chunk(&mut self, _writer: &mut KvWriter, s: &Settings) -> Result<bool> {
+    fn walk_route_chunk(&mut self, s: &Settings) -> Result<bool> {
         let Some(pass) = self.pass.as_ref() else { return Ok(false) };
         let Phase::Walking { routes: walk, .. } = &pass.phase else { return Ok(false) };
         let number = pass.number;

@@ -62,16 +62,59 @@ fn json_object_fields(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     )
 }
 
-/// The row a route makes of a key, in the route's column order.
-pub fn route_cells(route: &Route, key: &[u8], parts: &[&[u8]], row: &KeyRow) -> Option<Vec<Cell>> {
-    let (fields, value) = key_parts(row)?;
-    Some(route.map.key_cells(&MappedKey {
+/// The row a route makes of a key, in the route's column order; `Err` with the reason when
+/// the route cannot take the key.
+pub fn route_cells(
+    route: &Route,
+    key: &[u8],
+    parts: &[&[u8]],
+    row: &KeyRow,
+) -> std::result::Result<Vec<Cell>, String> {
+    let Some((fields, value)) = key_parts(row) else {
+        return Err(format!(
+            "it is a {}: a route takes hashes, and strings (their JSON object's members as fields)",
+            row.value_type
+        ));
+    };
+    let cells = route.map.key_cells(&MappedKey {
         key,
         parts,
         fields: &fields,
         value: value.as_deref(),
         expires_millis: row.expires_ms,
-    }))
+    });
+    if route.deletes != Deletes::Ignore {
+        // The deletion check rebuilds the key from the stored key columns: an integer
+        // written in another form than Postgres prints it (`007`, `+7`) would give another
+        // key, and the row would be taken for one whose key is gone.
+        for (i, c) in route.map.columns.iter().enumerate() {
+            let integer = matches!(
+                route.casts.get(i).map(String::as_str),
+                Some("smallint" | "integer" | "bigint")
+            );
+            let key_part = matches!(c.source, Source::Key | Source::KeyPart(_));
+            if integer && key_part && route.key_columns.contains(&c.name) {
+                let text = cells[i].as_deref().unwrap_or("");
+                if !canonical_integer(text) {
+                    return Err(format!(
+                        "\"{text}\" for key column \"{}\" is not how {} prints it, so its row could not be matched to the key again",
+                        c.name,
+                        route.casts[i]
+                    ));
+                }
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// `-?(0|[1-9][0-9]*)`: an integer as Postgres prints it.
+fn canonical_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0"
 }
 
 /// The key columns' cells of a key (for a deletion), in the order of `route.key_columns`.
@@ -165,11 +208,6 @@ fn keys_in(route: &Route, casts: &[String]) -> String {
 }
 
 fn upsert_sql(route: &Route, casts: &[String]) -> String {
-    let cols: Vec<String> = route.map.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let aliases: Vec<String> = (1..=cols.len()).map(|k| format!("c{k}")).collect();
-    let values: Vec<String> =
-        aliases.iter().zip(casts).map(|(a, t)| format!("u.{a}::{t}")).collect();
-    let params: Vec<String> = (1..=cols.len()).map(|k| format!("${k}::text[]")).collect();
     let keys: Vec<String> = route.key_columns.iter().map(|k| quote_ident(k)).collect();
     let rest: Vec<String> = route
         .map
@@ -202,13 +240,11 @@ fn upsert_sql(route: &Route, casts: &[String]) -> String {
             differs.join(" OR ")
         )
     };
+    // Two keys may give one row (two databases, `user:7` and `user:07` into a bigint): the
+    // last one is written.
     format!(
-        "INSERT INTO {} AS t ({}) SELECT {} FROM unnest({}) AS u({}) {conflict}",
-        route.table,
-        cols.join(", "),
-        values.join(", "),
-        params.join(", "),
-        aliases.join(", "),
+        "{} {conflict}",
+        crate::routes::insert_select(route, casts, true, Some(&route.key_columns))
     )
 }
 
@@ -287,35 +323,6 @@ impl Writer {
     }
 }
 
-/// The types of the route's mapped columns now (`ALTER TABLE ... TYPE` is followed).
-fn current_casts(client: &SpiClient<'_>, route: &Route) -> Result<Vec<String>> {
-    let names: Vec<&str> = route.map.columns.iter().map(|c| c.name.as_str()).collect();
-    let rows = client
-        .select(
-            "SELECT pg_catalog.format_type(a.atttypid, NULL)
-               FROM unnest($2::text[]) WITH ORDINALITY AS c(n, i)
-               LEFT JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = $1 AND a.attname = c.n AND NOT a.attisdropped
-              ORDER BY c.i",
-            None,
-            &[route.target.into(), names.into()],
-        )
-        .map_err(spi_err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        match row.get::<String>(1).map_err(spi_err)? {
-            Some(t) => out.push(t),
-            None => {
-                return Err(SyncError::Postgres {
-                    sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                    message: format!("a mapped column of {} is gone", route.table),
-                })
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn arrays(rows: &[Vec<Cell>], width: usize) -> Vec<Vec<Option<&str>>> {
     let mut out: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); width];
     for r in rows {
@@ -344,7 +351,7 @@ impl KeyRouteWriters {
                 client
                     .update(&format!("LOCK TABLE {} IN ROW EXCLUSIVE MODE", route.table), None, &[])
                     .map_err(spi_err)?;
-                let casts = current_casts(client, route)?;
+                let casts = crate::routes::catalog::current_casts(client, route)?;
                 let fresh = writers
                     .get(&route.name)
                     .is_none_or(|w| w.casts != casts || *w.route != **route);
@@ -478,6 +485,16 @@ pub fn report(route: &str, key: &[u8], error: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_as_postgres_prints_them() {
+        for ok in ["0", "7", "-12", "9000000000"] {
+            assert!(canonical_integer(ok), "{ok}");
+        }
+        for bad in ["007", "+7", "-0", "", "-", "1e3", " 7", "7 "] {
+            assert!(!canonical_integer(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn strings_holding_json_objects_give_fields() {

@@ -47,7 +47,7 @@ static DEFER_FLUSH: AtomicBool = AtomicBool::new(false);
 
 /// With `on`, the transactions of [`in_transaction`] commit with `synchronous_commit = off`:
 /// the commit returns (and its rows are visible) without waiting for the WAL flush, and the
-/// caller finds out when it is durable with [`last_commit_lsn`] and [`flushed_lsn`]. This is
+/// caller finds out when it is durable with [`wal_end`] and [`flushed_lsn`]. This is
 /// how PostgreSQL's own logical-replication apply workers commit: the stream worker
 /// acknowledges an entry only once the WAL holding its row is flushed, so nothing that Redis
 /// forgets can be lost in a crash, and no commit waits on a disk flush that other writers'
@@ -71,17 +71,26 @@ pub fn commits_wait_for_standbys() -> bool {
     }
 }
 
-/// The end of this process's last commit record in the WAL (0 before the first).
-pub fn last_commit_lsn() -> u64 {
-    // SAFETY: main thread; this process's own record of its last commit.
-    unsafe { pg_sys::XactLastCommitEnd }
+/// Where the WAL written so far ends: once it is flushed that far, every commit this process
+/// made or saw (other backends' too, an earlier worker's not yet flushed) is durable.
+pub fn wal_end() -> u64 {
+    // SAFETY: main thread; reads the shared insert position under its spin lock.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
 /// How far the WAL is flushed to disk.
 pub fn flushed_lsn() -> u64 {
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    // SAFETY: reads the shared flush position under its spin lock.
+    unsafe {
+        pg_sys::GetFlushRecPtr()
+    }
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
     // SAFETY: reads the shared flush position under its spin lock; a null timeline pointer
     // is allowed.
-    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+    unsafe {
+        pg_sys::GetFlushRecPtr(std::ptr::null_mut())
+    }
 }
 
 /// Flushes the WAL up to `lsn` (what a synchronous commit waits for; standbys are not

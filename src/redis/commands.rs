@@ -172,18 +172,17 @@ impl Redis {
         }
     }
 
-    /// The IDs `consumer` holds pending in `key`'s `group` (`XPENDING ... - + max consumer`);
-    /// `None` when there are `max` or more (the list is then not known whole).
+    /// The IDs pending in `key`'s `group`, whichever consumer holds them (`XPENDING ... - +
+    /// max`); `None` when there are `max` or more (the list is then not known whole).
     pub fn pending_ids(
         &mut self,
         db: u8,
         key: &[u8],
         group: &str,
-        consumer: &str,
         max: usize,
     ) -> Result<Option<Vec<String>>> {
         let mut cmd = ::redis::cmd("XPENDING");
-        cmd.arg(key).arg(group).arg("-").arg("+").arg(max).arg(consumer);
+        cmd.arg(key).arg(group).arg("-").arg("+").arg(max);
         let Value::Array(items) = self.query(db, "XPENDING", &cmd)? else {
             return Err(SyncError::protocol("XPENDING", "unexpected reply shape"));
         };

@@ -107,7 +107,7 @@ struct TargetColumn {
 fn target_columns(client: &SpiClient<'_>, oid: pg_sys::Oid) -> Result<Vec<TargetColumn>> {
     let rows = client
         .select(
-            "SELECT attname::text, pg_catalog.format_type(atttypid, NULL),
+            "SELECT attname::text, pg_catalog.format_type(atttypid, -1),
                     atttypid = 'bytea'::regtype, attgenerated <> '',
                     atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype)
                FROM pg_catalog.pg_attribute
@@ -138,8 +138,9 @@ fn unique_keys(client: &SpiClient<'_>, oid: pg_sys::Oid) -> Result<Vec<Vec<Strin
             "SELECT array_agg(a.attname::text ORDER BY a.attname)
                FROM pg_catalog.pg_index i
                JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
+                 ON a.attrelid = i.indrelid
+                AND a.attnum = ANY ((i.indkey::int2[])[0:i.indnkeyatts - 1])
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
                 AND i.indpred IS NULL AND i.indexprs IS NULL
               GROUP BY i.indexrelid, i.indisprimary
               ORDER BY i.indisprimary DESC, i.indexrelid",
@@ -356,6 +357,12 @@ pub fn check(client: &SpiClient<'_>, def: &Def, role: &str) -> std::result::Resu
                 }
                 "ignore" => Deletes::Ignore,
                 other => match other.strip_prefix("mark:") {
+                    Some(col) if mapped(col) => {
+                        return Err(invalid(format!(
+                            "route \"{}\": deletes 'mark:{col}' sets \"{col}\", which columns maps too",
+                            def.name
+                        )))
+                    }
                     Some(col) if cols.iter().any(|c| c.name == col && c.timestamp) => {
                         needs.push((col.to_owned(), "UPDATE"));
                         Deletes::Mark(col.to_owned())
@@ -387,6 +394,21 @@ pub fn check(client: &SpiClient<'_>, def: &Def, role: &str) -> std::result::Resu
                         })
                     }) && p.fill(&vec![&b"x"[..]; p.wildcards()]).is_some()
                 });
+                // Its text must give the key back exactly: text, or an integer (written as
+                // Postgres prints it, which the worker checks key by key).
+                for (i, c) in columns.iter().enumerate() {
+                    let from_key = matches!(c.source, Source::Key | Source::KeyPart(_));
+                    let exact = matches!(
+                        casts[i].as_str(),
+                        "text" | "character varying" | "smallint" | "integer" | "bigint"
+                    );
+                    if from_key && key_columns.contains(&c.name) && !exact {
+                        return Err(invalid(format!(
+                            "route \"{}\": key column \"{}\" is {}, whose text does not give the Redis key back exactly; with deletes '{}' key columns taken from the key must be text, varchar or an integer type (or use deletes 'ignore')",
+                            def.name, c.name, casts[i], def.deletes
+                        )));
+                    }
+                }
                 if !names_key && !parts_all {
                     return Err(invalid(format!(
                         "route \"{}\": with deletes '{}' the key columns must give back the Redis key: map $key, or $key_part N for every wildcard of patterns without [...] classes, to key columns",
@@ -449,4 +471,34 @@ pub fn check(client: &SpiClient<'_>, def: &Def, role: &str) -> std::result::Resu
         deletes,
         key_columns,
     })
+}
+
+/// The types of a route's mapped columns now, as its INSERT casts to them (`ALTER TABLE ...
+/// TYPE` is followed); a mapped column that is gone is an error.
+pub fn current_casts(client: &SpiClient<'_>, route: &Route) -> Result<Vec<String>> {
+    let names: Vec<&str> = route.map.columns.iter().map(|c| c.name.as_str()).collect();
+    let rows = client
+        .select(
+            "SELECT pg_catalog.format_type(a.atttypid, -1)
+               FROM unnest($2::text[]) WITH ORDINALITY AS c(n, i)
+               LEFT JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = $1 AND a.attname = c.n AND NOT a.attisdropped
+              ORDER BY c.i",
+            None,
+            &[route.target.into(), names.into()],
+        )
+        .map_err(spi_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        match row.get::<String>(1).map_err(spi_err)? {
+            Some(t) => out.push(t),
+            None => {
+                return Err(SyncError::Postgres {
+                    sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                    message: format!("a mapped column of {} is gone", route.table),
+                })
+            }
+        }
+    }
+    Ok(out)
 }

@@ -21,7 +21,7 @@ use pgrx::pg_sys;
 
 pub use mapping::{Kind, RowMap};
 
-use crate::parse::Pattern;
+use crate::parse::{quote_ident, Pattern};
 
 /// What a stream route does with a row its target already has (a unique key).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +76,17 @@ pub struct Broken {
 pub struct RouteSet {
     pub routes: Vec<Arc<Route>>,
     pub broken: Vec<Broken>,
+    /// The routes could not be read (the worker role may not read `redis_sync.routes`, say):
+    /// where anything goes is unknown, so everything waits rather than land in the wrong
+    /// table.
+    pub unreadable: Option<String>,
+}
+
+impl RouteSet {
+    /// The set when the routes cannot be read, with why.
+    pub fn unreadable(error: String) -> RouteSet {
+        RouteSet { unreadable: Some(error), ..RouteSet::default() }
+    }
 }
 
 /// Where a name goes.
@@ -93,6 +104,9 @@ impl RouteSet {
     /// The route `name` goes to (see [`mapping::choose`]); a broken route counts as a
     /// match, so what it would take is held, not sent to the generic table.
     pub fn destination<'n>(&self, name: &'n [u8]) -> Destination<'n> {
+        if let Some(e) = &self.unreadable {
+            return Destination::Broken(format!("the routes cannot be read: {e}"));
+        }
         let n = self.routes.len();
         let all = self
             .routes
@@ -180,28 +194,27 @@ pub fn landed_max() -> crate::error::Result<Option<i64>> {
     })
 }
 
-/// Deletes the landing records that can no longer matter: for each routed stream (route,
-/// stream as stored, the IDs our consumer holds pending, read after record `floor` was
-/// written), the records up to `floor` holding none of those IDs. Their entries are
+/// Deletes the landing records that can no longer matter: for each routed stream (stream as
+/// stored, the IDs pending in the group, read after record `floor` was written), the records
+/// up to `floor` holding none of those IDs, whichever route wrote them. Their entries are
 /// acknowledged, so no re-read will meet them.
 pub fn forget_landed(
     group: &str,
-    streams: &[(String, String, Vec<String>, i64)],
+    streams: &[(String, Vec<String>, i64)],
 ) -> crate::error::Result<()> {
     if streams.is_empty() {
         return Ok(());
     }
     crate::pg::in_transaction(|| {
         pgrx::Spi::connect_mut(|client| {
-            for (route, stream, pending, floor) in streams {
+            for (stream, pending, floor) in streams {
                 client
                     .update(
                         "DELETE FROM redis_sync.landed
-                          WHERE route = $1 AND stream_key = $2 AND consumer_group = $3
-                            AND seq <= $4 AND NOT (ids && $5::text[])",
+                          WHERE stream_key = $1 AND consumer_group = $2
+                            AND seq <= $3 AND NOT (ids && $4::text[])",
                         None,
                         &[
-                            route.as_str().into(),
                             stream.as_str().into(),
                             group.into(),
                             (*floor).into(),
@@ -213,4 +226,45 @@ pub fn forget_landed(
             Ok(())
         })
     })
+}
+
+/// `INSERT INTO target [AS t] (columns) SELECT ...` of a route's rows, given as one text array
+/// per mapped column (`$1::text[]`, ...), each cast to its column's type (its input function,
+/// as COPY uses; the column's own modifier applies on assignment). With `dedupe`, rows with
+/// the same values of those columns are written once, the last one winning (an upsert may
+/// not touch one row twice).
+pub fn insert_select(
+    route: &Route,
+    casts: &[String],
+    alias: bool,
+    dedupe: Option<&[String]>,
+) -> String {
+    let cols: Vec<String> = route.map.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let aliases: Vec<String> = (1..=cols.len()).map(|k| format!("c{k}")).collect();
+    let values: Vec<String> =
+        aliases.iter().zip(casts).map(|(a, t)| format!("u.{a}::{t}")).collect();
+    let params: Vec<String> = (1..=cols.len()).map(|k| format!("${k}::text[]")).collect();
+    let (distinct, order) = match dedupe {
+        Some(keys) if !keys.is_empty() => {
+            let exprs: Vec<String> = keys
+                .iter()
+                .filter_map(|k| route.map.columns.iter().position(|c| &c.name == k))
+                .map(|i| values[i].clone())
+                .collect();
+            (
+                format!("DISTINCT ON ({}) ", exprs.join(", ")),
+                format!(" ORDER BY {}, u.ord DESC", exprs.join(", ")),
+            )
+        }
+        _ => (String::new(), String::new()),
+    };
+    format!(
+        "INSERT INTO {}{} ({}) SELECT {distinct}{} FROM unnest({}) WITH ORDINALITY AS u({}, ord){order}",
+        route.table,
+        if alias { " AS t" } else { "" },
+        cols.join(", "),
+        values.join(", "),
+        params.join(", "),
+        aliases.join(", "),
+    )
 }

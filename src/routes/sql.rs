@@ -47,6 +47,41 @@ fn refuse_ambiguous(client: &SpiClient<'_>, def: &Def) {
     }
 }
 
+/// The caller must be allowed to do to the target what the route will make the worker do
+/// (a grantee of these functions cannot route data into, or delete rows of, a table it may
+/// not write itself).
+fn refuse_without_privileges(client: &SpiClient<'_>, def: &Def) {
+    let mut needed = vec!["INSERT"];
+    match def.kind {
+        Kind::Stream if def.conflict == "update" => needed.push("UPDATE"),
+        Kind::Stream => {}
+        Kind::Key => {
+            needed.push("UPDATE");
+            if def.deletes == "delete" {
+                needed.push("DELETE");
+            }
+        }
+    }
+    for privilege in needed {
+        let granted = spi(client
+            .select(
+                "SELECT pg_catalog.has_table_privilege(current_user, $1, $2)",
+                None,
+                &[def.target.into(), privilege.into()],
+            )
+            .and_then(|t| t.first().get_one::<bool>()));
+        if granted != Some(true) {
+            raise(Invalid {
+                sqlstate: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                message: format!(
+                    "route \"{}\": you may not {privilege} the target table yourself, so you may not route to it",
+                    def.name
+                ),
+            });
+        }
+    }
+}
+
 /// Lets a worker role that is not a superuser read the routes and keep its landing records.
 fn grant_worker(client: &mut SpiClient<'_>) {
     let role = crate::gucs::text(&crate::gucs::ROLE);
@@ -101,6 +136,7 @@ fn add(def: Def) {
             });
         }
         refuse_ambiguous(client, &def);
+        refuse_without_privileges(client, &def);
         let role = crate::gucs::text(&crate::gucs::ROLE);
         if let Err(e) = catalog::check(client, &def, &role) {
             raise(e);
@@ -190,6 +226,9 @@ fn redis_sync_drop_route(name: &str) -> bool {
             None,
             &[name.into()],
         ));
+        // Its landing records go with it: entries it left pending go to where their streams
+        // go now.
+        spi(client.update("DELETE FROM redis_sync.landed WHERE route = $1", None, &[name.into()]));
         if dropped.is_empty() {
             ereport!(
                 PgLogLevel::NOTICE,

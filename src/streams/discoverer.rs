@@ -34,8 +34,8 @@ pub enum Job {
         supplied: Option<Vec<(u8, Vec<u8>)>>,
         /// Streams whose consumer group is known to exist: no XGROUP CREATE for them.
         has_group: HashSet<(u8, Vec<u8>)>,
-        /// Streams that go to a route: the IDs our consumer holds pending are read, so
-        /// that landing records of entries no longer pending can go.
+        /// Streams that go to a route: the IDs pending in the group (any consumer's) are
+        /// read, so that landing records of entries no longer pending can go.
         routed: HashSet<(u8, Vec<u8>)>,
         scope: u64,
     },
@@ -68,7 +68,7 @@ pub struct Found {
     pub claimed: std::result::Result<usize, String>,
     /// Pending entries Redis found deleted from the stream while claiming.
     pub lost: usize,
-    /// A routed stream: the IDs our consumer holds pending (after claiming), when known.
+    /// A routed stream: the IDs pending in the group (after claiming), when known.
     pub pending: Option<Vec<String>>,
 }
 
@@ -254,13 +254,7 @@ fn discover(
     if s.mode == Mode::Sync {
         claim(redis, s, &mut found)?;
         for f in found.iter_mut().filter(|f| routed.contains(&(f.db, f.key.clone()))) {
-            f.pending = match redis.pending_ids(
-                f.db,
-                &f.key,
-                &s.consumer_group,
-                &s.consumer_name,
-                PENDING_LIST_MAX,
-            ) {
+            f.pending = match redis.pending_ids(f.db, &f.key, &s.consumer_group, PENDING_LIST_MAX) {
                 Ok(ids) => ids,
                 Err(e) if e.connection_lost() => return Err(e),
                 Err(_) => None,

@@ -285,10 +285,8 @@ impl StreamSync {
                 slots.push((i, info.clone()));
             }
             t.note_lost(f.lost, log);
-            if let (Some(route), Some(pending), Some(floor)) =
-                (&t.route, &f.pending, self.records_floor)
-            {
-                forget.push((route.name.clone(), t.stream_key.clone(), pending.clone(), floor));
+            if let (Some(pending), Some(floor)) = (&f.pending, self.records_floor) {
+                forget.push((t.stream_key.clone(), pending.clone(), floor));
             }
             match f.claimed {
                 Ok(0) => {}

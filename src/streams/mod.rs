@@ -179,6 +179,8 @@ impl Tracked {
 /// Routes are loaded again at least this often, whether or not the generation moved (a
 /// change the trigger did not see: a restore with triggers off, a target altered).
 const ROUTES_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
+/// While they cannot be read, they are tried this often.
+const ROUTES_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct StreamSync {
     streams: Vec<Tracked>,
@@ -398,8 +400,9 @@ impl StreamSync {
         log: &crate::worker::Log,
     ) {
         let gen = shmem::routes_generation();
-        let due =
-            self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= ROUTES_RELOAD);
+        // (Tried again sooner while they cannot be read.)
+        let every = if self.routes.unreadable.is_some() { ROUTES_RETRY } else { ROUTES_RELOAD };
+        let due = self.routes_loaded.is_none_or(|t| now.saturating_duration_since(t) >= every);
         if self.routes_gen == Some(gen) && !due {
             return;
         }
@@ -420,8 +423,20 @@ impl StreamSync {
                     self.publish_all();
                 }
             }
-            // (Not installed in this database yet, or no access: tried again later.)
-            Err(e) => log.debug(&format!("routes not loaded: {e}")),
+            Err(e) => {
+                let error = e.to_string();
+                if self.routes.unreadable.as_deref() != Some(error.as_str()) {
+                    log.warning(&format!(
+                        "the routes cannot be read, so every stream waits: {error}"
+                    ));
+                }
+                self.routes = RouteSet::unreadable(error);
+                self.routes_gen = Some(gen);
+                if self.assign_routes(log) {
+                    self.stop_reads(&s.redis);
+                    self.publish_all();
+                }
+            }
         }
     }
 

@@ -108,8 +108,6 @@ pub struct Reader {
     requests: SyncSender<Vec<ReadRequest>>,
     replies: Receiver<Vec<ReadReply>>,
     in_flight: bool,
-    /// The read in flight was asked to end early (`CLIENT UNBLOCK` sent).
-    unblocking: bool,
     /// The reader connection's `CLIENT ID` (0 until known), to end a blocked read early.
     client_id: Arc<AtomicU64>,
 }
@@ -126,13 +124,7 @@ impl Reader {
             serve(home, req_rx, rep_tx, budget, wake, id)
         })
         .map_err(|e| SyncError::Config(format!("cannot start a reader thread: {e}")))?;
-        Ok(Reader {
-            requests: req_tx,
-            replies: rep_rx,
-            in_flight: false,
-            unblocking: false,
-            client_id,
-        })
+        Ok(Reader { requests: req_tx, replies: rep_rx, in_flight: false, client_id })
     }
 
     /// The `CLIENT ID` of a read under way, when known.
@@ -150,16 +142,7 @@ impl Reader {
     pub fn send(&mut self, reqs: Vec<ReadRequest>) -> Result<()> {
         self.requests.send(reqs).map_err(|_| SyncError::ThreadStopped("reader"))?;
         self.in_flight = true;
-        self.unblocking = false;
         Ok(())
-    }
-
-    /// The `CLIENT ID` of a read under way that has not yet been asked to end early; marks
-    /// it asked.
-    pub fn take_unblock(&mut self) -> Option<u64> {
-        let id = self.blocked_client().filter(|_| !self.unblocking)?;
-        self.unblocking = true;
-        Some(id)
     }
 
     /// The replies to the reads in flight, if they have come.

@@ -377,7 +377,7 @@ impl StreamSync {
     /// waits in Redis), or when the oldest has waited [`FLUSH_AT_LATEST`]: a commit never
     /// waits for the disk while entries stream in.
     fn settle_acks(&mut self, now: Instant) {
-        let Some(&(newest, ..)) = self.awaiting.back() else { return };
+        let Some(newest) = self.awaiting.iter().map(|a| a.0).max() else { return };
         let mut flushed = crate::pg::flushed_lsn();
         if flushed < newest {
             let oldest = self.awaiting.front().map_or(now, |a| a.1);
@@ -458,16 +458,10 @@ impl StreamSync {
     /// only when it ends), or one with nothing left to read.
     fn send_busy(&mut self, s: &Settings, feed: &Feed<'_>) -> Result<()> {
         // A database is read from one place at a time: while its own reader's read (waiting
-        // in Redis) is under way, the shared read leaves it out, and that read is ended at
-        // once. Two reads of one stream at the same time could both be handed an entry (one
-        // as new, the other from the pending list) and land it twice.
-        let mut ending = Vec::new();
-        for db in &self.busy {
-            if let Some(r) = self.readers.get_mut(db).filter(|r| r.in_flight()) {
-                ending.extend(r.take_unblock());
-            }
-        }
-        super::reader::unblock(&s.redis, ending);
+        // in Redis) is under way, the shared read leaves it out until that read returns (an
+        // entry ends it at once, else `poll_interval` does). Two reads of one stream at the
+        // same time could both be handed an entry (one as new, the other from the pending
+        // list) and land it twice.
         let dbs: Vec<u8> = self
             .busy
             .iter()

@@ -143,8 +143,6 @@ pub struct StreamWriter {
     record: Option<OwnedPreparedStatement>,
     /// The types the route's INSERT casts to, as prepared.
     casts: Vec<String>,
-    /// The highest landing record this writer wrote.
-    pub landed_max: i64,
     /// Batches left that skip the COPY fast path after one met rows already stored.
     use_conflict_for: u32,
     /// COPY is not usable on this table (row-level security, or no table-level INSERT
@@ -276,7 +274,7 @@ impl StreamWriter {
     /// entries of which stream landed, so that a re-read of the pending list after a crash
     /// skips them.
     fn record_landed(
-        &mut self,
+        &self,
         client: &mut pgrx::spi::SpiClient<'_>,
         rows: &[&StreamRow],
     ) -> Result<()> {
@@ -301,12 +299,7 @@ impl StreamWriter {
         let keys: Vec<&str> = by_stream.iter().map(|(k, _)| *k).collect();
         let ids: Vec<&str> = by_stream.iter().map(|(_, i)| i.as_str()).collect();
         let args = [route.name.as_str().into(), group.as_str().into(), keys.into(), ids.into()];
-        let seqs = client.update(stmt, None, &args).map_err(spi_err)?;
-        for row in seqs {
-            if let Some(seq) = row.get::<i64>(1).map_err(spi_err)? {
-                self.landed_max = self.landed_max.max(seq);
-            }
-        }
+        client.update(stmt, None, &args).map_err(spi_err)?;
         Ok(())
     }
 
@@ -316,30 +309,7 @@ impl StreamWriter {
     fn follow_target_types(&mut self, client: &mut pgrx::spi::SpiClient<'_>) -> Result<()> {
         let Some(Target::Route { route, .. }) = self.target.as_ref() else { return Ok(()) };
         let route = route.clone();
-        let names: Vec<&str> = route.map.columns.iter().map(|c| c.name.as_str()).collect();
-        let rows = client
-            .select(
-                "SELECT pg_catalog.format_type(a.atttypid, NULL)
-                   FROM unnest($2::text[]) WITH ORDINALITY AS c(n, i)
-                   LEFT JOIN pg_catalog.pg_attribute a
-                     ON a.attrelid = $1 AND a.attname = c.n AND NOT a.attisdropped
-                  ORDER BY c.i",
-                None,
-                &[route.target.into(), names.into()],
-            )
-            .map_err(spi_err)?;
-        let mut now = Vec::new();
-        for row in rows {
-            match row.get::<String>(1).map_err(spi_err)? {
-                Some(t) => now.push(t),
-                None => {
-                    return Err(SyncError::Postgres {
-                        sqlstate: PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-                        message: format!("a mapped column of {} is gone", route.table),
-                    })
-                }
-            }
-        }
+        let now = crate::routes::catalog::current_casts(client, &route)?;
         if now != self.casts {
             let text_array = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
             let insert = client
@@ -390,7 +360,9 @@ impl StreamWriter {
             held.into_iter().filter_map(|j| keep.get(j).copied()).collect()
         };
         let dead = self.dead_letters.saturating_sub(dead_before) as usize;
-        Ok(Written { held, settled, commit_lsn: crate::pg::last_commit_lsn(), dead })
+        // Everything in the WAL so far, not only this write's commit: rows found already landed
+        // (settled) may be an earlier worker's, committed and not yet flushed.
+        Ok(Written { held, settled, commit_lsn: crate::pg::wal_end(), dead })
     }
 
     /// The indices of the rows of `streams` whose entries are already dead letters with
@@ -702,12 +674,27 @@ impl StreamWriter {
             Err(e) if e.is_row_level() => {
                 let schema =
                     self.target.as_ref().map(|t| t.schema().to_owned()).unwrap_or_default();
+                // (The wrapped form takes the first five arguments; a route's name goes in
+                // `route` and its landing record with it.)
+                let route_name = route.clone();
                 in_transaction(|| {
                     Spi::connect_mut(|client| {
                         client
-                            .update(&dead_letter_wrapped_sql(&schema), None, &args)
-                            .map(|_| ())
-                            .map_err(spi_err)
+                            .update(&dead_letter_wrapped_sql(&schema), None, &args[..5])
+                            .map_err(spi_err)?;
+                        if let Some(r) = &route_name {
+                            client
+                                .update(
+                                    &format!(
+                                        "UPDATE {} SET route = $1 WHERE message_id = $2 AND fields->>'stream_key' = $3",
+                                        qualified(&schema, DEAD_LETTER_TABLE)
+                                    ),
+                                    None,
+                                    &[r.as_str().into(), row.message_id.as_str().into(), row.stream_key.as_str().into()],
+                                )
+                                .map_err(spi_err)?;
+                        }
+                        self.record_landed(client, &[row])
                     })
                 })?;
             }
@@ -747,14 +734,8 @@ fn insert_sql(schema: &str, stream_table: &str, overwrite: bool) -> String {
 /// A route's INSERT: one text array per mapped column, each cast to the column's type (its
 /// input function, as COPY uses; the column's own modifier applies on assignment).
 pub fn route_insert_sql(route: &Route, casts: &[String]) -> String {
-    let cols: Vec<String> =
-        route.map.columns.iter().map(|c| crate::parse::quote_ident(&c.name)).collect();
-    let aliases: Vec<String> = (1..=cols.len()).map(|k| format!("c{k}")).collect();
-    let values: Vec<String> =
-        aliases.iter().zip(casts).map(|(a, t)| format!("u.{a}::{t}")).collect();
-    let params: Vec<String> = (1..=cols.len()).map(|k| format!("${k}::text[]")).collect();
-    let conflict = match &route.conflict {
-        Conflict::Nothing => "ON CONFLICT DO NOTHING".to_owned(),
+    let (dedupe, conflict) = match &route.conflict {
+        Conflict::Nothing => (None, "ON CONFLICT DO NOTHING".to_owned()),
         Conflict::Update(keys) => {
             let set: Vec<String> = route
                 .map
@@ -766,29 +747,22 @@ pub fn route_insert_sql(route: &Route, casts: &[String]) -> String {
                     format!("{q} = EXCLUDED.{q}")
                 })
                 .collect();
-            let keys: Vec<String> = keys.iter().map(|k| crate::parse::quote_ident(k)).collect();
-            if set.is_empty() {
-                format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+            let quoted: Vec<String> = keys.iter().map(|k| crate::parse::quote_ident(k)).collect();
+            let conflict = if set.is_empty() {
+                format!("ON CONFLICT ({}) DO NOTHING", quoted.join(", "))
             } else {
-                format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), set.join(", "))
-            }
+                format!("ON CONFLICT ({}) DO UPDATE SET {}", quoted.join(", "), set.join(", "))
+            };
+            (Some(keys.as_slice()), conflict)
         }
     };
-    format!(
-        "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({}) {conflict}",
-        route.table,
-        cols.join(", "),
-        values.join(", "),
-        params.join(", "),
-        aliases.join(", "),
-    )
+    format!("{} {conflict}", crate::routes::insert_select(route, casts, false, dedupe))
 }
 
 /// A route's landing records: stream, consumer group and the IDs (space-separated).
 const LANDED_RECORD: &str = "INSERT INTO redis_sync.landed (route, stream_key, consumer_group, ids)
      SELECT $1, u.k, $2, pg_catalog.string_to_array(u.i, ' ')
-       FROM unnest($3::text[], $4::text[]) AS u(k, i)
-     RETURNING seq";
+       FROM unnest($3::text[], $4::text[]) AS u(k, i)";
 
 /// The 0-based indices of the (stream, ID) pairs a route's landing records hold.
 const LANDED_LOOKUP: &str = "SELECT (u.i - 1)::int8
