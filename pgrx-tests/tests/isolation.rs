@@ -456,7 +456,9 @@ fn a_group_destroyed_under_load_is_made_again_without_a_reconnect() {
     ids.entry((0, "g".to_owned())).or_default().push(first);
     assert_eq!(lost_and_duplicated(&pg, &mut r, &ids), (0, 0));
     // NOGROUP is the stream's error, not a lost connection: the worker did not reconnect.
-    assert_eq!(connections_received(&mut r), connections, "no new connection to Redis");
+    let now = connections_received(&mut r);
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut r).expect("CLIENT LIST");
+    assert_eq!(now, connections, "no new connection to Redis; clients now:\n{clients}");
     let error = pg.status("last_error").unwrap_or_default();
     assert!(!error.contains("connection"), "{error}");
 }

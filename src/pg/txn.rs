@@ -74,8 +74,31 @@ pub fn commits_wait_for_standbys() -> bool {
 /// Where the WAL written so far ends: once it is flushed that far, every commit this process
 /// made or saw (other backends' too, an earlier worker's not yet flushed) is durable.
 pub fn wal_end() -> u64 {
-    // SAFETY: main thread; reads the shared insert position under its spin lock.
-    unsafe { pg_sys::GetXLogInsertRecPtr() }
+    // SAFETY: main thread; reads the shared insert position under its spin lock, and a
+    // plain integer GUC set at startup.
+    let (insert, segment) =
+        unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::wal_segment_size as u64) };
+    end_of_records(insert, pg_sys::XLOG_BLCKSZ as u64, segment)
+}
+
+/// The insert position names the first byte after a page's header once the WAL reaches a
+/// page boundary, although nothing is written on that page yet: flushing up to it is an
+/// ERROR ("xlog flush request ... is not satisfied") and the flush position never reaches
+/// it. Every record written so far ends at the boundary, so that is where the WAL ends.
+fn end_of_records(insert: u64, page: u64, segment: u64) -> u64 {
+    const fn aligned(size: usize) -> u64 {
+        (size as u64).div_ceil(8) * 8
+    }
+    let header = if segment > 0 && insert % segment < page {
+        aligned(std::mem::size_of::<pg_sys::XLogLongPageHeaderData>())
+    } else {
+        aligned(std::mem::size_of::<pg_sys::XLogPageHeaderData>())
+    };
+    if page > 0 && insert % page == header {
+        insert - header
+    } else {
+        insert
+    }
 }
 
 /// How far the WAL is flushed to disk.
@@ -220,4 +243,27 @@ fn report_stat() {
 /// For errors the worker raises itself inside a transaction.
 pub fn not_prepared() -> SyncError {
     SyncError::Config("statement not prepared".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::end_of_records;
+
+    const PAGE: u64 = 8192;
+    const SEGMENT: u64 = 16 << 20;
+
+    #[test]
+    fn the_wal_ends_at_a_page_boundary_that_nothing_is_written_past() {
+        // 0/16C0018: the header of a page that is not a segment's first.
+        assert_eq!(end_of_records(0x16C_0018, PAGE, SEGMENT), 0x16C_0000);
+        // A segment's first page has the long header.
+        assert_eq!(end_of_records(0x200_0028, PAGE, SEGMENT), 0x200_0000);
+    }
+
+    #[test]
+    fn a_position_with_records_on_its_page_is_kept() {
+        for lsn in [0x16C_0019, 0x16C_0030, 0x16C_1FF8, 0x200_0018, 0x200_0030, 0x16C_0000] {
+            assert_eq!(end_of_records(lsn, PAGE, SEGMENT), lsn, "{lsn:#x}");
+        }
+    }
 }
