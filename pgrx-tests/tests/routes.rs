@@ -587,3 +587,39 @@ fn a_stream_route_that_updates_takes_the_last_of_two_entries_of_one_key_in_a_rea
     });
     assert_eq!(pg.number("SELECT count(*) FROM latest"), 1);
 }
+
+#[test]
+fn a_worker_role_with_grants_on_its_target_alone_lands_through_a_route_with_landing_records() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let mut settings = FAST.to_vec();
+    settings.push(("redis_sync.role", "syncer"));
+    let pg = Cluster::start(&redis, &settings);
+    // The role may write its target and make the stream tables; nothing in redis_sync.
+    pg.execute(
+        "CREATE ROLE syncer LOGIN;
+         GRANT USAGE, CREATE ON SCHEMA public TO syncer;
+         CREATE TABLE readings (device text, hr int, entry_id text);
+         GRANT SELECT, INSERT ON readings TO syncer;
+         SELECT redis_sync_add_stream_route('readings', 'dev-*', 'readings',
+             '{\"device\": \"device\", \"hr\": \"hr\", \"entry_id\": \"$id\"}');",
+    );
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            xadd(&mut r, "dev-1", &[("device", b"d1"), ("hr", format!("{}", 60 + i).as_bytes())])
+        })
+        .collect();
+    // Their landing records are written in the same transaction: had they been refused,
+    // no row would be there.
+    pg.wait_number("SELECT count(*) FROM readings", 3, T);
+    assert_once(&pg, "readings", "entry_id", &ids);
+    assert_eq!(
+        pg.query_text("SELECT last_error FROM redis_sync_routes() WHERE name = 'readings'"),
+        None
+    );
+    assert_eq!(
+        pg.number("SELECT count(*) FROM information_schema.role_table_grants WHERE grantee = 'syncer' AND table_schema = 'redis_sync'"),
+        0,
+        "the role was granted nothing on the extension's own tables"
+    );
+}

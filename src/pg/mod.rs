@@ -20,8 +20,8 @@ use crate::error::SyncError;
 pub use copy::{copy_into, copy_rows};
 pub use latch::{wait, WakeHandle, Waker, MAX_WAIT};
 pub use txn::{
-    cancel_if_timed_out, commits_wait_for_standbys, defer_flush, flush_idle_stats, flush_wal,
-    flushed_lsn, in_transaction, not_prepared, set_query_timeout, wal_end,
+    as_superuser, cancel_if_timed_out, commits_wait_for_standbys, defer_flush, flush_idle_stats,
+    flush_wal, flushed_lsn, in_transaction, not_prepared, set_query_timeout, wal_end,
 };
 
 /// Sets the latch of the backend with process ID `pid`, if it lives (wakes a worker).

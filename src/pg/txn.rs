@@ -124,6 +124,32 @@ pub fn flush_wal(lsn: u64) {
     unsafe { pg_sys::XLogFlush(lsn) };
 }
 
+/// Runs `f` (inside a transaction) as the bootstrap superuser: for the extension's own
+/// bookkeeping in `redis_sync` (the routes, the landing records), which the worker reads
+/// and writes whatever role it writes the user's tables as. The role comes back after `f`,
+/// and on an ERROR the transaction's abort restores it as well.
+pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(pg_sys::Oid, std::ffi::c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: main thread; puts back the identity saved below (two plain stores).
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut user = pg_sys::InvalidOid;
+    let mut context: std::ffi::c_int = 0;
+    // SAFETY: main thread inside a transaction; the saved identity is put back by `Restore`.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+        );
+    }
+    let _restore = Restore(user, context);
+    f()
+}
+
 pub fn set_query_timeout(timeout: std::time::Duration) {
     QUERY_TIMEOUT_MS.store(timeout.as_millis() as u64, Ordering::Relaxed);
 }

@@ -129,26 +129,30 @@ impl RouteSet {
 /// Loads the routes of `kind` (main thread of a worker): each checked; those that fail are
 /// kept as broken, with the reason in `redis_sync_routes()` and the log.
 pub fn load(kind: Kind, role: &str) -> crate::error::Result<RouteSet> {
+    // Read as the superuser: the routes are the extension's configuration, readable
+    // whatever role the worker writes as (checks of that role's privileges name it).
     let set = crate::pg::in_transaction(|| {
-        pgrx::Spi::connect(|client| {
-            if !catalog::installed(client)? {
-                return Ok(RouteSet::default());
-            }
-            let mut set = RouteSet::default();
-            for def in catalog::load(client, Some(kind))? {
-                match catalog::check(client, &def, role) {
-                    Ok(r) => set.routes.push(Arc::new(r)),
-                    Err(e) => set.broken.push(Broken {
-                        name: def.name.clone(),
-                        patterns: crate::parse::parse_list(&def.patterns)
-                            .iter()
-                            .map(|p| Pattern::new(p))
-                            .collect(),
-                        error: e.message,
-                    }),
+        crate::pg::as_superuser(|| {
+            pgrx::Spi::connect(|client| {
+                if !catalog::installed(client)? {
+                    return Ok(RouteSet::default());
                 }
-            }
-            Ok(set)
+                let mut set = RouteSet::default();
+                for def in catalog::load(client, Some(kind))? {
+                    match catalog::check(client, &def, role) {
+                        Ok(r) => set.routes.push(Arc::new(r)),
+                        Err(e) => set.broken.push(Broken {
+                            name: def.name.clone(),
+                            patterns: crate::parse::parse_list(&def.patterns)
+                                .iter()
+                                .map(|p| Pattern::new(p))
+                                .collect(),
+                            error: e.message,
+                        }),
+                    }
+                }
+                Ok(set)
+            })
         })
     })?;
     let names: Vec<String> = set
@@ -180,16 +184,18 @@ pub fn load(kind: Kind, role: &str) -> crate::error::Result<RouteSet> {
 /// The last landing record written (`None` when there is none), main thread.
 pub fn landed_max() -> crate::error::Result<Option<i64>> {
     crate::pg::in_transaction(|| {
-        pgrx::Spi::connect(|client| {
-            if !catalog::installed(client)? {
-                return Ok(None);
-            }
-            client
-                .select("SELECT max(seq) FROM redis_sync.landed", None, &[])
-                .map_err(crate::pg::spi_err)?
-                .first()
-                .get_one::<i64>()
-                .map_err(crate::pg::spi_err)
+        crate::pg::as_superuser(|| {
+            pgrx::Spi::connect(|client| {
+                if !catalog::installed(client)? {
+                    return Ok(None);
+                }
+                client
+                    .select("SELECT max(seq) FROM redis_sync.landed", None, &[])
+                    .map_err(crate::pg::spi_err)?
+                    .first()
+                    .get_one::<i64>()
+                    .map_err(crate::pg::spi_err)
+            })
         })
     })
 }
@@ -206,24 +212,26 @@ pub fn forget_landed(
         return Ok(());
     }
     crate::pg::in_transaction(|| {
-        pgrx::Spi::connect_mut(|client| {
-            for (stream, pending, floor) in streams {
-                client
-                    .update(
-                        "DELETE FROM redis_sync.landed
+        crate::pg::as_superuser(|| {
+            pgrx::Spi::connect_mut(|client| {
+                for (stream, pending, floor) in streams {
+                    client
+                        .update(
+                            "DELETE FROM redis_sync.landed
                           WHERE stream_key = $1 AND consumer_group = $2
                             AND seq <= $3 AND NOT (ids && $4::text[])",
-                        None,
-                        &[
-                            stream.as_str().into(),
-                            group.into(),
-                            (*floor).into(),
-                            pending.clone().into(),
-                        ],
-                    )
-                    .map_err(crate::pg::spi_err)?;
-            }
-            Ok(())
+                            None,
+                            &[
+                                stream.as_str().into(),
+                                group.into(),
+                                (*floor).into(),
+                                pending.clone().into(),
+                            ],
+                        )
+                        .map_err(crate::pg::spi_err)?;
+                }
+                Ok(())
+            })
         })
     })
 }

@@ -8,7 +8,7 @@ use pgrx::{JsonB, PgRelation};
 
 use super::catalog::{self, Def, Invalid};
 use super::mapping::Kind;
-use crate::parse::{parse_list, quote_ident};
+use crate::parse::parse_list;
 use crate::pg::spi_err;
 use crate::shmem;
 
@@ -82,35 +82,6 @@ fn refuse_without_privileges(client: &SpiClient<'_>, def: &Def) {
     }
 }
 
-/// Lets a worker role that is not a superuser read the routes and keep its landing records.
-fn grant_worker(client: &mut SpiClient<'_>) {
-    let role = crate::gucs::text(&crate::gucs::ROLE);
-    if role.is_empty() {
-        return;
-    }
-    let is_super = spi(client
-        .select(
-            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $1",
-            None,
-            &[role.as_str().into()],
-        )
-        .and_then(|t| t.first().get_one::<bool>()));
-    if is_super != Some(false) {
-        return;
-    }
-    let r = quote_ident(&role);
-    spi(client.update(
-        &format!(
-            "GRANT USAGE ON SCHEMA redis_sync TO {r};
-             GRANT SELECT ON redis_sync.routes TO {r};
-             GRANT SELECT, INSERT, DELETE ON redis_sync.landed TO {r};
-             GRANT USAGE ON SEQUENCE redis_sync.landed_seq_seq TO {r}"
-        ),
-        None,
-        &[],
-    ));
-}
-
 fn add(def: Def) {
     Spi::connect_mut(|client| {
         if !catalog::installed(client).unwrap_or_else(|e| raise(e.into())) {
@@ -164,7 +135,6 @@ fn add(def: Def) {
             ],
         );
         spi(inserted);
-        grant_worker(client);
     });
 }
 

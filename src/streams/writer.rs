@@ -244,14 +244,18 @@ impl StreamWriter {
                             .prepare_mut(route_dead_letter_sql(schema).as_str(), &[text; 6])
                             .map_err(spi_err)?
                             .keep();
-                        let lookup = client
-                            .prepare_mut(LANDED_LOOKUP, &[text_array, text_array, text, text])
-                            .map_err(spi_err)?
-                            .keep();
-                        let record = client
-                            .prepare_mut(LANDED_RECORD, &[text, text, text_array, text_array])
-                            .map_err(spi_err)?
-                            .keep();
+                        // The landing records are the extension's own (see `as_superuser`).
+                        let (lookup, record) = crate::pg::as_superuser(|| {
+                            let lookup = client
+                                .prepare_mut(LANDED_LOOKUP, &[text_array, text_array, text, text])
+                                .map_err(spi_err)?
+                                .keep();
+                            let record = client
+                                .prepare_mut(LANDED_RECORD, &[text, text, text_array, text_array])
+                                .map_err(spi_err)?
+                                .keep();
+                            Ok::<_, SyncError>((lookup, record))
+                        })?;
                         (insert, dead, lookup, Some(record))
                     }
                 };
@@ -299,7 +303,7 @@ impl StreamWriter {
         let keys: Vec<&str> = by_stream.iter().map(|(k, _)| *k).collect();
         let ids: Vec<&str> = by_stream.iter().map(|(_, i)| i.as_str()).collect();
         let args = [route.name.as_str().into(), group.as_str().into(), keys.into(), ids.into()];
-        client.update(stmt, None, &args).map_err(spi_err)?;
+        crate::pg::as_superuser(|| client.update(stmt, None, &args)).map_err(spi_err)?;
         Ok(())
     }
 
@@ -399,7 +403,13 @@ impl StreamWriter {
                     ],
                     _ => vec![keys.into(), ids.into(), fields.into()],
                 };
-                let table = client.select(stmt, None, &args).map_err(spi_err)?;
+                // A route's are landing records: the extension's own (see `as_superuser`).
+                let table = if matches!(target, Some(Target::Route { .. })) {
+                    crate::pg::as_superuser(|| client.select(stmt, None, &args))
+                } else {
+                    client.select(stmt, None, &args)
+                }
+                .map_err(spi_err)?;
                 let mut out = Vec::new();
                 for row in table {
                     if let Some(j) = row.get::<i64>(1).map_err(spi_err)? {
