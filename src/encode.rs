@@ -109,6 +109,25 @@ pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
     let mut out = String::with_capacity(
         2 + fields.iter().map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 6).sum::<usize>(),
     );
+    // Names each given once (the common case): written as they come, nothing gathered.
+    if fields.len() <= 16
+        && fields
+            .iter()
+            .enumerate()
+            .all(|(i, (n, _))| fields[..i].iter().all(|(m, _)| m.as_ref() != n.as_ref()))
+    {
+        out.push('{');
+        for (i, (name, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_name(&mut out, name.as_ref());
+            out.push(':');
+            push_json_value(&mut out, value.as_ref());
+        }
+        out.push('}');
+        return out;
+    }
     // The values of each name, in order, under the name's first occurrence.
     let mut groups: Vec<(&[u8], Vec<&[u8]>)> = Vec::new();
     if fields.len() <= 16 {
@@ -138,7 +157,7 @@ pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
         if g > 0 {
             out.push(',');
         }
-        push_json_str(&mut out, &encode_name(name));
+        push_json_name(&mut out, name);
         out.push(':');
         if let [value] = values.as_slice() {
             push_json_value(&mut out, value);
@@ -155,6 +174,15 @@ pub fn entry_json<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: &[(N, V)]) -> String {
     }
     out.push('}');
     out
+}
+
+/// A field name as a JSON string, encoded as [`encode_name`] does (without a copy when it
+/// is plain text).
+fn push_json_name(out: &mut String, name: &[u8]) {
+    match plain(name) {
+        Some(s) if !s.starts_with('$') => push_json_str(out, s),
+        _ => push_json_str(out, &encode_name(name)),
+    }
 }
 
 /// Inverse of [`entry_json`]: the (name, value) pairs of a stored `data` object, a name

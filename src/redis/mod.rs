@@ -3,6 +3,7 @@
 //!
 //! - `conn`: opening connections (TLS, AUTH, timeouts) and the reader's blocking read
 //! - `commands`: the commands of discovery, groups, acknowledgements, key-value passes
+//! - `raw`: the plain-TCP connection of reads and passes, with a reply parser of its own
 //! - `reply`: pure parsing of the replies
 //!
 //! Nothing here calls Postgres except through the `sleep` callback given to
@@ -10,6 +11,7 @@
 
 mod commands;
 mod conn;
+mod raw;
 mod reply;
 mod values;
 
@@ -126,7 +128,7 @@ pub struct Redis {
 impl Redis {
     /// Connects to the default database of `settings`.
     pub fn connect(settings: &RedisSettings, budget: SharedBudget, lane: Lane) -> Result<Redis> {
-        let main = RedisConn::connect(settings, settings.db)?;
+        let main = RedisConn::connect_fast(settings, settings.db)?;
         let mut conns = BTreeMap::new();
         conns.insert(settings.db, main);
         Ok(Redis {
@@ -155,7 +157,7 @@ impl Redis {
 
     fn conn(&mut self, db: u8) -> Result<&mut RedisConn> {
         if !self.conns.contains_key(&db) {
-            let c = RedisConn::connect(&self.settings, db)?;
+            let c = RedisConn::connect_fast(&self.settings, db)?;
             self.conns.insert(db, c);
         }
         self.conns.get_mut(&db).ok_or_else(|| SyncError::Config("no connection".into()))

@@ -139,7 +139,12 @@ fn parse_entry(v: Value) -> Option<RawEntry> {
         return None;
     }
     let fields = parts.pop()?;
-    let id = as_string(&parts[0])?;
+    let id = match parts.pop()? {
+        // Taken, not copied (an entry ID is ASCII).
+        Value::BulkString(b) => String::from_utf8(b)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        other => as_string(&other)?,
+    };
     let fields = match fields {
         Value::Nil => None,
         Value::Array(flat) => {

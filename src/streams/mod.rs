@@ -14,7 +14,7 @@ mod monitor;
 mod reader;
 mod replay;
 mod round;
-mod writer;
+pub(crate) mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::writer::StreamRow;
+use super::writer::{pack_fields, StreamRow};
 use crate::encode::{entry_id_millis, entry_json, push_copy_field, push_utc_millis};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
@@ -197,7 +197,7 @@ fn read(
     if conn.as_ref().is_none_or(|(s, _)| *s != settings) {
         *conn = None;
         client_id.store(0, Ordering::Relaxed);
-        match RedisConn::connect(&settings, home) {
+        match RedisConn::connect_fast(&settings, home) {
             Ok(mut c) => {
                 client_id.store(c.client_id().unwrap_or(0), Ordering::Relaxed);
                 *conn = Some((settings, c));
@@ -361,12 +361,19 @@ fn batches(
                     let cells = map.map_or_else(Vec::new, |m| {
                         m.entry_cells(&Entry { id: &e.id, stream: stream_key, millis, fields })
                     });
+                    // A route's row keeps its fields packed (for a dead letter), not as JSON.
+                    let (data, packed) = if map.is_some() {
+                        (String::new(), pack_fields(fields))
+                    } else {
+                        (entry_json(fields), Vec::new())
+                    };
                     let row = StreamRow {
                         stream_key: stream_key.to_owned(),
                         message_id: e.id.clone(),
-                        data: entry_json(fields),
+                        data,
                         millis,
                         cells,
+                        packed,
                     };
                     push_copy_row(&mut batch.copy, &row);
                     batch.rows.push(row);

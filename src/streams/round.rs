@@ -1046,6 +1046,7 @@ mod tests {
                     data: "{}".into(),
                     millis: 0,
                     cells: Vec::new(),
+                    packed: Vec::new(),
                 })
                 .collect(),
             copy: Vec::new(),

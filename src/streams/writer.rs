@@ -35,12 +35,49 @@ pub struct Written {
 pub struct StreamRow {
     pub stream_key: String,
     pub message_id: String,
-    /// The `data` object as JSON text (see `encode::entry_json`).
+    /// The `data` object as JSON text (see `encode::entry_json`); empty for a route's row,
+    /// whose fields are kept packed in `packed` instead (only a dead letter needs them).
     pub data: String,
     /// Milliseconds of the entry ID.
     pub millis: i64,
     /// The values of a route's columns, when the entry goes to a route (empty otherwise).
     pub cells: Vec<crate::routes::mapping::Cell>,
+    /// A route's row: the entry's fields, packed by [`pack_fields`].
+    pub packed: Vec<u8>,
+}
+
+impl StreamRow {
+    /// The `data` object as JSON text: the stream table's column, a dead letter's fields.
+    pub fn data_json(&self) -> std::borrow::Cow<'_, str> {
+        if self.packed.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.data);
+        }
+        std::borrow::Cow::Owned(crate::encode::entry_json(&unpack_fields(&self.packed)))
+    }
+}
+
+/// An entry's fields in one buffer: each name and value as a 4-byte length and its bytes
+/// (one allocation, where the JSON text would take a dozen).
+pub fn pack_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let size = fields.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    for part in fields.iter().flat_map(|(n, v)| [n, v]) {
+        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The fields [`pack_fields`] packed.
+pub fn unpack_fields(mut packed: &[u8]) -> Vec<(&[u8], &[u8])> {
+    let mut parts = Vec::new();
+    while let Some((len, rest)) = packed.split_first_chunk::<4>() {
+        let len = (u32::from_le_bytes(*len) as usize).min(rest.len());
+        let (part, rest) = rest.split_at(len);
+        parts.push(part);
+        packed = rest;
+    }
+    parts.chunks_exact(2).map(|p| (p[0], p[1])).collect()
 }
 
 /// What the statements were prepared for; a change re-prepares them.
@@ -662,7 +699,7 @@ impl StreamWriter {
         let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
             row.stream_key.as_str().into(),
             row.message_id.as_str().into(),
-            row.data.as_str().into(),
+            row.data_json().as_ref().into(),
             err.to_string().into(),
             sqlstate.into(),
         ];

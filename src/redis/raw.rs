@@ -1,0 +1,290 @@
+//! A plain-TCP connection to Redis with a reply parser of its own, for the worker's reads and
+//! passes: a stream read of a thousand entries is some thirteen thousand RESP values, and the
+//! client library's general parser (built for partial, asynchronous input) spent most of a
+//! stream reader's time on them. This one reads RESP2 straight from a buffered socket: one allocation per
+//! string or array, nothing else.
+//!
+//! It implements the library's `ConnectionLike`, so commands and pipelines are built and
+//! their replies converted exactly as on a library connection; error replies are handed to
+//! the library's own parser, so they carry the same codes. Only a connection that the
+//! library would make the same way is made here (no TLS); anything unexpected during the
+//! handshake leaves the choice to the library (see `RedisConn::connect_fast`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use ::redis::{ConnectionLike, RedisError, RedisResult, Value};
+
+/// Deepest nesting of arrays accepted (a stream read is three deep).
+const MAX_DEPTH: usize = 16;
+
+pub struct RawConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    db: i64,
+    open: bool,
+    line: Vec<u8>,
+}
+
+fn invalid(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned()))
+}
+
+impl RawConn {
+    /// Connects, authenticates and selects `db`. `Ok(None)` when Redis answered the handshake
+    /// with an error (the caller connects through the library, which says what it was).
+    pub fn connect(
+        host: &str,
+        port: u16,
+        username: &str,
+        password: &str,
+        db: u8,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+    ) -> std::io::Result<Option<RawConn>> {
+        let mut last = None;
+        let mut stream = None;
+        for addr in (host, port).to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, connect_timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(stream) = stream else {
+            return Err(last.unwrap_or_else(|| std::io::Error::other("no address")));
+        };
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(io_timeout))?;
+        stream.set_write_timeout(Some(io_timeout))?;
+        let writer = stream.try_clone()?;
+        let mut c = RawConn {
+            reader: BufReader::with_capacity(256 * 1024, stream),
+            writer,
+            db: db as i64,
+            open: true,
+            line: Vec::with_capacity(64),
+        };
+        let mut hello = ::redis::pipe();
+        if !password.is_empty() {
+            let auth = hello.cmd("AUTH");
+            if !username.is_empty() {
+                auth.arg(username);
+            }
+            auth.arg(password);
+        }
+        if db != 0 {
+            hello.cmd("SELECT").arg(db);
+        }
+        hello.cmd("PING");
+        let count = hello.len();
+        let replies = c.req_packed_commands(&hello.get_packed_pipeline(), 0, count);
+        match replies {
+            Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))) => Ok(Some(c)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.writer.set_read_timeout(timeout)
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> RedisResult<()> {
+        let sent = self.writer.write_all(bytes);
+        if sent.is_err() {
+            self.open = false;
+        }
+        Ok(sent?)
+    }
+
+    /// The next reply; an I/O or protocol error closes the connection.
+    fn next(&mut self) -> RedisResult<Value> {
+        let v = read_value(&mut self.reader, &mut self.line, 0);
+        if v.is_err() {
+            self.open = false;
+        }
+        v
+    }
+}
+
+/// The header line of a value (without its CRLF), in `line`.
+fn read_line<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<()> {
+    line.clear();
+    if r.read_until(b'\n', line)? == 0 {
+        return Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(invalid("a reply line without CRLF"));
+    }
+    line.truncate(line.len() - 2);
+    Ok(())
+}
+
+fn number(digits: &[u8]) -> RedisResult<i64> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid("a reply length or integer that is not a number"))
+}
+
+/// Reads one RESP2 value.
+pub fn read_value<R: BufRead>(r: &mut R, line: &mut Vec<u8>, depth: usize) -> RedisResult<Value> {
+    if depth > MAX_DEPTH {
+        return Err(invalid("a reply nested too deep"));
+    }
+    read_line(r, line)?;
+    let Some((&kind, rest)) = line.split_first() else {
+        return Err(invalid("an empty reply line"));
+    };
+    match kind {
+        b'$' => {
+            let len = number(rest)?;
+            if len < 0 {
+                return Ok(Value::Nil);
+            }
+            let len = usize::try_from(len).map_err(|_| invalid("a bulk length"))?;
+            // Copied from the buffer as it fills (no zeroed allocation to read into).
+            let mut bytes = Vec::with_capacity(len);
+            while bytes.len() < len {
+                let chunk = r.fill_buf()?;
+                if chunk.is_empty() {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                let take = chunk.len().min(len - bytes.len());
+                bytes.extend_from_slice(&chunk[..take]);
+                r.consume(take);
+            }
+            let mut end = [0u8; 2];
+            r.read_exact(&mut end)?;
+            if &end != b"\r\n" {
+                return Err(invalid("a bulk string without CRLF"));
+            }
+            Ok(Value::BulkString(bytes))
+        }
+        b'*' => {
+            let len = number(rest)?;
+            if len < 0 {
+                return Ok(Value::Nil);
+            }
+            let len = usize::try_from(len).map_err(|_| invalid("an array length"))?;
+            let mut items = Vec::with_capacity(len.min(1 << 16));
+            for _ in 0..len {
+                items.push(read_value(r, line, depth + 1)?);
+            }
+            Ok(Value::Array(items))
+        }
+        b':' => Ok(Value::Int(number(rest)?)),
+        b'+' if rest == b"OK" => Ok(Value::Okay),
+        b'+' => Ok(Value::SimpleString(String::from_utf8_lossy(rest).into_owned())),
+        b'-' => {
+            // The library's own parser makes the error (its code, its kind).
+            line.extend_from_slice(b"\r\n");
+            ::redis::parse_redis_value(line)
+        }
+        _ => Err(invalid("a reply type this connection does not speak (RESP3?)")),
+    }
+}
+
+impl ConnectionLike for RawConn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        self.send(cmd)?;
+        self.next()
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        self.send(cmd)?;
+        // Every reply is read, errors among them too, so the connection stays in step.
+        let mut out = Vec::with_capacity(count);
+        for i in 0..offset + count {
+            let v = self.next()?;
+            if i >= offset {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+
+    fn check_connection(&mut self) -> bool {
+        ::redis::cmd("PING").query::<String>(self).is_ok()
+    }
+
+    fn is_open(&self) -> bool {
+        self.open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> RedisResult<Value> {
+        read_value(&mut &bytes[..], &mut Vec::new(), 0)
+    }
+
+    #[test]
+    fn a_stream_read_reply_parses_as_the_library_parses_it() {
+        let reply: &[u8] = b"*1\r\n*2\r\n$1\r\ns\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\na\r\n$2\r\n\r\n\r\n$1\r\nb\r\n$0\r\n\r\n*2\r\n$3\r\n2-0\r\n*-1\r\n";
+        assert_eq!(parse(reply).ok(), ::redis::parse_redis_value(reply).ok());
+        assert!(matches!(parse(reply), Ok(Value::Array(_))));
+    }
+
+    #[test]
+    fn values_split_across_reads_of_the_socket_parse_whole() {
+        let reply: &[u8] = b"*2\r\n$11\r\nhello world\r\n$3\r\n\r\n\n\r\n";
+        for capacity in [1, 2, 3, 7, 64] {
+            let mut r = std::io::BufReader::with_capacity(capacity, reply);
+            let v = read_value(&mut r, &mut Vec::new(), 0).expect("a value");
+            assert_eq!(Some(v), ::redis::parse_redis_value(reply).ok(), "{capacity}");
+        }
+    }
+
+    #[test]
+    fn every_resp2_type_parses_as_the_library_parses_it() {
+        for reply in [
+            &b"+OK\r\n"[..],
+            b"+PONG\r\n",
+            b":-42\r\n",
+            b"$-1\r\n",
+            b"*-1\r\n",
+            b"*0\r\n",
+            b"$5\r\nhe\0lo\r\n",
+        ] {
+            assert_eq!(parse(reply).ok(), ::redis::parse_redis_value(reply).ok(), "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn an_error_reply_keeps_its_code() {
+        let v = parse(b"-NOGROUP No such key 's' or consumer group 'g'\r\n").expect("a value");
+        let Value::ServerError(e) = v else { panic!("not an error: {v:?}") };
+        assert_eq!(e.code(), "NOGROUP");
+    }
+
+    #[test]
+    fn broken_replies_are_errors_not_values() {
+        for reply in [
+            &b"$5\r\nhel"[..],
+            b"$3\r\nabcd\r\n",
+            b"*2\r\n:1\r\n",
+            b":x\r\n",
+            b"%1\r\n",
+            b"+OK\n",
+            b"",
+        ] {
+            assert!(parse(reply).is_err(), "{reply:?}");
+        }
+    }
+}
