@@ -623,3 +623,49 @@ fn a_worker_role_with_grants_on_its_target_alone_lands_through_a_route_with_land
         "the role was granted nothing on the extension's own tables"
     );
 }
+
+#[test]
+fn an_unnest_a_user_made_in_public_is_never_run_by_the_worker() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let pg = Cluster::start(&redis, FAST);
+    // A role that may create in public shadows the built-in unnest for text arrays with one
+    // that makes it a superuser when a superuser runs it.
+    pg.execute(
+        "CREATE ROLE attacker LOGIN;
+         GRANT CREATE ON SCHEMA public TO attacker;
+         CREATE TABLE readings (device text, hr int, entry_id text);
+         SELECT redis_sync_add_stream_route('readings', 'dev-*', 'readings',
+             '{\"device\": \"device\", \"hr\": \"hr\", \"entry_id\": \"$id\"}');
+         CREATE TABLE latest (device text PRIMARY KEY, hr int);
+         SELECT redis_sync_add_stream_route('latest', 'last-*', 'latest',
+             '{\"device\": \"device\"}', 'update');",
+    );
+    pg.client_as("attacker")
+        .batch_execute(
+            "CREATE FUNCTION public.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $$
+             BEGIN
+               IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                 EXECUTE 'ALTER ROLE attacker SUPERUSER';
+               END IF;
+               RETURN QUERY SELECT x FROM pg_catalog.unnest(a) AS x;
+             END $$;",
+        )
+        .expect("the attacker's function");
+    // Landing records (a table without a unique key) and an upsert of one mapped column.
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            xadd(&mut r, "dev-1", &[("device", b"d1"), ("hr", format!("{}", 60 + i).as_bytes())])
+        })
+        .collect();
+    xadd(&mut r, "last-1", &[("device", b"d1")]);
+    xadd(&mut r, "last-1", &[("device", b"d1")]);
+    pg.wait_number("SELECT count(*) FROM readings", 3, T);
+    pg.wait_number("SELECT count(*) FROM latest", 1, T);
+    assert_once(&pg, "readings", "entry_id", &ids);
+    assert_eq!(
+        pg.query_text("SELECT rolsuper::text FROM pg_roles WHERE rolname = 'attacker'").as_deref(),
+        Some("false"),
+        "the worker ran the attacker's unnest"
+    );
+}

@@ -199,9 +199,10 @@ fn keys_in(route: &Route, casts: &[String]) -> String {
     let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}::text[]")).collect();
     let aliases: Vec<String> = (1..=keys.len()).map(|i| format!("c{i}")).collect();
     format!(
-        "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        "({}) IN (SELECT {} FROM {}({}) AS u({}))",
         keys.join(", "),
         values.join(", "),
+        crate::routes::unnest(params.len()),
         params.join(", "),
         aliases.join(", ")
     )

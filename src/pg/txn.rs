@@ -126,27 +126,49 @@ pub fn flush_wal(lsn: u64) {
 
 /// Runs `f` (inside a transaction) as the bootstrap superuser: for the extension's own
 /// bookkeeping in `redis_sync` (the routes, the landing records), which the worker reads
-/// and writes whatever role it writes the user's tables as. The role comes back after `f`,
-/// and on an ERROR the transaction's abort restores it as well.
+/// and writes whatever role it writes the user's tables as. As a `SECURITY DEFINER`
+/// function with `SET search_path` would, it runs with `search_path` set to
+/// `pg_catalog, pg_temp`, so no function or operator a user made in a schema of the path can
+/// stand in for a built-in one. The role and the path come back after `f`, and on an ERROR
+/// the transaction's abort restores both as well.
 pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(pg_sys::Oid, std::ffi::c_int);
+    struct Restore(pg_sys::Oid, std::ffi::c_int, std::ffi::c_int);
     impl Drop for Restore {
         fn drop(&mut self) {
-            // SAFETY: main thread; puts back the identity saved below (two plain stores).
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+            // SAFETY: main thread, inside the transaction; puts back the identity saved
+            // below and ends the GUC nesting level opened there (what fmgr_security_definer
+            // does on its way out).
+            unsafe {
+                pg_sys::AtEOXact_GUC(true, self.2);
+                pg_sys::SetUserIdAndSecContext(self.0, self.1);
+            }
         }
     }
     let mut user = pg_sys::InvalidOid;
     let mut context: std::ffi::c_int = 0;
-    // SAFETY: main thread inside a transaction; the saved identity is put back by `Restore`.
-    unsafe {
+    // SAFETY: main thread inside a transaction; the saved identity and the GUC level are
+    // put back by `Restore`; `pg_catalog, pg_temp` is a valid search_path, so nothing is
+    // raised.
+    let level = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
             pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
             context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
         );
-    }
-    let _restore = Restore(user, context);
+        let level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as std::ffi::c_int,
+            false,
+        );
+        level
+    };
+    let _restore = Restore(user, context, level);
     f()
 }
 

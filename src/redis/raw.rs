@@ -58,8 +58,9 @@ impl RawConn {
             return Err(last.unwrap_or_else(|| std::io::Error::other("no address")));
         };
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(io_timeout))?;
-        stream.set_write_timeout(Some(io_timeout))?;
+        // The handshake has the connect timeout; commands the I/O timeout.
+        stream.set_read_timeout(Some(connect_timeout))?;
+        stream.set_write_timeout(Some(connect_timeout))?;
         let writer = stream.try_clone()?;
         let mut c = RawConn {
             reader: BufReader::with_capacity(256 * 1024, stream),
@@ -83,7 +84,11 @@ impl RawConn {
         let count = hello.len();
         let replies = c.req_packed_commands(&hello.get_packed_pipeline(), 0, count);
         match replies {
-            Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))) => Ok(Some(c)),
+            Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))) => {
+                c.writer.set_read_timeout(Some(io_timeout))?;
+                c.writer.set_write_timeout(Some(io_timeout))?;
+                Ok(Some(c))
+            }
             Ok(_) => Ok(None),
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
@@ -94,9 +99,14 @@ impl RawConn {
     }
 
     fn send(&mut self, bytes: &[u8]) -> RedisResult<()> {
+        // A connection that failed once is out of step (a late reply may still come): it
+        // takes no more commands, and the caller connects again.
+        if !self.open {
+            return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
+        }
         let sent = self.writer.write_all(bytes);
         if sent.is_err() {
-            self.open = false;
+            self.close();
         }
         Ok(sent?)
     }
@@ -105,9 +115,14 @@ impl RawConn {
     fn next(&mut self) -> RedisResult<Value> {
         let v = read_value(&mut self.reader, &mut self.line, 0);
         if v.is_err() {
-            self.open = false;
+            self.close();
         }
         v
+    }
+
+    fn close(&mut self) {
+        self.open = false;
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -147,8 +162,9 @@ pub fn read_value<R: BufRead>(r: &mut R, line: &mut Vec<u8>, depth: usize) -> Re
                 return Ok(Value::Nil);
             }
             let len = usize::try_from(len).map_err(|_| invalid("a bulk length"))?;
-            // Copied from the buffer as it fills (no zeroed allocation to read into).
-            let mut bytes = Vec::with_capacity(len);
+            // Copied from the buffer as it fills (no zeroed allocation to read into); grown as
+            // the bytes come, so a wrong length cannot ask for memory up front.
+            let mut bytes = Vec::with_capacity(len.min(1 << 20));
             while bytes.len() < len {
                 let chunk = r.fill_buf()?;
                 if chunk.is_empty() {
@@ -204,11 +220,19 @@ impl ConnectionLike for RawConn {
         self.send(cmd)?;
         // Every reply is read, errors among them too, so the connection stays in step.
         let mut out = Vec::with_capacity(count);
+        let mut refused = false;
         for i in 0..offset + count {
             let v = self.next()?;
             if i >= offset {
                 out.push(v);
+            } else if matches!(v, Value::ServerError(_)) {
+                refused = true;
             }
+        }
+        // (Only a transaction's pipeline skips replies: those of MULTI and its queued
+        // commands, one of which Redis refused; the transaction did not run.)
+        if refused {
+            return Err(invalid("a command of the transaction was refused; it did not run"));
         }
         Ok(out)
     }
@@ -264,6 +288,48 @@ mod tests {
         ] {
             assert_eq!(parse(reply).ok(), ::redis::parse_redis_value(reply).ok(), "{reply:?}");
         }
+    }
+
+    #[test]
+    fn a_connection_that_failed_takes_no_more_commands() {
+        use std::sync::mpsc::channel;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (timed_out, on_timeout) = channel::<()>();
+        let (late_sent, on_late) = channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 256];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            s.write_all(b"+PONG\r\n").expect("PONG");
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            // The GET's reply comes only after the client gave up on it, and a PONG after.
+            on_timeout.recv().expect("the client's timeout");
+            s.write_all(b"$-1\r\n+PONG\r\n").expect("late replies");
+            late_sent.send(()).expect("tell");
+            // Kept open until the client is done.
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        });
+        let mut c = RawConn::connect(
+            "127.0.0.1",
+            port,
+            "",
+            "",
+            0,
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+        )
+        .expect("connect")
+        .expect("no error reply");
+        assert!(::redis::cmd("GET").arg("k").query::<Value>(&mut c).is_err(), "timed out");
+        assert!(!c.is_open());
+        timed_out.send(()).expect("tell");
+        on_late.recv().expect("late replies sent");
+        // Out of step, it would take the GET's late nil as the PING's reply.
+        let again = ::redis::cmd("PING").query::<Value>(&mut c).expect_err("refused");
+        assert_eq!(again.code(), None, "a lost connection, not a Redis error: {again}");
+        drop(c);
+        server.join().expect("server");
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn target_columns(client: &SpiClient<'_>, oid: pg_sys::Oid) -> Result<Vec<Target
 fn unique_keys(client: &SpiClient<'_>, oid: pg_sys::Oid) -> Result<Vec<Vec<String>>> {
     let rows = client
         .select(
-            "SELECT array_agg(a.attname::text ORDER BY a.attname)
+            "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attname)
                FROM pg_catalog.pg_index i
                JOIN pg_catalog.pg_attribute a
                  ON a.attrelid = i.indrelid
@@ -480,7 +480,7 @@ pub fn current_casts(client: &SpiClient<'_>, route: &Route) -> Result<Vec<String
     let rows = client
         .select(
             "SELECT pg_catalog.format_type(a.atttypid, -1)
-               FROM unnest($2::text[]) WITH ORDINALITY AS c(n, i)
+               FROM pg_catalog.unnest($2::text[]) WITH ORDINALITY AS c(n, i)
                LEFT JOIN pg_catalog.pg_attribute a
                  ON a.attrelid = $1 AND a.attname = c.n AND NOT a.attisdropped
               ORDER BY c.i",

@@ -219,7 +219,7 @@ pub fn forget_landed(
                         .update(
                             "DELETE FROM redis_sync.landed
                           WHERE stream_key = $1 AND consumer_group = $2
-                            AND seq <= $3 AND NOT (ids && $4::text[])",
+                            AND seq <= $3 AND NOT (ids OPERATOR(pg_catalog.&&) $4::text[])",
                             None,
                             &[
                                 stream.as_str().into(),
@@ -267,12 +267,24 @@ pub fn insert_select(
         _ => (String::new(), String::new()),
     };
     format!(
-        "INSERT INTO {}{} ({}) SELECT {distinct}{} FROM unnest({}) WITH ORDINALITY AS u({}, ord){order}",
+        "INSERT INTO {}{} ({}) SELECT {distinct}{} FROM {}({}) WITH ORDINALITY AS u({}, ord){order}",
         route.table,
         if alias { " AS t" } else { "" },
         cols.join(", "),
         values.join(", "),
+        unnest(params.len()),
         params.join(", "),
         aliases.join(", "),
     )
+}
+
+/// The `unnest` of `args` arrays, always the built-in one: with several, Postgres itself
+/// calls `pg_catalog.unnest` for each (and refuses a qualified name); with one, the name is
+/// qualified, so no `unnest(text[])` a user made in a schema of the path can stand in.
+pub fn unnest(args: usize) -> &'static str {
+    if args == 1 {
+        "pg_catalog.unnest"
+    } else {
+        "unnest"
+    }
 }
