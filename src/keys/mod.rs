@@ -49,6 +49,8 @@ use scanner::Scanner;
 pub struct KeySync {
     pass: Option<Pass>,
     next_pass: Instant,
+    /// Another pass was asked for while one ran: it starts as soon as that one ends.
+    owed: bool,
     memory: Memory,
     /// Set when a complete pass left `memory` holding every live key of the table in scope.
     basis: Option<Basis>,
@@ -112,6 +114,7 @@ impl KeySync {
         KeySync {
             pass: None,
             next_pass: now,
+            owed: false,
             memory: Memory::default(),
             basis: None,
             number: 0,
@@ -199,6 +202,9 @@ impl KeySync {
     /// Starts the next pass now (events may have been missed).
     pub fn pass_now(&mut self, now: Instant) {
         self.next_pass = now;
+        // Asked for while a pass runs (notifications just subscribed, say: what changed in
+        // keys that pass had read already was not heard): owed after it.
+        self.owed |= self.pass.is_some();
     }
 
     /// The maker of key ids and fingerprints, for the notification thread.
@@ -256,7 +262,9 @@ impl KeySync {
             if matches!(e, SyncError::ThreadStopped(_)) {
                 self.scanner = None;
             }
-            self.next_pass = now + s.sync_interval;
+            // (A pass owed is retried as the lane's backoff allows.)
+            self.next_pass =
+                if std::mem::take(&mut self.owed) { now } else { now + s.sync_interval };
         }
         outcome
     }

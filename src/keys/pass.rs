@@ -672,7 +672,10 @@ impl KeySync {
     fn close(&mut self, s: &Settings, complete: bool, gone: usize) -> PassSummary {
         self.chunk = None;
         let Some(pass) = self.pass.take() else { return PassSummary::default() };
-        self.next_pass = pass.started + s.sync_interval;
+        // A pass asked for while this one ran is still owed: it starts now.
+        if !std::mem::take(&mut self.owed) {
+            self.next_pass = pass.started + s.sync_interval;
+        }
         shmem::bump(|c| &c.key_value_passes, 1);
         if complete {
             // Keys not seen are gone (or out of scope): forget them. The memory now holds

@@ -269,7 +269,8 @@ impl KvWriter {
 
 fn kv_upsert_sql(t: &KvTarget) -> String {
     let table = qualified(&t.schema, &t.table);
-    let expires = "CASE WHEN u.ex IS NULL THEN NULL ELSE to_timestamp(u.ex::float8 / 1000) END";
+    let expires =
+        "CASE WHEN u.ex IS NULL THEN NULL ELSE to_timestamp(u.ex::float8 / 1000::float8) END";
     format!(
         "INSERT INTO {table} AS t
                 (redis_db, redis_key, redis_value, value_type, value_encoding, expires_at, deleted_at, \"timestamp\")

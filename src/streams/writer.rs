@@ -733,7 +733,7 @@ impl StreamWriter {
                             client
                                 .update(
                                     &format!(
-                                        "UPDATE {} SET route = $1 WHERE message_id = $2 AND fields->>'stream_key' = $3",
+                                        "UPDATE {} SET route = $1 WHERE message_id = $2 AND fields->>'stream_key'::text = $3",
                                         qualified(&schema, DEAD_LETTER_TABLE)
                                     ),
                                     None,
@@ -771,7 +771,7 @@ fn insert_sql(schema: &str, stream_table: &str, overwrite: bool) -> String {
     };
     format!(
         "INSERT INTO {} (stream_key, message_id, data, \"timestamp\")
-         SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000)
+         SELECT k, m, d::jsonb, to_timestamp(ts::float8 / 1000::float8)
            FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(k, m, d, ts)
          {conflict}",
         qualified(schema, stream_table),
@@ -842,7 +842,7 @@ const DEAD_LETTER_CONFLICT: &str = "ON CONFLICT (stream_key, message_id) DO UPDA
 fn dead_letter_wrapped_sql(schema: &str) -> String {
     format!(
         "INSERT INTO {} AS d (stream_key, message_id, fields, error, sqlstate)
-         VALUES (pg_catalog.left($1, 200) || '... (' || pg_catalog.length($1) || ' characters, md5 '
+         VALUES (pg_catalog.left($1, 200) || '... (' || pg_catalog.length($1)::text || ' characters, md5 '
                  || pg_catalog.md5($1) || ')',
                  $2, pg_catalog.jsonb_build_object('stream_key', $1, 'fields', $3::jsonb), $4, $5)
          {DEAD_LETTER_CONFLICT}",
