@@ -26,7 +26,8 @@ NAME=rps-deb-test-$$
 REDIS_PID=
 cleanup() {
   podman rm -f -v "$NAME" >/dev/null 2>&1 || true
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+  # Redis writes its log as it shuts down: wait for it before removing its directory.
+  if [ -n "$REDIS_PID" ]; then kill "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT

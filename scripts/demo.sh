@@ -32,8 +32,10 @@ stop() {
   fi
   if redis_up; then
     say "stopping redis-server (pid $(cat "$DEMO_DIR/redis.pid"))"
-    kill "$(cat "$DEMO_DIR/redis.pid")"
-    for _ in $(seq 50); do redis_up || break; sleep 0.1; done
+    rpid=$(cat "$DEMO_DIR/redis.pid")
+    kill "$rpid"
+    # Gone, not only deaf: it writes its log as it shuts down.
+    for _ in $(seq 50); do kill -0 "$rpid" 2>/dev/null || break; sleep 0.1; done
   fi
   rm -rf "$DEMO_DIR"
   say "stopped and removed $DEMO_DIR"

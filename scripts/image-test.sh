@@ -48,7 +48,8 @@ REDIS_PID=
 cleanup() {
   podman rm -f -v "$NAME" >/dev/null 2>&1 || true
   podman rm -f -v "$BAD" >/dev/null 2>&1 || true
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null || true
+  # Redis writes its log as it shuts down: wait for it before removing its directory.
+  if [ -n "$REDIS_PID" ]; then kill "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
