@@ -21,7 +21,7 @@ use base64::Engine;
 pub const B64_NAME_PREFIX: &str = "$b64:";
 pub const B64_VALUE_KEY: &str = "$b64";
 
-fn plain(bytes: &[u8]) -> Option<&str> {
+pub(crate) fn plain(bytes: &[u8]) -> Option<&str> {
     if bytes.contains(&0) {
         return None;
     }
@@ -325,13 +325,23 @@ pub fn push_utc_millis(out: &mut Vec<u8>, millis: i64) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{ms:03}+00",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    );
+    let (hh, mi, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
+    if !(0..=9999).contains(&y) {
+        let _ = write!(out, "{y:04}-{m:02}-{d:02} {hh:02}:{mi:02}:{ss:02}.{ms:03}+00");
+        return;
+    }
+    // Written digit by digit: this runs for every row of a route with a `$timestamp`.
+    let mut text = *b"0000-00-00 00:00:00.000+00";
+    for (at, width, n) in
+        [(0, 4, y), (5, 2, m), (8, 2, d), (11, 2, hh), (14, 2, mi), (17, 2, ss), (20, 3, ms)]
+    {
+        let mut n = n;
+        for k in (at..at + width).rev() {
+            text[k] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    out.extend_from_slice(&text);
 }
 
 #[cfg(test)]
@@ -440,6 +450,7 @@ pub mod tests {
         assert_eq!(f(951_782_400_000), "2000-02-29 00:00:00.000+00");
         assert_eq!(f(-1), "1969-12-31 23:59:59.999+00");
         assert_eq!(f(253_402_300_799_999), "9999-12-31 23:59:59.999+00");
+        assert_eq!(f(253_402_300_800_000), "10000-01-01 00:00:00.000+00");
     }
 
     #[test]

@@ -75,13 +75,55 @@ proptest! {
     fn packed_fields_give_the_same_entry_json(
         fields in proptest::collection::vec((small_name(), bytes()), 0..8)
     ) {
-        let packed = crate::streams::writer::pack_fields(&fields);
-        let back: Vec<(Vec<u8>, Vec<u8>)> = crate::streams::writer::unpack_fields(&packed)
-            .into_iter()
-            .map(|(n, v)| (n.to_vec(), v.to_vec()))
-            .collect();
+        let packed = crate::redis::Fields::from_pairs(&fields);
+        let back: Vec<(Vec<u8>, Vec<u8>)> =
+            packed.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
         prop_assert_eq!(&back, &fields);
-        prop_assert_eq!(entry_json(&back), entry_json(&fields));
+        prop_assert_eq!(entry_json(&packed.pairs()), entry_json(&fields));
+        let first = fields.iter().find(|(n, _)| n == b"a").map(|(_, v)| v.as_slice());
+        prop_assert_eq!(packed.get(b"a"), first);
+    }
+
+    #[test]
+    fn a_route_row_written_straight_is_the_copy_text_of_its_cells(
+        fields in proptest::collection::vec((small_name(), bytes()), 0..8),
+        sources in proptest::collection::vec(
+            prop_oneof![
+                Just("a"), Just("b"), Just("$id"), Just("$stream"), Just("$timestamp"),
+                Just("$fields"),
+            ],
+            1..7,
+        ),
+        bytea in any::<bool>(),
+        stream in "\\PC{0,12}",
+        millis in any::<i64>().prop_map(|m| m % 4_000_000_000_000),
+    ) {
+        use crate::routes::mapping::{push_copy_cells, Column, ColumnType, Entry, Kind, RowMap, Source};
+        let mut columns: Vec<Column> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Column {
+                name: format!("c{i}"),
+                source: Source::parse(s, Kind::Stream).unwrap_or(Source::Id),
+                ty: ColumnType::Text,
+            })
+            .collect();
+        if bytea {
+            columns.push(Column {
+                name: "raw".into(),
+                source: Source::Field(b"b".to_vec()),
+                ty: ColumnType::Bytea,
+            });
+        }
+        let map = RowMap { route: "r".into(), columns };
+        let packed = crate::redis::Fields::from_pairs(&fields);
+        let id = format!("{}-0", millis.max(0));
+        let e = Entry { id: &id, stream: &stream, millis, fields: &packed };
+        let mut by_cells = Vec::new();
+        push_copy_cells(&mut by_cells, &map.entry_cells(&e));
+        let mut straight = Vec::new();
+        map.push_entry_copy(&mut straight, &e);
+        prop_assert_eq!(straight, by_cells);
     }
 
     #[test]

@@ -486,6 +486,60 @@ fn key_routes_upsert_changes_follow_deletes_and_leave_unchanged_rows_alone() {
     );
 }
 
+/// Keys new to the worker go to the target by COPY; a target that already has a row for one
+/// of them (as after a restart, or rows put there by hand) refuses the COPY, and those keys
+/// are upserted instead: nothing is lost, stale rows are brought up to date, and a row the
+/// target refuses is reported alone.
+#[test]
+fn a_key_routes_new_keys_land_whatever_rows_the_target_already_holds() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let pg = Cluster::start(&redis, KEYS);
+    pg.execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text, age int);
+         INSERT INTO users VALUES (2, 'stale', 1), (250, 'stale', 1), (1000, 'not in Redis', 1);
+         SELECT redis_sync_add_key_route('users', 'user:*', 'users',
+             '{\"id\": \"$key_part 1\", \"name\": \"name\", \"age\": \"age\"}', '{id}', 'ignore');",
+    );
+    let mut p = redis::pipe();
+    for i in 1..=500 {
+        let age = if i == 77 { "old".to_string() } else { i.to_string() };
+        p.cmd("HSET")
+            .arg(format!("user:{i}"))
+            .arg("name")
+            .arg(format!("n{i}"))
+            .arg("age")
+            .arg(age)
+            .ignore();
+    }
+    let _: () = p.query(&mut r).expect("HSET");
+    assert!(pg.wait_until_running());
+    // 499 keys (user:77's age is no int) and the row Redis never had.
+    pg.wait_number("SELECT count(*) FROM users WHERE name <> 'stale'", 500, T);
+    wait_for("user:77 reported", T, || {
+        pg.query_text("SELECT last_error FROM redis_sync_routes() WHERE name = 'users'")
+            .filter(|e| e.contains("user:77"))
+    });
+    assert_eq!(
+        pg.number(
+            "SELECT count(*) FROM users WHERE id BETWEEN 1 AND 500 AND name = 'n' || id AND age = id"
+        ),
+        499,
+        "every key's row as Redis has it"
+    );
+    assert_eq!(pg.number("SELECT count(*) FROM users WHERE id = 77"), 0);
+    // A key added later is new to the worker: it lands too, beside rows it knows.
+    let _: i64 = redis::cmd("HSET")
+        .arg("user:501")
+        .arg("name")
+        .arg("n501")
+        .arg("age")
+        .arg("501")
+        .query(&mut r)
+        .expect("HSET");
+    pg.wait_number("SELECT count(*) FROM users WHERE id = 501 AND name = 'n501'", 1, T);
+}
+
 #[test]
 fn a_route_that_cannot_work_is_refused_up_front_with_a_clear_error() {
     let redis = Redis::start();

@@ -55,7 +55,10 @@ impl KeySync {
                 (Found::Value { .. } | Found::Gone, Destination::Broken(_)) => {}
                 (Found::Value { fingerprint, row }, Destination::Route(route, parts)) => {
                     match routed::route_cells(&route, key, &parts, &row) {
-                        Ok(cells) => routed_rows.push((route, cells, key.clone(), id, fingerprint)),
+                        // (Always upserted: a COPY buys nothing for a few keys.)
+                        Ok(cells) => {
+                            routed_rows.push((route, cells, key.clone(), id, fingerprint, true))
+                        }
                         Err(why) => {
                             routed::report(&route.name, key, &why);
                             pending.push((id, fingerprint));

@@ -23,9 +23,16 @@ use crate::routes::Destination;
 use crate::shmem;
 use crate::streams::Learned;
 
-/// A key going to a route: the route, its row's cells, the key, its id and fingerprint.
-pub(super) type RoutedRow =
-    (std::sync::Arc<crate::routes::Route>, Vec<crate::routes::mapping::Cell>, Vec<u8>, KeyId, u64);
+/// A key going to a route: the route, its row's cells, the key, its id and fingerprint, and
+/// whether the worker's memory knows it (it wrote it before).
+pub(super) type RoutedRow = (
+    std::sync::Arc<crate::routes::Route>,
+    Vec<crate::routes::mapping::Cell>,
+    Vec<u8>,
+    KeyId,
+    u64,
+    bool,
+);
 
 /// Live keys read from the table per step of the deletion check.
 const CHECK_CHUNK: i64 = 2_000;
@@ -305,13 +312,15 @@ impl KeySync {
             }
             // One lookup per key: the memory of a million keys does not fit in a CPU cache,
             // so every lookup is a cache miss.
-            if let Some(v) = self.memory.get_mut(&id) {
-                if pass.trusted && fingerprint_of(*v) == fingerprint {
+            let known = match self.memory.get_mut(&id) {
+                Some(v) if pass.trusted && fingerprint_of(*v) == fingerprint => {
                     *v = pack(fingerprint, number);
                     pass.keys += 1;
                     continue;
                 }
-            }
+                Some(_) => true,
+                None => false,
+            };
             pass.keys += 1;
             match self.routes.destination(&key) {
                 Destination::Generic => {
@@ -323,7 +332,7 @@ impl KeySync {
                 Destination::Broken(_) => {}
                 Destination::Route(route, parts) => {
                     match routed::route_cells(&route, &key, &parts, &row) {
-                        Ok(cells) => routed_rows.push((route, cells, key, id, fingerprint)),
+                        Ok(cells) => routed_rows.push((route, cells, key, id, fingerprint, known)),
                         Err(why) => {
                             routed::report(&route.name, &key, &why);
                             pending.push((id, fingerprint));
@@ -381,17 +390,39 @@ impl KeySync {
                 None => groups.push((r.0.clone(), vec![r])),
             }
         }
+        let pass = self.pass.as_ref().map_or(0, |p| p.number);
         for (route, group) in groups {
-            let cells: Vec<Vec<crate::routes::mapping::Cell>> =
-                group.iter().map(|r| r.1.clone()).collect();
+            // Keys new to the worker go by COPY while the target takes them; the others, and
+            // all of them once the target refused a COPY this pass, by the upsert.
+            type Meta = (Vec<u8>, KeyId, u64);
+            let split =
+                |rows: Vec<RoutedRow>| -> (Vec<Meta>, Vec<Vec<crate::routes::mapping::Cell>>) {
+                    rows.into_iter()
+                        .map(|(_, cells, key, id, fp, _)| ((key, id, fp), cells))
+                        .unzip()
+                };
+            let (fresh, known): (Vec<RoutedRow>, Vec<RoutedRow>) =
+                group.into_iter().partition(|r| !r.5);
+            let (mut fresh, fresh_cells) = split(fresh);
+            let (mut upsert, mut cells) = split(known);
+            let copied = self.route_writers.copy_fresh(&route, &fresh_cells, pass);
+            if copied.is_none() {
+                upsert.append(&mut fresh);
+                cells.extend(fresh_cells);
+            }
             let mut refused = Vec::new();
             match self.route_writers.upsert_isolating(&route, &cells, 0, &mut refused) {
                 Ok(n) => {
+                    let n = n + copied.unwrap_or(0);
                     written += n;
                     for (i, e) in &refused {
-                        routed::report(&route.name, &group[*i].2, &e.to_string());
+                        routed::report(&route.name, &upsert[*i].0, &e.to_string());
                     }
-                    pending.extend(group.iter().map(|r| (r.3, r.4)));
+                    // (Keys not copied are among those upserted.)
+                    if copied.is_some() {
+                        pending.extend(fresh.iter().map(|r| (r.1, r.2)));
+                    }
+                    pending.extend(upsert.iter().map(|r| (r.1, r.2)));
                     let now = shmem::now();
                     shmem::update_route(&route.name, |s| {
                         if n > 0 {
@@ -403,6 +434,16 @@ impl KeySync {
                 Err(e) => {
                     self.route_writers.reset();
                     routed::failed(&route.name, &e.to_string());
+                    if let Some(n) = copied {
+                        // The keys copied are in the target: remembered as written.
+                        written += n;
+                        pending.extend(fresh.iter().map(|r| (r.1, r.2)));
+                        let now = shmem::now();
+                        shmem::update_route(&route.name, |s| {
+                            s.rows_landed += n as i64;
+                            s.last_landed = now;
+                        });
+                    }
                 }
             }
         }

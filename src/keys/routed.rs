@@ -175,6 +175,9 @@ struct Writer {
 #[derive(Default)]
 pub struct KeyRouteWriters {
     writers: HashMap<String, Writer>,
+    /// Routes whose target refused a COPY of keys new to the worker, with the pass it was
+    /// in: until that pass ends, their keys are upserted.
+    no_copy: HashMap<String, u16>,
 }
 
 fn cast_of(route: &Route, casts: &[String], column: &str) -> String {
@@ -337,6 +340,46 @@ fn arrays(rows: &[Vec<Cell>], width: usize) -> Vec<Vec<Option<&str>>> {
 impl KeyRouteWriters {
     pub fn reset(&mut self) {
         self.writers.clear();
+    }
+
+    /// Writes keys the worker has not written before (its memory does not know them: a
+    /// first mirror, new keys) with an in-process COPY, several times faster than the
+    /// upsert. Returns `None` when the target did not take them all (one of them has a row
+    /// already, as after a restart, which empties the memory; a refused row; a target COPY
+    /// cannot write): nothing was written, the caller upserts them, and so does every
+    /// later call of the same pass.
+    pub fn copy_fresh(
+        &mut self,
+        route: &Arc<Route>,
+        rows: &[Vec<Cell>],
+        pass: u16,
+    ) -> Option<usize> {
+        if rows.is_empty() || self.no_copy.get(&route.name) == Some(&pass) {
+            return None;
+        }
+        let mut text = Vec::with_capacity(rows.len() * 64);
+        for r in rows {
+            crate::routes::mapping::push_copy_cells(&mut text, r);
+        }
+        let names: Option<Vec<std::ffi::CString>> = route
+            .map
+            .columns
+            .iter()
+            .map(|c| std::ffi::CString::new(c.name.as_str()).ok())
+            .collect();
+        let names = names?;
+        let columns: Vec<&std::ffi::CStr> = names.iter().map(|c| c.as_c_str()).collect();
+        let copied = in_transaction(|| {
+            crate::pg::copy_rows(&route.schema, &route.relname, &columns, &[text])
+        });
+        shmem::bump(|c| &c.pg_ops, 1);
+        match copied {
+            Ok(()) => Some(rows.len()),
+            Err(_) => {
+                self.no_copy.insert(route.name.clone(), pass);
+                None
+            }
+        }
     }
 
     /// Runs `f` with the route's writer in one transaction, after the target is locked and

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
 
-use super::raw::RawConn;
+use super::raw::{RawConn, Reply};
 use super::reply::{parse_read, RawEntry};
 use crate::error::{classify_connect, Result, SyncError};
 use crate::gucs::RedisSettings;
@@ -176,6 +176,16 @@ fn tls_certificates(settings: &RedisSettings) -> Result<::redis::TlsCertificates
 /// What a read of several streams gave: each stream's key and entries.
 pub type StreamEntries = Vec<(Vec<u8>, Vec<RawEntry>)>;
 
+/// The entries of a stream read's reply.
+fn entries(reply: Reply) -> Result<StreamEntries> {
+    match reply {
+        Reply::Entries(e) => Ok(e),
+        Reply::Value(v) => {
+            parse_read(v).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+        }
+    }
+}
+
 /// One database's part of [`RedisConn::read_groups`].
 pub struct GroupRead<'a> {
     pub db: u8,
@@ -284,18 +294,42 @@ impl RedisConn {
             return Ok(Vec::new());
         }
         self.set_block(block)?;
-        let replies = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut self.conn);
+        let reads = if streams.is_empty() { Vec::new() } else { vec![pipe.len() - 1] };
+        let replies = self.query_reads(&pipe, &reads);
         self.last_check = Instant::now();
         let mut replies = replies.map_err(|e| command_error("XREADGROUP", &e))?;
         if streams.is_empty() {
             return Ok(Vec::new());
         }
-        let reply = match replies.pop() {
-            Some(Ok(v)) => v,
-            Some(Err(e)) => return Err(command_error("XREADGROUP", &e)),
-            None => return Err(SyncError::protocol("XREADGROUP", "missing reply")),
-        };
-        parse_read(reply).ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape"))
+        match replies.pop() {
+            Some(Ok(reply)) => entries(reply),
+            Some(Err(e)) => Err(command_error("XREADGROUP", &e)),
+            None => Err(SyncError::protocol("XREADGROUP", "missing reply")),
+        }
+    }
+
+    /// Sends `pipe` (whose errors are ignored) and reads every reply; those at the indices in
+    /// `reads` are stream reads, which a connection of our own parses straight into entries.
+    fn query_reads(
+        &mut self,
+        pipe: &::redis::Pipeline,
+        reads: &[usize],
+    ) -> ::redis::RedisResult<Vec<::redis::RedisResult<Reply>>> {
+        match &mut self.conn {
+            Link::Raw(c) => Ok(c
+                .pipeline(&pipe.get_packed_pipeline(), pipe.len(), reads)?
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Value(Value::ServerError(e)) => Err(e.into()),
+                    other => Ok(other),
+                })
+                .collect()),
+            Link::Library(c) => Ok(pipe
+                .query::<Vec<::redis::RedisResult<Value>>>(c)?
+                .into_iter()
+                .map(|r| r.map(Reply::Value))
+                .collect()),
+        }
     }
 
     /// Reads of several databases in one pipelined round trip (none of them blocks): for
@@ -346,9 +380,10 @@ impl RedisConn {
             selects.push(n);
         }
         self.set_block(None)?;
-        let replies = pipe.query::<Vec<::redis::RedisResult<Value>>>(&mut self.conn);
+        let read_at: Vec<usize> = reads.iter().flatten().copied().collect();
+        let replies = self.query_reads(&pipe, &read_at);
         self.last_check = Instant::now();
-        let mut replies: Vec<Option<::redis::RedisResult<Value>>> =
+        let mut replies: Vec<Option<::redis::RedisResult<Reply>>> =
             replies.map_err(|e| command_error("XREADGROUP", &e))?.into_iter().map(Some).collect();
         for i in selects {
             if let Some(Some(Err(e))) = replies.get(i) {
@@ -364,8 +399,7 @@ impl RedisConn {
             .map(|i| {
                 let Some(i) = i else { return Ok(Vec::new()) };
                 match replies.get_mut(i).and_then(Option::take) {
-                    Some(Ok(v)) => parse_read(v)
-                        .ok_or_else(|| SyncError::protocol("XREADGROUP", "unexpected reply shape")),
+                    Some(Ok(reply)) => entries(reply),
                     Some(Err(e)) => Err(command_error("XREADGROUP", &e)),
                     None => Err(SyncError::protocol("XREADGROUP", "missing reply")),
                 }

@@ -3,6 +3,7 @@
 //!
 //! - `conn`: opening connections (TLS, AUTH, timeouts) and the reader's blocking read
 //! - `commands`: the commands of discovery, groups, acknowledgements, key-value passes
+//! - `fields`: a stream entry's fields in one buffer
 //! - `raw`: the plain-TCP connection of reads and passes, with a reply parser of its own
 //! - `reply`: pure parsing of the replies
 //!
@@ -11,6 +12,7 @@
 
 mod commands;
 mod conn;
+mod fields;
 mod raw;
 mod reply;
 mod values;
@@ -27,8 +29,9 @@ use crate::gucs::RedisSettings;
 use crate::ratelimit::{Budget, Lane};
 
 pub use commands::Databases;
-pub use conn::{open_connection, GroupRead, RedisConn};
-pub use reply::{bulk_list, KeyMeta, RawEntry, StreamInfo};
+pub use conn::{open_connection, GroupRead, RedisConn, StreamEntries};
+pub use fields::Fields;
+pub use reply::{bulk_list, KeyMeta, StreamInfo};
 
 use conn::command_error;
 

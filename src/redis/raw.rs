@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use ::redis::{ConnectionLike, RedisError, RedisResult, Value};
 
+use super::conn::StreamEntries;
+use super::fields::Fields;
+use super::reply::RawEntry;
+
 /// Deepest nesting of arrays accepted (a stream read is three deep).
 const MAX_DEPTH: usize = 16;
 
@@ -120,6 +124,34 @@ impl RawConn {
         v
     }
 
+    /// Sends a pipeline of `count` commands and reads every reply, those at the indices in
+    /// `reads` (`XREADGROUP`s) as stream reads; an error reply is a value, as with a pipeline
+    /// that ignores errors. An I/O or protocol error closes the connection.
+    pub fn pipeline(
+        &mut self,
+        cmd: &[u8],
+        count: usize,
+        reads: &[usize],
+    ) -> RedisResult<Vec<Reply>> {
+        self.send(cmd)?;
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let reply = if reads.contains(&i) {
+                read_entries(&mut self.reader, &mut self.line)
+            } else {
+                read_value(&mut self.reader, &mut self.line, 0).map(Reply::Value)
+            };
+            match reply {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    self.close();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn close(&mut self) {
         self.open = false;
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
@@ -146,6 +178,117 @@ fn number(digits: &[u8]) -> RedisResult<i64> {
         .ok_or_else(|| invalid("a reply length or integer that is not a number"))
 }
 
+/// Hands the `len` bytes of a bulk string (its header read) to `sink` as they come from the
+/// buffer, then checks its CRLF.
+fn copy_bulk<R: BufRead>(r: &mut R, len: usize, mut sink: impl FnMut(&[u8])) -> RedisResult<()> {
+    let mut left = len;
+    while left > 0 {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        let take = chunk.len().min(left);
+        sink(&chunk[..take]);
+        r.consume(take);
+        left -= take;
+    }
+    let mut end = [0u8; 2];
+    r.read_exact(&mut end)?;
+    if &end != b"\r\n" {
+        return Err(invalid("a bulk string without CRLF"));
+    }
+    Ok(())
+}
+
+/// The length in a header line of `kind` (`*` or `$`); `None` for a nil (-1).
+fn header<R: BufRead>(r: &mut R, line: &mut Vec<u8>, kind: u8) -> RedisResult<Option<usize>> {
+    read_line(r, line)?;
+    match line.split_first() {
+        Some((&k, rest)) if k == kind => {
+            let len = number(rest)?;
+            if len < 0 {
+                return Ok(None);
+            }
+            usize::try_from(len).map(Some).map_err(|_| invalid("a length"))
+        }
+        _ => Err(invalid("a stream read reply of an unexpected shape")),
+    }
+}
+
+/// A bulk string that must be there (a stream's key, an entry's ID).
+fn bulk<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<Vec<u8>> {
+    let len = header(r, line, b'$')?.ok_or_else(|| invalid("a nil where a string belongs"))?;
+    let mut bytes = Vec::with_capacity(len.min(1 << 20));
+    copy_bulk(r, len, |chunk| bytes.extend_from_slice(chunk))?;
+    Ok(bytes)
+}
+
+/// One reply of [`RawConn::pipeline`]: a stream read's entries, parsed straight from the
+/// socket's buffer (each entry's fields into one [`Fields`] buffer, no value tree), or any
+/// other reply as a value (an error reply of a read too).
+#[derive(Debug)]
+pub enum Reply {
+    Value(Value),
+    Entries(StreamEntries),
+}
+
+/// Reads the reply of an `XREADGROUP` (RESP2): nil, or for each stream its key and entries,
+/// each entry its ID and its fields (nil for an entry deleted while pending).
+pub fn read_entries<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<Reply> {
+    read_line(r, line)?;
+    let streams = match line.split_first() {
+        Some((b'-', _)) => {
+            line.extend_from_slice(b"\r\n");
+            return ::redis::parse_redis_value(line).map(Reply::Value);
+        }
+        Some((b'*' | b'$', rest)) => match number(rest)? {
+            n if n < 0 => return Ok(Reply::Entries(Vec::new())),
+            n => usize::try_from(n).map_err(|_| invalid("an array length"))?,
+        },
+        _ => return Err(invalid("a stream read reply of an unexpected shape")),
+    };
+    if line.first() == Some(&b'$') {
+        return Err(invalid("a stream read reply of an unexpected shape"));
+    }
+    let mut out = Vec::with_capacity(streams.min(1 << 16));
+    for _ in 0..streams {
+        if header(r, line, b'*')? != Some(2) {
+            return Err(invalid("a stream read reply of an unexpected shape"));
+        }
+        let key = bulk(r, line)?;
+        let n = header(r, line, b'*')?.unwrap_or(0);
+        let mut entries = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            if header(r, line, b'*')? != Some(2) {
+                return Err(invalid("a stream entry of an unexpected shape"));
+            }
+            let id = bulk(r, line)?;
+            // (An entry ID is ASCII: taken, not copied.)
+            let id = String::from_utf8(id)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+            let fields = match header(r, line, b'*')? {
+                None => None,
+                Some(parts) if parts % 2 == 0 => {
+                    let mut fields = Fields::with_capacity(parts * 12);
+                    for _ in 0..parts {
+                        let len = header(r, line, b'$')?
+                            .ok_or_else(|| invalid("a nil where a string belongs"))?;
+                        let len32 =
+                            u32::try_from(len).map_err(|_| invalid("a field over 4 GiB"))?;
+                        fields.begin_part(len32);
+                        copy_bulk(r, len, |chunk| fields.extend_part(chunk))?;
+                    }
+                    Some(fields)
+                }
+                Some(_) => return Err(invalid("an entry with a name but no value")),
+            };
+            entries.push(RawEntry { id, fields });
+        }
+        out.push((key, entries));
+    }
+    Ok(Reply::Entries(out))
+}
+
 /// Reads one RESP2 value.
 pub fn read_value<R: BufRead>(r: &mut R, line: &mut Vec<u8>, depth: usize) -> RedisResult<Value> {
     if depth > MAX_DEPTH {
@@ -165,20 +308,7 @@ pub fn read_value<R: BufRead>(r: &mut R, line: &mut Vec<u8>, depth: usize) -> Re
             // Copied from the buffer as it fills (no zeroed allocation to read into); grown as
             // the bytes come, so a wrong length cannot ask for memory up front.
             let mut bytes = Vec::with_capacity(len.min(1 << 20));
-            while bytes.len() < len {
-                let chunk = r.fill_buf()?;
-                if chunk.is_empty() {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
-                }
-                let take = chunk.len().min(len - bytes.len());
-                bytes.extend_from_slice(&chunk[..take]);
-                r.consume(take);
-            }
-            let mut end = [0u8; 2];
-            r.read_exact(&mut end)?;
-            if &end != b"\r\n" {
-                return Err(invalid("a bulk string without CRLF"));
-            }
+            copy_bulk(r, len, |chunk| bytes.extend_from_slice(chunk))?;
             Ok(Value::BulkString(bytes))
         }
         b'*' => {
@@ -330,6 +460,98 @@ mod tests {
         assert_eq!(again.code(), None, "a lost connection, not a Redis error: {again}");
         drop(c);
         server.join().expect("server");
+    }
+
+    type Stream = (Vec<u8>, Vec<(String, Option<Vec<(Vec<u8>, Vec<u8>)>>)>);
+
+    fn resp_bulk(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+        out.extend_from_slice(b);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The RESP2 bytes Redis sends for an XREADGROUP that found `streams`.
+    fn read_reply(streams: &[Stream]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", streams.len()).into_bytes();
+        for (key, entries) in streams {
+            out.extend_from_slice(b"*2\r\n");
+            resp_bulk(&mut out, key);
+            out.extend_from_slice(format!("*{}\r\n", entries.len()).as_bytes());
+            for (id, fields) in entries {
+                out.extend_from_slice(b"*2\r\n");
+                resp_bulk(&mut out, id.as_bytes());
+                match fields {
+                    None => out.extend_from_slice(b"*-1\r\n"),
+                    Some(fields) => {
+                        out.extend_from_slice(format!("*{}\r\n", fields.len() * 2).as_bytes());
+                        for (n, v) in fields {
+                            resp_bulk(&mut out, n);
+                            resp_bulk(&mut out, v);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn entries_of(bytes: &[u8], capacity: usize) -> RedisResult<Reply> {
+        let mut r = std::io::BufReader::with_capacity(capacity, bytes);
+        read_entries(&mut r, &mut Vec::new())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_stream_read_parsed_straight_is_the_library_values_parsed(
+            streams in proptest::collection::vec(
+                (
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12),
+                    proptest::collection::vec(
+                        (
+                            "[0-9]{1,13}-[0-9]{1,3}",
+                            proptest::option::of(proptest::collection::vec(
+                                (
+                                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+                                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                                ),
+                                0..5,
+                            )),
+                        ),
+                        0..6,
+                    ),
+                ),
+                0..4,
+            ),
+            capacity in 1usize..64,
+        ) {
+            let bytes = read_reply(&streams);
+            let by_values = super::super::reply::parse_read(parse(&bytes).expect("a value"))
+                .expect("a read reply");
+            let Ok(Reply::Entries(straight)) = entries_of(&bytes, capacity) else {
+                return Err(proptest::test_runner::TestCaseError::fail("not entries"));
+            };
+            proptest::prop_assert_eq!(straight, by_values);
+        }
+    }
+
+    #[test]
+    fn a_stream_read_reply_of_another_shape_is_an_error_not_entries() {
+        assert!(matches!(entries_of(b"*-1\r\n", 8), Ok(Reply::Entries(e)) if e.is_empty()));
+        let refused = entries_of(b"-NOGROUP No such key\r\n", 8);
+        assert!(
+            matches!(&refused, Ok(Reply::Value(Value::ServerError(e))) if e.code() == "NOGROUP"),
+            "{refused:?}"
+        );
+        for reply in [
+            &b":1\r\n"[..],
+            b"$3\r\nabc\r\n",
+            b"*1\r\n*3\r\n$1\r\ns\r\n*0\r\n*0\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*1\r\n$1\r\na\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$-1\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$4\r\nab",
+        ] {
+            assert!(entries_of(reply, 8).is_err(), "{reply:?}");
+        }
     }
 
     #[test]

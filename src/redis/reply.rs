@@ -3,12 +3,14 @@
 
 use ::redis::Value;
 
+use super::fields::Fields;
+
 /// One stream entry as read: its ID and its fields, or `None` when the entry was deleted
 /// while it sat in the pending list (Redis then returns no fields).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawEntry {
     pub id: String,
-    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub fields: Option<Fields>,
 }
 
 /// What a pass learns about a key: its type (`none` when gone), absolute expiry in Unix
@@ -147,26 +149,23 @@ fn parse_entry(v: Value) -> Option<RawEntry> {
     };
     let fields = match fields {
         Value::Nil => None,
-        Value::Array(flat) => {
-            let mut out = Vec::with_capacity(flat.len() / 2);
-            let mut it = flat.into_iter();
-            while let (Some(n), Some(v)) = (it.next(), it.next()) {
-                match (n, v) {
-                    (Value::BulkString(n), Value::BulkString(v)) => out.push((n, v)),
-                    _ => return None,
-                }
+        Value::Array(flat) if flat.len() % 2 == 0 => {
+            let mut out = Fields::default();
+            for part in &flat {
+                let Value::BulkString(b) = part else { return None };
+                out.push_part(b);
             }
             Some(out)
         }
-        Value::Map(pairs) => Some(
-            pairs
-                .into_iter()
-                .map(|(n, v)| match (n, v) {
-                    (Value::BulkString(n), Value::BulkString(v)) => Some((n, v)),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?,
-        ),
+        Value::Map(pairs) => {
+            let mut out = Fields::default();
+            for (n, v) in &pairs {
+                let (Value::BulkString(n), Value::BulkString(v)) = (n, v) else { return None };
+                out.push_part(n);
+                out.push_part(v);
+            }
+            Some(out)
+        }
         _ => return None,
     };
     Some(RawEntry { id, fields })
@@ -275,7 +274,7 @@ mod tests {
         let got = parse_read(reply).expect("parsed");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, b"s1");
-        assert_eq!(got[0].1[0].fields, Some(vec![(b"a".to_vec(), b"\xff".to_vec())]));
+        assert_eq!(got[0].1[0].fields, Some(Fields::from_pairs(&[(b"a", b"\xff")])));
         assert_eq!(got[0].1[1], RawEntry { id: "2-0".into(), fields: None });
         assert_eq!(parse_read(Value::Nil), Some(vec![]));
         assert_eq!(parse_read(Value::Int(3)), None);

@@ -124,7 +124,7 @@ pub struct Entry<'a> {
     /// The stream's stored name.
     pub stream: &'a str,
     pub millis: i64,
-    pub fields: &'a [(Vec<u8>, Vec<u8>)],
+    pub fields: &'a crate::redis::Fields,
 }
 
 /// A key, as the key-value worker has it: its name, the parts its pattern matched, its
@@ -172,14 +172,42 @@ impl RowMap {
         self.columns
             .iter()
             .map(|c| match &c.source {
-                Source::Field(name) => field(e.fields, name).map(|v| bytes_cell(v, c.ty)),
+                Source::Field(name) => e.fields.get(name).map(|v| bytes_cell(v, c.ty)),
                 Source::Id => Some(e.id.to_owned()),
                 Source::Stream => Some(e.stream.to_owned()),
                 Source::Timestamp => Some(millis_cell(e.millis)),
-                Source::Fields => Some(entry_json(e.fields)),
+                Source::Fields => Some(entry_json(&e.fields.pairs())),
                 Source::Key | Source::KeyPart(_) | Source::Value | Source::ExpiresAt => None,
             })
             .collect()
+    }
+
+    /// Appends a stream entry's row of COPY text: the same text as [`push_copy_cells`] of
+    /// [`RowMap::entry_cells`], written straight (no cell is made for the common columns).
+    pub fn push_entry_copy(&self, out: &mut Vec<u8>, e: &Entry<'_>) {
+        for (i, c) in self.columns.iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            match &c.source {
+                Source::Field(name) => match e.fields.get(name) {
+                    None => out.extend_from_slice(b"\\N"),
+                    Some(v) => match (c.ty, crate::encode::plain(v)) {
+                        (ColumnType::Text, Some(text)) => push_copy_field(out, text),
+                        _ => push_copy_field(out, &bytes_cell(v, c.ty)),
+                    },
+                },
+                Source::Id => push_copy_field(out, e.id),
+                Source::Stream => push_copy_field(out, e.stream),
+                // (Digits, dashes, colons, a dot and a plus: nothing to escape.)
+                Source::Timestamp => push_utc_millis(out, e.millis),
+                Source::Fields => push_copy_field(out, &entry_json(&e.fields.pairs())),
+                Source::Key | Source::KeyPart(_) | Source::Value | Source::ExpiresAt => {
+                    out.extend_from_slice(b"\\N")
+                }
+            }
+        }
+        out.push(b'\n');
     }
 
     /// The cells of a key's row, in column order.
@@ -199,7 +227,8 @@ impl RowMap {
     }
 }
 
-/// Appends one row of COPY text (NULL as `\N`).
+/// Appends one row of COPY text (NULL as `\N`): what [`RowMap::push_entry_copy`] writes
+/// straight.
 pub fn push_copy_cells(out: &mut Vec<u8>, cells: &[Cell]) {
     for (i, cell) in cells.iter().enumerate() {
         if i > 0 {
@@ -284,11 +313,11 @@ mod tests {
             ],
             Kind::Stream,
         );
-        let fields = vec![
+        let fields = crate::redis::Fields::from_pairs(&[
             (b"hr".to_vec(), b"72".to_vec()),
             (b"blob".to_vec(), vec![0u8, 0xff]),
             (b"note".to_vec(), b"a\tb".to_vec()),
-        ];
+        ]);
         let e = Entry {
             id: "1700000000000-0",
             stream: "biosignal-1",
@@ -309,6 +338,9 @@ mod tests {
         assert!(text
             .starts_with("biosignal-1\t72\t2023-11-14 22:13:20.000+00\t1700000000000-0\t\\N\t{"));
         assert!(text.ends_with("\t\\\\x00ff\n"), "{text}");
+        let mut direct = Vec::new();
+        m.push_entry_copy(&mut direct, &e);
+        assert_eq!(String::from_utf8(direct).expect("utf8"), text, "written straight, the same");
     }
 
     #[test]

@@ -12,14 +12,13 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::writer::{pack_fields, StreamRow};
-use crate::encode::{entry_id_millis, entry_json, push_copy_field, push_utc_millis};
+use super::writer::StreamRow;
+use crate::encode::{entry_id_millis, entry_json};
 use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{GroupRead, RedisConn, SharedBudget};
-use crate::routes::mapping::{push_copy_cells, Entry};
+use crate::redis::{Fields, GroupRead, RedisConn, SharedBudget};
 
 /// Entries to acknowledge: stream key and IDs.
 pub type Acks = Vec<(Vec<u8>, Vec<String>)>;
@@ -343,39 +342,37 @@ fn fix_groups(c: &mut RedisConn, req: &ReadRequest) -> Result<Vec<(Vec<u8>, Grou
     Ok(fixes)
 }
 
-fn batches(
-    req: &ReadRequest,
-    reply: Vec<(Vec<u8>, Vec<crate::redis::RawEntry>)>,
-) -> Vec<StreamBatch> {
+fn batches(req: &ReadRequest, reply: crate::redis::StreamEntries) -> Vec<StreamBatch> {
     reply
         .into_iter()
         .map(|(key, entries)| {
             let asked = req.streams.iter().find(|s| s.key == key);
-            let stream_key = asked.map_or("", |s| s.stream_key.as_str());
-            let map = asked.and_then(|s| s.map.as_deref());
+            let stream_key: Arc<str> = Arc::from(asked.map_or("", |s| s.stream_key.as_str()));
+            let map = asked.and_then(|s| s.map.clone());
             let mut batch =
                 StreamBatch { ids: Vec::with_capacity(entries.len()), ..Default::default() };
+            batch.rows.reserve(entries.len());
+            // (Room for rows of a few short fields, so that a read's text is seldom moved.)
+            batch.copy.reserve(entries.len() * 96);
             for e in entries {
-                if let Some(fields) = &e.fields {
+                if let Some(fields) = e.fields {
                     let millis = entry_id_millis(&e.id).unwrap_or(0);
-                    let cells = map.map_or_else(Vec::new, |m| {
-                        m.entry_cells(&Entry { id: &e.id, stream: stream_key, millis, fields })
-                    });
-                    // A route's row keeps its fields packed (for a dead letter), not as JSON.
-                    let (data, packed) = if map.is_some() {
-                        (String::new(), pack_fields(fields))
+                    // A route's row keeps its fields (its COPY text is written from them), the
+                    // stream table's row its JSON text.
+                    let (data, fields) = if map.is_some() {
+                        (String::new(), fields)
                     } else {
-                        (entry_json(fields), Vec::new())
+                        (entry_json(&fields.pairs()), Fields::default())
                     };
                     let row = StreamRow {
-                        stream_key: stream_key.to_owned(),
+                        stream_key: stream_key.clone(),
                         message_id: e.id.clone(),
                         data,
                         millis,
-                        cells,
-                        packed,
+                        map: map.clone(),
+                        fields,
                     };
-                    push_copy_row(&mut batch.copy, &row);
+                    row.push_copy(&mut batch.copy);
                     batch.rows.push(row);
                 } else {
                     batch.trimmed += 1;
@@ -392,26 +389,9 @@ fn batches(
 pub fn copy_text(rows: &[StreamRow]) -> Vec<u8> {
     let mut out = Vec::new();
     for r in rows {
-        push_copy_row(&mut out, r);
+        r.push_copy(&mut out);
     }
     out
-}
-
-/// A row's line of COPY text: the route's columns when it goes to a route, else the stream
-/// table's (stream_key, message_id, data, timestamp).
-fn push_copy_row(out: &mut Vec<u8>, row: &StreamRow) {
-    if !row.cells.is_empty() {
-        push_copy_cells(out, &row.cells);
-        return;
-    }
-    push_copy_field(out, &row.stream_key);
-    out.push(b'\t');
-    push_copy_field(out, &row.message_id);
-    out.push(b'\t');
-    push_copy_field(out, &row.data);
-    out.push(b'\t');
-    push_utc_millis(out, row.millis);
-    out.push(b'\n');
 }
 
 /// Ends the reads now blocked in Redis (on the readers' connections) at once, from a

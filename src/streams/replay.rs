@@ -208,7 +208,7 @@ fn insert_through_route(
         id: &d.message_id,
         stream: &d.stream_key,
         millis,
-        fields: &fields,
+        fields: &crate::redis::Fields::from_pairs(&fields),
     };
     let cells = route.map.entry_cells(&entry);
     let sql = crate::streams::route_insert_sql(route, &route.casts);

@@ -813,7 +813,7 @@ impl StreamSync {
         let held: HashSet<(&str, &str)> = held
             .iter()
             .filter_map(|&i| rows.get(i))
-            .map(|r| (r.stream_key.as_str(), r.message_id.as_str()))
+            .map(|r| (&*r.stream_key, r.message_id.as_str()))
             .collect();
         for (i, ids) in &mut acks {
             let t = &mut self.streams[*i];
@@ -831,7 +831,7 @@ impl StreamSync {
         let settled: HashSet<(&str, &str)> = settled
             .iter()
             .filter_map(|&i| rows.get(i))
-            .map(|r| (r.stream_key.as_str(), r.message_id.as_str()))
+            .map(|r| (&*r.stream_key, r.message_id.as_str()))
             .collect();
         let mut handled = 0;
         for (i, ids) in &acks {
@@ -1002,7 +1002,7 @@ mod tests {
             }
             let (bad, good): (Vec<_>, Vec<_>) =
                 rows.iter().map(|r| r.message_id.clone()).partition(|id| self.bad.contains(id));
-            let proven = rows.iter().all(|r| proven.contains(&r.stream_key));
+            let proven = rows.iter().all(|r| proven.iter().any(|p| **p == *r.stream_key));
             if good.is_empty() && !bad.is_empty() && !proven {
                 return Err(SyncError::Refused {
                     sqlstate: pgrx::PgSqlErrorCode::ERRCODE_RAISE_EXCEPTION,
@@ -1045,8 +1045,8 @@ mod tests {
                     message_id: i.to_string(),
                     data: "{}".into(),
                     millis: 0,
-                    cells: Vec::new(),
-                    packed: Vec::new(),
+                    map: None,
+                    fields: Default::default(),
                 })
                 .collect(),
             copy: Vec::new(),

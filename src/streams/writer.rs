@@ -9,12 +9,15 @@ use pgrx::{PgBuiltInOids, PgOid};
 use std::ffi::CString;
 use std::sync::Arc;
 
+use crate::encode::{push_copy_field, push_utc_millis};
 use crate::error::{Result, SyncError};
 use crate::pg::ddl::{
     ensure_route_dead_letters, ensure_stream_tables, qualified, DEAD_LETTER_TABLE,
 };
 use crate::pg::{copy_into, copy_rows, in_transaction, spi_err};
-use crate::routes::{Conflict, Route};
+use crate::redis::Fields;
+use crate::routes::mapping::{Cell, Entry};
+use crate::routes::{Conflict, Route, RowMap};
 use crate::shmem;
 
 /// What a write did with its rows, by index: `held` refused with no room for dead letters
@@ -30,54 +33,62 @@ pub struct Written {
     pub dead: usize,
 }
 
-/// One stream entry ready for the stream table.
+/// One stream entry ready for the stream table, or for a route's target.
 #[derive(Debug, Clone)]
 pub struct StreamRow {
-    pub stream_key: String,
+    pub stream_key: Arc<str>,
     pub message_id: String,
     /// The `data` object as JSON text (see `encode::entry_json`); empty for a route's row,
-    /// whose fields are kept packed in `packed` instead (only a dead letter needs them).
+    /// whose fields are kept in `fields` instead.
     pub data: String,
     /// Milliseconds of the entry ID.
     pub millis: i64,
-    /// The values of a route's columns, when the entry goes to a route (empty otherwise).
-    pub cells: Vec<crate::routes::mapping::Cell>,
-    /// A route's row: the entry's fields, packed by [`pack_fields`].
-    pub packed: Vec<u8>,
+    /// The route's mapping, when the entry goes to a route: the row's COPY text is written
+    /// from `fields` straight, its cells made only when a statement needs them.
+    pub map: Option<Arc<RowMap>>,
+    /// A route's row: the entry's fields (also a dead letter's).
+    pub fields: Fields,
 }
 
 impl StreamRow {
     /// The `data` object as JSON text: the stream table's column, a dead letter's fields.
     pub fn data_json(&self) -> std::borrow::Cow<'_, str> {
-        if self.packed.is_empty() {
+        if self.map.is_none() {
             return std::borrow::Cow::Borrowed(&self.data);
         }
-        std::borrow::Cow::Owned(crate::encode::entry_json(&unpack_fields(&self.packed)))
+        std::borrow::Cow::Owned(crate::encode::entry_json(&self.fields.pairs()))
     }
-}
 
-/// An entry's fields in one buffer: each name and value as a 4-byte length and its bytes
-/// (one allocation, where the JSON text would take a dozen).
-pub fn pack_fields(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let size = fields.iter().map(|(n, v)| 8 + n.len() + v.len()).sum();
-    let mut out = Vec::with_capacity(size);
-    for part in fields.iter().flat_map(|(n, v)| [n, v]) {
-        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        out.extend_from_slice(part);
+    fn entry(&self) -> Entry<'_> {
+        Entry {
+            id: &self.message_id,
+            stream: &self.stream_key,
+            millis: self.millis,
+            fields: &self.fields,
+        }
     }
-    out
-}
 
-/// The fields [`pack_fields`] packed.
-pub fn unpack_fields(mut packed: &[u8]) -> Vec<(&[u8], &[u8])> {
-    let mut parts = Vec::new();
-    while let Some((len, rest)) = packed.split_first_chunk::<4>() {
-        let len = (u32::from_le_bytes(*len) as usize).min(rest.len());
-        let (part, rest) = rest.split_at(len);
-        parts.push(part);
-        packed = rest;
+    /// The values of the route's columns (empty for the stream table's row).
+    pub fn cells(&self) -> Vec<Cell> {
+        self.map.as_ref().map_or_else(Vec::new, |m| m.entry_cells(&self.entry()))
     }
-    parts.chunks_exact(2).map(|p| (p[0], p[1])).collect()
+
+    /// Appends the row's line of COPY text: the route's columns when it goes to a route,
+    /// else the stream table's (stream_key, message_id, data, timestamp).
+    pub fn push_copy(&self, out: &mut Vec<u8>) {
+        if let Some(m) = &self.map {
+            m.push_entry_copy(out, &self.entry());
+            return;
+        }
+        push_copy_field(out, &self.stream_key);
+        out.push(b'\t');
+        push_copy_field(out, &self.message_id);
+        out.push(b'\t');
+        push_copy_field(out, &self.data);
+        out.push(b'\t');
+        push_utc_millis(out, self.millis);
+        out.push(b'\n');
+    }
 }
 
 /// What the statements were prepared for; a change re-prepares them.
@@ -326,7 +337,7 @@ impl StreamWriter {
         };
         let mut by_stream: Vec<(&str, String)> = Vec::new();
         for r in rows {
-            match by_stream.iter_mut().find(|(k, _)| *k == r.stream_key) {
+            match by_stream.iter_mut().find(|(k, _)| **k == *r.stream_key) {
                 Some((_, ids)) => {
                     ids.push(' ');
                     ids.push_str(&r.message_id);
@@ -417,9 +428,9 @@ impl StreamWriter {
         let mut index = Vec::new();
         let (mut keys, mut ids, mut fields) = (Vec::new(), Vec::new(), Vec::new());
         for (i, r) in rows.iter().enumerate() {
-            if streams.contains(&r.stream_key) {
+            if streams.iter().any(|s| **s == *r.stream_key) {
                 index.push(i);
-                keys.push(r.stream_key.as_str());
+                keys.push(&*r.stream_key);
                 ids.push(r.message_id.as_str());
                 fields.push(r.data.as_str());
             }
@@ -499,7 +510,7 @@ impl StreamWriter {
             Err(e) if e.is_row_level() => e,
             Err(e) => return Err(e),
         };
-        let proven = rows.iter().all(|r| self.proven.contains(&r.stream_key));
+        let proven = rows.iter().all(|r| self.proven.iter().any(|p| **p == *r.stream_key));
         let mut refused = Vec::new();
         if proven {
             if rows.len() == 1 {
@@ -644,7 +655,7 @@ impl StreamWriter {
             return self.insert_route_rows(&route, rows);
         }
         let stmt = self.insert.as_ref().ok_or_else(crate::pg::not_prepared)?;
-        let keys: Vec<&str> = rows.iter().map(|r| r.stream_key.as_str()).collect();
+        let keys: Vec<&str> = rows.iter().map(|r| &*r.stream_key).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
         let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
         let millis: Vec<i64> = rows.iter().map(|r| r.millis).collect();
@@ -666,10 +677,11 @@ impl StreamWriter {
     /// nothing under `conflict = 'nothing'`); every row counts as landed.
     fn insert_route_rows(&mut self, route: &Route, rows: &[StreamRow]) -> Result<usize> {
         let n = route.map.columns.len();
+        let cells: Vec<Vec<Cell>> = rows.iter().map(StreamRow::cells).collect();
         let mut arrays: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(rows.len()); n];
-        for r in rows {
+        for r in &cells {
             for (k, array) in arrays.iter_mut().enumerate() {
-                array.push(r.cells.get(k).and_then(|c| c.as_deref()));
+                array.push(r.get(k).and_then(|c| c.as_deref()));
             }
         }
         let all: Vec<&StreamRow> = rows.iter().collect();
@@ -697,7 +709,7 @@ impl StreamWriter {
         let route = self.target.as_ref().and_then(Target::route).map(|r| r.name.clone());
         let sqlstate = crate::error::sqlstate_text(err.sqlstate());
         let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
-            row.stream_key.as_str().into(),
+            (&*row.stream_key).into(),
             row.message_id.as_str().into(),
             row.data_json().as_ref().into(),
             err.to_string().into(),
@@ -737,7 +749,7 @@ impl StreamWriter {
                                         qualified(&schema, DEAD_LETTER_TABLE)
                                     ),
                                     None,
-                                    &[r.as_str().into(), row.message_id.as_str().into(), row.stream_key.as_str().into()],
+                                    &[r.as_str().into(), row.message_id.as_str().into(), (&*row.stream_key).into()],
                                 )
                                 .map_err(spi_err)?;
                         }
