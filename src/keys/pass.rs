@@ -24,7 +24,8 @@ use crate::shmem;
 use crate::streams::Learned;
 
 /// A key going to a route: the route, its row's cells, the key, its id and fingerprint, and
-/// whether the worker's memory knows it (it wrote it before).
+/// whether it is upserted (the worker's memory knows it, or a notification brought it)
+/// rather than tried with a COPY.
 pub(super) type RoutedRow = (
     std::sync::Arc<crate::routes::Route>,
     Vec<crate::routes::mapping::Cell>,
@@ -391,6 +392,9 @@ impl KeySync {
             }
         }
         let pass = self.pass.as_ref().map_or(0, |p| p.number);
+        // With the memory full, keys it cannot hold look new at every pass though their rows
+        // are there: no COPY is tried that would only be rolled back.
+        let full = self.pass.as_ref().is_none_or(|p| self.memory.len() >= p.cap);
         for (route, group) in groups {
             // Keys new to the worker go by COPY while the target takes them; the others, and
             // all of them once the target refused a COPY this pass, by the upsert.
@@ -405,7 +409,8 @@ impl KeySync {
                 group.into_iter().partition(|r| !r.5);
             let (mut fresh, fresh_cells) = split(fresh);
             let (mut upsert, mut cells) = split(known);
-            let copied = self.route_writers.copy_fresh(&route, &fresh_cells, pass);
+            let copied =
+                if full { None } else { self.route_writers.copy_fresh(&route, &fresh_cells, pass) };
             if copied.is_none() {
                 upsert.append(&mut fresh);
                 cells.extend(fresh_cells);

@@ -43,13 +43,19 @@ impl Fields {
 
     /// Starts a part of `len` bytes, to be filled by [`Fields::extend_part`].
     pub fn begin_part(&mut self, len: u32) {
-        self.packed.reserve(4 + len as usize);
+        // (Grown as the bytes come beyond 1 MiB: a wrong length asks for no memory up front.)
+        self.packed.reserve(4 + (len as usize).min(1 << 20));
         self.packed.extend_from_slice(&len.to_le_bytes());
     }
 
     /// Appends bytes of the part begun last.
     pub fn extend_part(&mut self, bytes: &[u8]) {
         self.packed.extend_from_slice(bytes);
+    }
+
+    /// The size of the buffer, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.packed.len()
     }
 
     /// The (name, value) pairs in order; a name without a value (never made here) is left

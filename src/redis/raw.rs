@@ -1,11 +1,12 @@
 //! A plain-TCP connection to Redis with a reply parser of its own, for the worker's reads and
 //! passes: a stream read of a thousand entries is some thirteen thousand RESP values, and the
 //! client library's general parser (built for partial, asynchronous input) spent most of a
-//! stream reader's time on them. This one reads RESP2 straight from a buffered socket: one allocation per
-//! string or array, nothing else.
+//! stream reader's time on them. This one reads RESP2 straight from a buffered socket: one
+//! allocation per string or array, nothing else; a stream read's reply goes straight into
+//! entries, each entry's fields in one buffer ([`read_entries`]).
 //!
 //! It implements the library's `ConnectionLike`, so commands and pipelines are built and
-//! their replies converted exactly as on a library connection; error replies are handed to
+//! their other replies converted exactly as on a library connection; error replies are handed to
 //! the library's own parser, so they carry the same codes. Only a connection that the
 //! library would make the same way is made here (no TLS); anything unexpected during the
 //! handshake leaves the choice to the library (see `RedisConn::connect_fast`).
@@ -258,6 +259,7 @@ pub fn read_entries<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<Re
         let key = bulk(r, line)?;
         let n = header(r, line, b'*')?.unwrap_or(0);
         let mut entries = Vec::with_capacity(n.min(1 << 16));
+        let mut hint = 0;
         for _ in 0..n {
             if header(r, line, b'*')? != Some(2) {
                 return Err(invalid("a stream entry of an unexpected shape"));
@@ -269,7 +271,9 @@ pub fn read_entries<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<Re
             let fields = match header(r, line, b'*')? {
                 None => None,
                 Some(parts) if parts % 2 == 0 => {
-                    let mut fields = Fields::with_capacity(parts * 12);
+                    // (Entries of one stream are mostly alike: the last one's size is the
+                    // guess, so a buffer is seldom grown.)
+                    let mut fields = Fields::with_capacity(hint.max(parts.min(1 << 10) * 12));
                     for _ in 0..parts {
                         let len = header(r, line, b'$')?
                             .ok_or_else(|| invalid("a nil where a string belongs"))?;
@@ -282,6 +286,9 @@ pub fn read_entries<R: BufRead>(r: &mut R, line: &mut Vec<u8>) -> RedisResult<Re
                 }
                 Some(_) => return Err(invalid("an entry with a name but no value")),
             };
+            if let Some(f) = &fields {
+                hint = f.bytes().min(1 << 16);
+            }
             entries.push(RawEntry { id, fields });
         }
         out.push((key, entries));
