@@ -59,6 +59,57 @@ fn every_type_is_mirrored_with_its_value() {
     );
 }
 
+/// The calls of `command` Redis has served (`INFO commandstats`).
+fn calls(r: &mut redis::Connection, command: &str) -> i64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(r).expect("INFO");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn pages_mostly_of_hashes_still_mirror_every_type() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for i in 0..200 {
+        let _: usize = r.hset_multiple(format!("h:{i}"), &[("n", i)]).map(|_| 1).expect("HSET");
+    }
+    r.set("s", "text").expect("SET");
+    let _: usize = r.rpush("l", &["x", "y"]).expect("RPUSH");
+    let _: usize = r.sadd("st", &["b", "a"]).expect("SADD");
+    let _: usize = r.zadd_multiple("z", &[(1.0, "m1")]).expect("ZADD");
+    let _: String =
+        redis::cmd("XADD").arg("a-stream").arg("*").arg("f").arg("v").query(&mut r).expect("XADD");
+    let pg = Cluster::start(&redis, &[FAST[0], FAST[1], ("redis_sync.db_search_range", "0")]);
+    pg.wait_number("SELECT count(*) FROM redis_key_values", 204, T);
+    // Later passes know the keys are mostly hashes: their values are asked for as hashes
+    // without asking each key's type first (no GETRANGE for them), and the keys of other
+    // types, refused as hashes, are asked their type and read as what they are.
+    wait_passes(&pg, 1);
+    r.set("s", "new text").expect("SET");
+    let _: usize = r.rpush("l", &["z"]).expect("RPUSH");
+    let _: usize = r.sadd("st", &["c"]).expect("SADD");
+    let _: usize = r.zadd_multiple("z", &[(0.5, "m0")]).expect("ZADD");
+    let _: usize = r.hset_multiple("h:7", &[("n", "seven")]).map(|_| 1).expect("HSET");
+    let getrange = calls(&mut r, "getrange");
+    wait_passes(&pg, 2);
+    assert!(
+        calls(&mut r, "getrange") - getrange < 100,
+        "a pass over 200 hashes asked GETRANGE of each"
+    );
+    assert_eq!(row(&pg, 0, "s").as_deref(), Some("string|new text|f|f"));
+    assert_eq!(row(&pg, 0, "l").as_deref(), Some(r#"list|["x","y","z"]|f|f"#));
+    assert_eq!(row(&pg, 0, "st").as_deref(), Some(r#"set|["a","b","c"]|f|f"#));
+    assert_eq!(row(&pg, 0, "z").as_deref(), Some(r#"zset|[["m0",0.5],["m1",1]]|f|f"#));
+    assert_eq!(row(&pg, 0, "h:7").as_deref(), Some(r#"hash|{"n":"seven"}|f|f"#));
+    assert_eq!(row(&pg, 0, "h:8").as_deref(), Some(r#"hash|{"n":"8"}|f|f"#));
+    assert_eq!(pg.number("SELECT count(*) FROM redis_key_values WHERE redis_key = 'a-stream'"), 0);
+    assert_eq!(pg.number("SELECT count(*) FROM redis_key_values WHERE deleted_at IS NOT NULL"), 0);
+}
+
 #[test]
 fn the_same_name_in_two_databases_gives_two_rows() {
     let redis = Redis::start();

@@ -3,6 +3,7 @@
 //! keys gone from Redis follow the route's `deletes`. The passes, notifications, memory and
 //! deletion check of the key-value mirror carry them as they carry the mirror's keys.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,13 +21,16 @@ use crate::routes::{Deletes, Route};
 use crate::shmem;
 
 /// A key's fields (name, value) and a string key's value.
-type Parts = (Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>);
+type Parts<'a> = (Cow<'a, [(Vec<u8>, Vec<u8>)]>, Option<Vec<u8>>);
 
 /// The fields and value of a key as a route maps them: a hash's fields, or a string's value
 /// (and its fields when it holds a JSON object). `None` for the types a route cannot map.
-pub fn key_parts(row: &KeyRow) -> Option<Parts> {
+pub fn key_parts(row: &KeyRow) -> Option<Parts<'_>> {
     match row.value_type {
-        "hash" => Some((decode_entry_json(&row.redis_value)?, None)),
+        "hash" => match &row.fields {
+            Some(fields) => Some((Cow::Borrowed(fields.as_slice()), None)),
+            None => Some((Cow::Owned(decode_entry_json(&row.redis_value)?), None)),
+        },
         "string" => {
             let bytes = match row.value_encoding {
                 Some(_) => {
@@ -36,7 +40,7 @@ pub fn key_parts(row: &KeyRow) -> Option<Parts> {
                 None => row.redis_value.as_bytes().to_vec(),
             };
             let fields = json_object_fields(&bytes).unwrap_or_default();
-            Some((fields, Some(bytes)))
+            Some((Cow::Owned(fields), Some(bytes)))
         }
         _ => None,
     }

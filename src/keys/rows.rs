@@ -71,6 +71,7 @@ fn pairs(flat: Vec<Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// The row of one key, or `None` for a type that is not mirrored.
 pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
+    let mut fields = None;
     let (value_type, (text, encoding)) = match ty {
         "string" => {
             let bytes = match value {
@@ -81,7 +82,12 @@ pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> O
             };
             ("string", value_text(Val::String(&bytes)))
         }
-        "hash" => ("hash", value_text(Val::Hash(&pairs(bulk_list(value))))),
+        "hash" => {
+            let pairs = pairs(bulk_list(value));
+            let text = value_text(Val::Hash(&pairs));
+            fields = Some(pairs);
+            ("hash", text)
+        }
         "list" => ("list", value_text(Val::List(&bulk_list(value)))),
         "set" => ("set", value_text(Val::Set(&bulk_list(value)))),
         "zset" => ("zset", value_text(Val::ZSet(&pairs(bulk_list(value))))),
@@ -93,6 +99,7 @@ pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> O
         value_type,
         value_encoding: encoding,
         expires_ms,
+        fields,
     })
 }
 

@@ -22,6 +22,9 @@ pub struct KeyRow {
     pub value_encoding: Option<&'static str>,
     /// Absolute expiry in Unix milliseconds.
     pub expires_ms: Option<i64>,
+    /// A hash's fields as read (what `redis_value` encodes), for the routes: not decoded
+    /// again from the text.
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// What the key-value statements were prepared for.

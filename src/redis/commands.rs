@@ -294,7 +294,7 @@ impl Redis {
 }
 
 /// The command that reads a key of Redis type `ty`, with its arguments after the key.
-fn value_command(ty: &str) -> Option<&'static [&'static str]> {
+pub(super) fn value_command(ty: &str) -> Option<&'static [&'static str]> {
     match ty {
         "string" => Some(&["GET"]),
         "hash" => Some(&["HGETALL"]),

@@ -126,6 +126,9 @@ pub struct Redis {
     databases: Option<Databases>,
     /// The server has no PEXPIRETIME (Redis before 7): expiries are read with PTTL.
     use_pttl: bool,
+    /// The collection type most keys of the last page were: the next page's values are
+    /// asked for as that type, without asking each key's type first.
+    guess: Option<&'static str>,
 }
 
 impl Redis {
@@ -141,6 +144,7 @@ impl Redis {
             lane,
             databases: None,
             use_pttl: false,
+            guess: None,
         })
     }
 

@@ -4,7 +4,11 @@
 //!
 //! - First round trip, for every key: `GETRANGE key 0 <peek>` (a string's value, cut at a
 //!   size that keeps the page's reply small) and its expiry (`PEXPIRETIME`, or `PTTL` on
-//!   Redis before 7), with the next SCAN page when asked.
+//!   Redis before 7), with the next SCAN page when asked. When most keys of the last page
+//!   were of one collection type (a page of hashes), it asks instead for the expiry and
+//!   `MEMORY USAGE ... SAMPLES 5`, and the second round trip asks for the values that fit
+//!   as that type (`HGETALL`): three commands a hash instead of five; a key of another
+//!   type answers `WRONGTYPE` and is asked about as below.
 //! - Second, for the keys that are not strings: `TYPE` and `MEMORY USAGE ... SAMPLES 5`
 //!   (an estimate that costs the same whatever the size); for strings longer than the peek,
 //!   `STRLEN`.
@@ -18,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ::redis::Value;
 
+use super::commands::value_command;
 use super::conn::command_error;
 use super::reply::{as_int, bulk_list, parse_scan};
 use super::{KeyMeta, Redis, ScanPage};
@@ -58,6 +63,26 @@ enum Plan {
     /// Read whole, about this many bytes.
     Whole(u64),
     Windows,
+    /// About this many bytes: asked for as the type guessed.
+    Guessed(u64),
+}
+
+/// The least number of keys of known type a page needs to set the next page's guess.
+const GUESS_MIN: usize = 16;
+
+/// The collection type at least three quarters of `metas` are, if any.
+fn page_guess(metas: &[KeyMeta]) -> Option<Option<&'static str>> {
+    let typed: Vec<&str> =
+        metas.iter().map(|m| m.ty.as_str()).filter(|t| !t.is_empty() && *t != "none").collect();
+    if typed.len() < GUESS_MIN {
+        return None;
+    }
+    for ty in ["hash", "list", "set", "zset"] {
+        if typed.iter().filter(|t| **t == ty).count() * 4 >= typed.len() * 3 {
+            return Some(Some(ty));
+        }
+    }
+    Some(None)
 }
 
 impl Redis {
@@ -77,9 +102,13 @@ impl Redis {
         let limit = limit.max(1);
         let peek = (PAGE_BYTES / keys.len().max(1) as u64).clamp(PEEK.0, PEEK.1).min(limit + 1);
         let ttl = self.use_pttl;
+        let guess = self.guess;
         let mut replies = self.pipeline_in_lenient(db, "GETRANGE", |p| {
             for k in keys {
-                p.cmd("GETRANGE").arg(k).arg(0).arg(peek - 1);
+                match guess {
+                    None => p.cmd("GETRANGE").arg(k).arg(0).arg(peek - 1),
+                    Some(_) => p.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(5),
+                };
                 p.cmd(if ttl { "PTTL" } else { "PEXPIRETIME" }).arg(k);
             }
             if let Some((cursor, glob, count)) = next {
@@ -110,7 +139,7 @@ impl Redis {
         let mut out = Vec::with_capacity(keys.len());
         let mut plan = Vec::with_capacity(keys.len());
         let mut it = replies.into_iter();
-        while let (Some(value), Some(expiry)) = (it.next(), it.next()) {
+        while let (Some(first), Some(expiry)) = (it.next(), it.next()) {
             let raw = expiry.ok().as_ref().and_then(as_int);
             // -2: no such key; -1: no expiry.
             let missing = raw == Some(-2);
@@ -122,12 +151,21 @@ impl Redis {
                 _ => None,
             };
             let mut meta = KeyMeta { ty: String::new(), expires, value: None, too_big: None };
-            let p = match value {
+            let p = match (first, guess) {
                 _ if missing => {
                     meta.ty = "none".into();
                     Plan::Done
                 }
-                Ok(Value::BulkString(b)) => {
+                // `MEMORY USAGE`: values that fit are asked for as the type guessed; the
+                // others (or an unknown size: an ACL user without MEMORY) by their type.
+                (Ok(size), Some(_)) => match as_int(&size) {
+                    Some(n) if n >= 0 && n as u64 <= limit && n as u64 <= WINDOW_BYTES => {
+                        Plan::Guessed(n as u64)
+                    }
+                    _ => Plan::Untyped,
+                },
+                (Err(_), Some(_)) => Plan::Untyped,
+                (Ok(Value::BulkString(b)), None) => {
                     meta.ty = "string".into();
                     let cut = b.len() as u64 >= peek;
                     meta.value = Some(Value::BulkString(b));
@@ -143,11 +181,14 @@ impl Redis {
                     }
                 }
                 // WRONGTYPE: not a string.
-                Err(_) => Plan::Untyped,
-                Ok(_) => Plan::Untyped,
+                (Err(_), None) => Plan::Untyped,
+                (Ok(_), None) => Plan::Untyped,
             };
             out.push(meta);
             plan.push(p);
+        }
+        if let Some(ty) = guess {
+            self.fetch_guessed(db, keys, &mut out, &mut plan, limit, ty)?;
         }
         self.measure(db, keys, &mut out, &mut plan, limit)?;
         self.fetch_whole(db, keys, &mut out, &plan, limit)?;
@@ -161,7 +202,71 @@ impl Redis {
                 }
             }
         }
+        if let Some(g) = page_guess(&out) {
+            self.guess = g;
+        }
         Ok((out, scanned))
+    }
+
+    /// The values of the keys planned [`Plan::Guessed`], asked for as type `ty`, several
+    /// keys a round trip up to [`PAGE_BYTES`]; a key of another type (`WRONGTYPE`) is left
+    /// to be asked its type.
+    fn fetch_guessed(
+        &mut self,
+        db: u8,
+        keys: &[Vec<u8>],
+        out: &mut [KeyMeta],
+        plan: &mut [Plan],
+        limit: u64,
+        ty: &'static str,
+    ) -> Result<()> {
+        let Some(args) = value_command(ty) else { return Ok(()) };
+        let wanted: Vec<(usize, u64)> = (0..keys.len())
+            .filter_map(|i| match plan[i] {
+                Plan::Guessed(n) => Some((i, n)),
+                _ => None,
+            })
+            .collect();
+        let mut start = 0;
+        while start < wanted.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < wanted.len() && (end == start || bytes < PAGE_BYTES) {
+                bytes += wanted[end].1;
+                end += 1;
+            }
+            let group = &wanted[start..end];
+            let replies = self.pipeline_in_lenient(db, args[0], |p| {
+                for &(i, _) in group {
+                    p.cmd(args[0]).arg(&keys[i]);
+                    for a in &args[1..] {
+                        p.arg(*a);
+                    }
+                }
+            })?;
+            if replies.len() != group.len() {
+                return Err(SyncError::protocol(args[0], "unexpected number of replies"));
+            }
+            for (&(i, _), reply) in group.iter().zip(replies) {
+                match reply {
+                    Ok(v) => {
+                        out[i].ty = ty.to_owned();
+                        // `MEMORY USAGE` samples: what came is measured too.
+                        let got = value_bytes(&v);
+                        if got > limit {
+                            out[i].too_big = Some(got);
+                        } else {
+                            out[i].value = Some(v);
+                        }
+                        plan[i] = Plan::Done;
+                    }
+                    // WRONGTYPE: asked its type.
+                    Err(_) => plan[i] = Plan::Untyped,
+                }
+            }
+            start = end;
+        }
+        Ok(())
     }
 
     /// The second round trip: types and size estimates of the keys that are not strings,
