@@ -69,7 +69,8 @@ impl KeySync {
                     let cells = routed::key_cells(&route, key, &parts);
                     routed_gone.push((route, cells, id));
                 }
-                (Found::Value { fingerprint, row }, Destination::Generic) => {
+                (Found::Value { fingerprint, mut row }, Destination::Generic) => {
+                    row.fill_text(key);
                     rows.push(row);
                     pending.push((id, fingerprint));
                 }

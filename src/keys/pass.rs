@@ -37,15 +37,16 @@ pub(super) type RoutedRow = (
 
 /// Live keys read from the table per step of the deletion check.
 const CHECK_CHUNK: i64 = 2_000;
-/// How long one chunk of a page may take to write: a turn of the main loop stays short, so
-/// stream batches never wait long behind a pass. The rows per chunk follow the measured cost
-/// of a row.
-const CHUNK_TIME: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long one chunk of a page may take to write: a turn of the key-value worker's loop
+/// stays short, so notified keys never wait long behind a pass, and a chunk is big enough
+/// that its commit (a WAL flush) costs little beside its rows. The rows per chunk follow the
+/// measured cost of a row.
+const CHUNK_TIME: std::time::Duration = std::time::Duration::from_millis(20);
 /// Keys of a page compared per turn, at most (even when none needs writing): a turn stays
 /// short for the notified keys and stream entries waiting behind it.
-const KEYS_PER_TURN: usize = 2000;
+const KEYS_PER_TURN: usize = 10_000;
 /// Rows per chunk, at least and at most.
-const CHUNK_ROWS: (usize, usize) = (50, 2000);
+const CHUNK_ROWS: (usize, usize) = (50, 10_000);
 
 /// Rows per chunk that take about [`CHUNK_TIME`] to write, from the last chunk's rows and
 /// time, smoothed with the current figure. Pure.
@@ -177,6 +178,7 @@ impl KeySync {
             &s.redis,
             s.db_search_range.clone(),
             patterns.clone(),
+            self.routes.patterns(),
             s.key_value_max_size,
         )?;
         self.event_times.clear();
@@ -325,6 +327,8 @@ impl KeySync {
             pass.keys += 1;
             match self.routes.destination(&key) {
                 Destination::Generic => {
+                    let mut row = row;
+                    row.fill_text(&key);
                     rows.push(row);
                     pending.push((id, fingerprint));
                 }
@@ -795,11 +799,11 @@ mod tests {
 
     #[test]
     fn chunks_follow_the_cost_of_a_row() {
-        // 1000 rows in 40 ms: 125 fit in 5 ms; halfway there at once.
-        assert_eq!(next_chunk_rows(1000, 1000, Duration::from_millis(40)), 562);
-        assert_eq!(next_chunk_rows(125, 125, Duration::from_millis(5)), 125);
+        // 1000 rows in 40 ms: 500 fit in 20 ms; halfway there at once.
+        assert_eq!(next_chunk_rows(1000, 1000, Duration::from_millis(40)), 750);
+        assert_eq!(next_chunk_rows(125, 125, Duration::from_millis(20)), 125);
         // Cheap rows: up to the most; a stall: down to the least, never to nothing.
-        assert_eq!(next_chunk_rows(2000, 2000, Duration::from_micros(100)), 2000);
+        assert_eq!(next_chunk_rows(10_000, 10_000, Duration::from_micros(100)), 10_000);
         assert_eq!(next_chunk_rows(100, 100, Duration::from_secs(2)), 50);
         assert_eq!(next_chunk_rows(300, 0, Duration::ZERO), 300);
     }

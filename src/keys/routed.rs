@@ -3,7 +3,6 @@
 //! keys gone from Redis follow the route's `deletes`. The passes, notifications, memory and
 //! deletion check of the key-value mirror carry them as they carry the mirror's keys.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -16,33 +15,51 @@ use crate::encode::decode_entry_json;
 use crate::error::{Result, SyncError};
 use crate::parse::quote_ident;
 use crate::pg::{in_transaction, spi_err};
+use crate::redis::Fields;
 use crate::routes::mapping::{Cell, KeyRow as MappedKey, Source};
 use crate::routes::{Deletes, Route};
 use crate::shmem;
 
-/// A key's fields (name, value) and a string key's value.
-type Parts<'a> = (Cow<'a, [(Vec<u8>, Vec<u8>)]>, Option<Vec<u8>>);
-
 /// The fields and value of a key as a route maps them: a hash's fields, or a string's value
-/// (and its fields when it holds a JSON object). `None` for the types a route cannot map.
-pub fn key_parts(row: &KeyRow) -> Option<Parts<'_>> {
-    match row.value_type {
-        "hash" => match &row.fields {
-            Some(fields) => Some((Cow::Borrowed(fields.as_slice()), None)),
-            None => Some((Cow::Owned(decode_entry_json(&row.redis_value)?), None)),
-        },
-        "string" => {
-            let bytes = match row.value_encoding {
-                Some(_) => {
-                    use base64::Engine;
-                    base64::engine::general_purpose::STANDARD.decode(&row.redis_value).ok()?
-                }
-                None => row.redis_value.as_bytes().to_vec(),
-            };
-            let fields = json_object_fields(&bytes).unwrap_or_default();
-            Some((Cow::Owned(fields), Some(bytes)))
+/// (and its fields when it holds a JSON object), owned where they had to be decoded.
+/// `None` for the types a route cannot map.
+struct KeyParts<'r> {
+    read: Option<&'r Fields>,
+    decoded: Vec<(Vec<u8>, Vec<u8>)>,
+    value: Option<Vec<u8>>,
+}
+
+impl<'r> KeyParts<'r> {
+    fn of(row: &'r KeyRow) -> Option<KeyParts<'r>> {
+        match row.value_type {
+            "hash" => Some(match &row.fields {
+                Some(fields) => KeyParts { read: Some(fields), decoded: Vec::new(), value: None },
+                None => KeyParts {
+                    read: None,
+                    decoded: decode_entry_json(&row.redis_value)?,
+                    value: None,
+                },
+            }),
+            "string" => {
+                let bytes = match row.value_encoding {
+                    Some(_) => {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD.decode(&row.redis_value).ok()?
+                    }
+                    None => row.redis_value.as_bytes().to_vec(),
+                };
+                let decoded = json_object_fields(&bytes).unwrap_or_default();
+                Some(KeyParts { read: None, decoded, value: Some(bytes) })
+            }
+            _ => None,
         }
-        _ => None,
+    }
+
+    fn fields(&self) -> Vec<(&[u8], &[u8])> {
+        match self.read {
+            Some(f) => f.pairs(),
+            None => self.decoded.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect(),
+        }
     }
 }
 
@@ -74,17 +91,18 @@ pub fn route_cells(
     parts: &[&[u8]],
     row: &KeyRow,
 ) -> std::result::Result<Vec<Cell>, String> {
-    let Some((fields, value)) = key_parts(row) else {
+    let Some(key_parts) = KeyParts::of(row) else {
         return Err(format!(
             "it is a {}: a route takes hashes, and strings (their JSON object's members as fields)",
             row.value_type
         ));
     };
+    let fields = key_parts.fields();
     let cells = route.map.key_cells(&MappedKey {
         key,
         parts,
         fields: &fields,
-        value: value.as_deref(),
+        value: key_parts.value.as_deref(),
         expires_millis: row.expires_ms,
     });
     if route.deletes != Deletes::Ignore {

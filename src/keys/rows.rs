@@ -38,7 +38,7 @@ pub enum Found {
 }
 
 /// What to do with a key Redis described as `meta`.
-pub fn prepare(ids: &KeyIds, key: &[u8], meta: KeyMeta) -> Found {
+pub fn prepare(ids: &KeyIds, key: &[u8], meta: KeyMeta, text: bool) -> Found {
     let KeyMeta { ty, expires, value, too_big } = meta;
     if let Some(bytes) = too_big {
         return Found::TooBig { ty, bytes };
@@ -50,7 +50,7 @@ pub fn prepare(ids: &KeyIds, key: &[u8], meta: KeyMeta) -> Found {
     }
     let Some(value) = value else { return Found::Other };
     let fingerprint = ids.fingerprint(&ty, expires, &value);
-    match key_row(key, &ty, expires, value) {
+    match key_row(key, &ty, expires, value, text) {
         Some(row) => Found::Value { fingerprint, row },
         None => Found::Other,
     }
@@ -70,9 +70,15 @@ fn pairs(flat: Vec<Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// The row of one key, or `None` for a type that is not mirrored.
-pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> Option<KeyRow> {
+pub fn key_row(
+    key: &[u8],
+    ty: &str,
+    expires_ms: Option<i64>,
+    value: Value,
+    text: bool,
+) -> Option<KeyRow> {
     let mut fields = None;
-    let (value_type, (text, encoding)) = match ty {
+    let (value_type, (stored, encoding)) = match ty {
         "string" => {
             let bytes = match value {
                 Value::BulkString(b) => b,
@@ -84,9 +90,10 @@ pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> O
         }
         "hash" => {
             let pairs = pairs(bulk_list(value));
-            let text = value_text(Val::Hash(&pairs));
-            fields = Some(pairs);
-            ("hash", text)
+            // A hash a route takes needs no text (see `KeyRow::fill_text`).
+            let json = if text { value_text(Val::Hash(&pairs)) } else { (String::new(), None) };
+            fields = Some(crate::redis::Fields::from_pairs(&pairs));
+            ("hash", json)
         }
         "list" => ("list", value_text(Val::List(&bulk_list(value)))),
         "set" => ("set", value_text(Val::Set(&bulk_list(value)))),
@@ -94,8 +101,9 @@ pub fn key_row(key: &[u8], ty: &str, expires_ms: Option<i64>, value: Value) -> O
         _ => return None,
     };
     Some(KeyRow {
-        redis_key: encode_name(key),
-        redis_value: text,
+        // A key a route takes needs no encoded name either.
+        redis_key: if text { encode_name(key) } else { String::new() },
+        redis_value: stored,
         value_type,
         value_encoding: encoding,
         expires_ms,
@@ -113,21 +121,29 @@ mod tests {
 
     #[test]
     fn rows_of_each_type() {
-        let r = key_row(b"k", "string", Some(5), bulk(b"v")).expect("row");
+        let r = key_row(b"k", "string", Some(5), bulk(b"v"), true).expect("row");
         assert_eq!(
             (r.redis_value.as_str(), r.value_type, r.value_encoding, r.expires_ms),
             ("v", "string", None, Some(5))
         );
-        let h =
-            key_row(b"h", "hash", None, Value::Array(vec![bulk(b"a"), bulk(b"1")])).expect("row");
+        let h = key_row(b"h", "hash", None, Value::Array(vec![bulk(b"a"), bulk(b"1")]), true)
+            .expect("row");
         assert_eq!(h.redis_value, r#"{"a":"1"}"#);
-        let z =
-            key_row(b"z", "zset", None, Value::Array(vec![bulk(b"m"), bulk(b"2.5")])).expect("row");
+        // Read for a route: no text, written from the fields when the mirror takes it.
+        let mut bare =
+            key_row(b"h", "hash", None, Value::Array(vec![bulk(b"a"), bulk(b"1")]), false)
+                .expect("row");
+        assert_eq!(bare.redis_value, "");
+        assert_eq!(bare.redis_key, "");
+        bare.fill_text(b"h");
+        assert_eq!(bare, h);
+        let z = key_row(b"z", "zset", None, Value::Array(vec![bulk(b"m"), bulk(b"2.5")]), true)
+            .expect("row");
         assert_eq!(z.redis_value, r#"[["m",2.5]]"#);
-        assert!(key_row(b"s", "stream", None, Value::Nil).is_none());
-        assert!(key_row(b"gone", "string", None, Value::Nil).is_none());
+        assert!(key_row(b"s", "stream", None, Value::Nil, true).is_none());
+        assert!(key_row(b"gone", "string", None, Value::Nil, true).is_none());
         assert_eq!(
-            key_row(b"$x", "set", None, Value::Array(vec![])).expect("row").redis_key,
+            key_row(b"$x", "set", None, Value::Array(vec![]), true).expect("row").redis_key,
             "$$x"
         );
     }

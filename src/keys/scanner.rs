@@ -26,6 +26,12 @@ use crate::redis::{Databases, Redis, ScanPage, SharedBudget};
 /// page costs a tenth of the round trips of `COUNT 1000` (a million keys in about 200).
 pub const SCAN_COUNT: u32 = 10_000;
 
+/// A page with at least this many keys to fetch is fetched in two halves at once, on two
+/// connections, when no rate limit is set: Redis serves one half while this thread reads
+/// the other's replies (one connection leaves Redis idle while its replies are parsed, and
+/// this thread idle while Redis works).
+const SPLIT_KEYS: usize = 2000;
+
 /// A kept connection idle longer than this is checked with a PING before a pass uses it.
 const KEPT_IDLE: Duration = Duration::from_secs(5);
 
@@ -68,6 +74,8 @@ enum Job {
         range: Vec<u8>,
         globs: Vec<Vec<u8>>,
         patterns: Vec<Pattern>,
+        /// The routes' patterns: the hashes they match are read without their text.
+        routed: Vec<Pattern>,
         /// The largest value fetched, in bytes.
         limit: u64,
     },
@@ -111,13 +119,15 @@ impl Scanner {
         settings: &RedisSettings,
         range: Vec<u8>,
         patterns: Vec<Pattern>,
+        routed: Vec<Pattern>,
         limit: u64,
     ) -> Result<()> {
         self.number += 1;
         self.current.store(self.number, Ordering::Relaxed);
         let globs = crate::parse::redis_globs(&patterns);
         let settings = settings.clone();
-        let job = Job::Pass { number: self.number, settings, range, globs, patterns, limit };
+        let job =
+            Job::Pass { number: self.number, settings, range, globs, patterns, routed, limit };
         self.jobs.send(job).map_err(|_| SyncError::ThreadStopped("scanner"))
     }
 
@@ -152,6 +162,9 @@ impl Scanner {
 struct Conn {
     settings: RedisSettings,
     redis: Redis,
+    /// The second connection a split page's other half is fetched on, opened when first
+    /// needed.
+    second: Option<Redis>,
 }
 
 fn serve(
@@ -177,13 +190,19 @@ fn serve(
         if current.load(Ordering::Relaxed) != number {
             continue;
         }
-        let outcome = connect(&mut conn, &settings, &budget).and_then(|redis| match job {
-            Job::Pass { range, globs, patterns, limit, .. } => {
-                let what = Scan { range: &range, globs: &globs, patterns: &patterns, limit };
-                scan(redis, number, &what, &ids, &send, &current)
+        let outcome = connect(&mut conn, &settings, &budget).and_then(|c| match job {
+            Job::Pass { range, globs, patterns, routed, limit, .. } => {
+                let what = Scan {
+                    range: &range,
+                    globs: &globs,
+                    patterns: &patterns,
+                    routed: &routed,
+                    limit,
+                };
+                scan(c, &budget, number, &what, &ids, &send, &current)
             }
             Job::Confirm { db, names, keys, .. } => {
-                let types = confirm(redis, db, &keys)?;
+                let types = confirm(&mut c.redis, db, &keys)?;
                 send(number, Msg::Types { db, keys: names, types });
                 Ok(())
             }
@@ -202,7 +221,7 @@ fn connect<'a>(
     conn: &'a mut Option<Conn>,
     settings: &RedisSettings,
     budget: &SharedBudget,
-) -> Result<&'a mut Redis> {
+) -> Result<&'a mut Conn> {
     // A connection kept from an earlier pass and idle since may have died (a Redis restart
     // between passes): checked with a PING, replaced if need be, rather than failing the
     // pass. One used a moment ago is not checked (no extra command per pass).
@@ -212,10 +231,15 @@ fn connect<'a>(
     if conn.as_ref().is_none_or(|c| c.settings != *settings) {
         *conn = None;
         let redis = Redis::connect(settings, budget.clone(), Lane::KeyValues)?;
-        *conn = Some(Conn { settings: settings.clone(), redis });
+        *conn = Some(Conn { settings: settings.clone(), redis, second: None });
+    }
+    if let Some(c) = conn.as_mut() {
+        if c.second.as_mut().is_some_and(|r| r.check_health(KEPT_IDLE).is_err()) {
+            c.second = None;
+        }
     }
     match conn.as_mut() {
-        Some(c) => Ok(&mut c.redis),
+        Some(c) => Ok(c),
         None => Err(SyncError::Config("no scanner connection".into())),
     }
 }
@@ -225,18 +249,21 @@ struct Scan<'a> {
     range: &'a [u8],
     globs: &'a [Vec<u8>],
     patterns: &'a [Pattern],
+    routed: &'a [Pattern],
     limit: u64,
 }
 
 fn scan(
-    redis: &mut Redis,
+    conn: &mut Conn,
+    budget: &SharedBudget,
     number: u64,
     what: &Scan<'_>,
     ids: &KeyIds,
     send: &dyn Fn(u64, Msg) -> bool,
     current: &AtomicU64,
 ) -> Result<()> {
-    let Scan { range, globs, patterns, limit } = *what;
+    let Scan { range, globs, patterns, routed, limit } = *what;
+    let Conn { settings, redis, second } = conn;
     let dbs = redis.databases()?;
     let to_scan = dbs.to_scan(range);
     if !send(number, Msg::Started(dbs)) {
@@ -259,7 +286,15 @@ fn scan(
                 // This page's values and the next page's keys in one round trip.
                 let next = (cursor != 0).then_some((cursor, glob.as_slice(), SCAN_COUNT));
                 let fetched_at = Instant::now();
-                let (found, scanned) = fetch_and_scan(redis, ids, db, &keys, next, limit)?;
+                let split = keys.len() >= SPLIT_KEYS && budget.unlimited();
+                if split && second.is_none() {
+                    *second = Some(Redis::connect(settings, budget.clone(), Lane::KeyValues)?);
+                }
+                let how = Reading { ids, limit, routed };
+                let (found, scanned) = match second.as_mut().filter(|_| split) {
+                    Some(other) => fetch_split(redis, other, how, db, &keys, next)?,
+                    None => fetch_and_scan(redis, how, db, &keys, next)?,
+                };
                 if !keys.is_empty()
                     && !send(number, Msg::Page(Page { db, keys, found, fetched_at }))
                 {
@@ -287,6 +322,16 @@ fn confirm(redis: &mut Redis, db: u8, keys: &[Vec<u8>]) -> Result<Vec<String>> {
     redis.key_types(db, keys)
 }
 
+/// How a page's values are read and made ready.
+#[derive(Clone, Copy)]
+struct Reading<'a> {
+    ids: &'a KeyIds,
+    /// Values bigger than this many bytes are not fetched.
+    limit: u64,
+    /// The routes' patterns: the hashes they match are made ready without their text.
+    routed: &'a [Pattern],
+}
+
 /// What each of `keys` is now, ready to compare and write (values bigger than `limit`
 /// bytes are not fetched).
 pub fn fetch(
@@ -296,19 +341,43 @@ pub fn fetch(
     keys: &[Vec<u8>],
     limit: u64,
 ) -> Result<Vec<Found>> {
-    Ok(fetch_and_scan(redis, ids, db, keys, None, limit)?.0)
+    Ok(fetch_and_scan(redis, Reading { ids, limit, routed: &[] }, db, keys, None)?.0)
+}
+
+/// As [`fetch_and_scan`], the second half of `keys` fetched at the same time on `other`
+/// (by a thread of its own, which has this thread's signals blocked).
+fn fetch_split(
+    redis: &mut Redis,
+    other: &mut Redis,
+    how: Reading<'_>,
+    db: u8,
+    keys: &[Vec<u8>],
+    next: Option<(u64, &[u8], u32)>,
+) -> Result<(Vec<Found>, Option<ScanPage>)> {
+    let (first, rest) = keys.split_at(keys.len() / 2);
+    std::thread::scope(|s| {
+        let helper = s.spawn(|| Ok(fetch_and_scan(other, how, db, rest, None)?.0));
+        let mine = fetch_and_scan(redis, how, db, first, next);
+        let theirs = helper.join().map_err(|_| SyncError::ThreadStopped("scanner"))?;
+        let (mut found, scanned) = mine?;
+        found.extend(theirs?);
+        Ok((found, scanned))
+    })
 }
 
 /// As [`fetch`], with the next SCAN page asked for in the first round trip.
 fn fetch_and_scan(
     redis: &mut Redis,
-    ids: &KeyIds,
+    how: Reading<'_>,
     db: u8,
     keys: &[Vec<u8>],
     next: Option<(u64, &[u8], u32)>,
-    limit: u64,
 ) -> Result<(Vec<Found>, Option<ScanPage>)> {
-    let (metas, scanned) = redis.fetch_keys(db, keys, next, limit)?;
-    let found = keys.iter().zip(metas).map(|(k, m)| prepare(ids, k, m)).collect();
+    let (metas, scanned) = redis.fetch_keys(db, keys, next, how.limit)?;
+    let found = keys
+        .iter()
+        .zip(metas)
+        .map(|(k, m)| prepare(how.ids, k, m, !how.routed.iter().any(|p| p.matches(k))))
+        .collect();
     Ok((found, scanned))
 }

@@ -22,9 +22,22 @@ pub struct KeyRow {
     pub value_encoding: Option<&'static str>,
     /// Absolute expiry in Unix milliseconds.
     pub expires_ms: Option<i64>,
-    /// A hash's fields as read (what `redis_value` encodes), for the routes: not decoded
-    /// again from the text.
-    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// A hash's fields as read (what `redis_value` encodes), in one buffer, for the routes:
+    /// not decoded again from the text.
+    pub fields: Option<crate::redis::Fields>,
+}
+
+impl KeyRow {
+    /// Writes the key's name (`key`, encoded) and a hash's text from its fields when it was
+    /// read without them (a route was to take it, and none does now).
+    pub fn fill_text(&mut self, key: &[u8]) {
+        if self.redis_key.is_empty() {
+            self.redis_key = crate::encode::encode_name(key);
+        }
+        if let (true, Some(fields)) = (self.redis_value.is_empty(), &self.fields) {
+            self.redis_value = crate::encode::entry_json(&fields.pairs());
+        }
+    }
 }
 
 /// What the key-value statements were prepared for.

@@ -75,6 +75,11 @@ impl SharedBudget {
         budget
     }
 
+    /// No rate limit is set: round trips cost nothing from a budget.
+    pub fn unlimited(&self) -> bool {
+        self.rate.load(Ordering::Relaxed) == 0
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Budget) -> R) -> R {
         let f = if self.shared {
             match crate::shmem::with_budget(self.rate.load(Ordering::Relaxed), f) {

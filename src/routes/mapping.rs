@@ -132,7 +132,7 @@ pub struct Entry<'a> {
 pub struct KeyRow<'a> {
     pub key: &'a [u8],
     pub parts: &'a [&'a [u8]],
-    pub fields: &'a [(Vec<u8>, Vec<u8>)],
+    pub fields: &'a [(&'a [u8], &'a [u8])],
     pub value: Option<&'a [u8]>,
     pub expires_millis: Option<i64>,
 }
@@ -162,8 +162,8 @@ fn millis_cell(millis: i64) -> String {
 
 /// The first value of field `name` (Redis allows a name twice in one entry; the first
 /// counts, as for a hash field).
-fn field<'f>(fields: &'f [(Vec<u8>, Vec<u8>)], name: &[u8]) -> Option<&'f [u8]> {
-    fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+fn field<'f>(fields: &[(&[u8], &'f [u8])], name: &[u8]) -> Option<&'f [u8]> {
+    fields.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
 impl RowMap {
@@ -355,7 +355,7 @@ mod tests {
             ],
             Kind::Key,
         );
-        let fields = vec![(b"name".to_vec(), b"Ada".to_vec())];
+        let fields: Vec<(&[u8], &[u8])> = vec![(b"name", b"Ada")];
         let parts: Vec<&[u8]> = vec![b"7"];
         let k = KeyRow {
             key: b"user:7",
@@ -376,7 +376,7 @@ mod tests {
             ]
         );
         // Bytes that are not UTF-8 keep their lossless form in text columns.
-        let bin = vec![(b"name".to_vec(), vec![0xffu8])];
+        let bin: Vec<(&[u8], &[u8])> = vec![(b"name", &[0xffu8])];
         let k = KeyRow {
             key: b"user:8",
             parts: &parts,

@@ -87,6 +87,12 @@ impl RouteSet {
     pub fn unreadable(error: String) -> RouteSet {
         RouteSet { unreadable: Some(error), ..RouteSet::default() }
     }
+
+    /// Every pattern of the set's routes, broken ones included.
+    pub fn patterns(&self) -> Vec<Pattern> {
+        let routes = self.routes.iter().flat_map(|r| r.patterns.iter());
+        routes.chain(self.broken.iter().flat_map(|b| b.patterns.iter())).cloned().collect()
+    }
 }
 
 /// Where a name goes.

@@ -845,41 +845,57 @@ struct RouteFigures {
     stream: Drain,
     stream_copy: f64,
     stream_defaults: Drain,
+    /// Rows/s from the first landed row (see `route_landed`), and the seconds.
+    key_rate: f64,
     key_secs: f64,
     key_copy: f64,
+    key_defaults_rate: f64,
     key_defaults_secs: f64,
 }
 
-/// Times `COPY` of `table`'s rows (`cols`) into an identical empty table; rows/s.
+/// Times `COPY` of `table`'s rows (`cols`) into an identical empty table, twice; the
+/// faster rows/s (on a shared machine one run may be slowed by others: the ratio against
+/// the faster one is the conservative one).
 fn copy_rate(pg: &Cluster, table: &str, cols: &str, rows: usize) -> f64 {
     let dump = pg.data_dir().join(format!("bench_{table}.copy"));
     let dump = dump.to_string_lossy();
-    pg.execute(&format!(
-        "COPY (SELECT {cols} FROM {table}) TO '{dump}';
-         CREATE TABLE {table}_copy (LIKE {table} INCLUDING ALL);
-         CHECKPOINT;"
-    ));
-    let t = Instant::now();
-    pg.execute(&format!("COPY {table}_copy ({cols}) FROM '{dump}'"));
-    let rate = rows as f64 / t.elapsed().as_secs_f64();
-    pg.execute(&format!("DROP TABLE {table}_copy; CHECKPOINT"));
-    rate
+    pg.execute(&format!("COPY (SELECT {cols} FROM {table}) TO '{dump}'"));
+    let mut best = 0f64;
+    for _ in 0..2 {
+        pg.execute(&format!(
+            "CREATE TABLE {table}_copy (LIKE {table} INCLUDING ALL);
+             CHECKPOINT;"
+        ));
+        let t = Instant::now();
+        pg.execute(&format!("COPY {table}_copy ({cols}) FROM '{dump}'"));
+        best = best.max(rows as f64 / t.elapsed().as_secs_f64());
+        pg.execute(&format!("DROP TABLE {table}_copy; CHECKPOINT"));
+    }
+    best
 }
 
-/// Waits until route `name` has landed `rows` rows; the seconds it took from `t0`.
-fn route_landed(pg: &Cluster, name: &str, rows: usize, t0: Instant) -> f64 {
+/// Waits until route `name` has landed `rows` rows (its counter, which starts at `base`);
+/// the seconds it took from its first landed row, and the rows landed since that first
+/// look (the time the worker takes to notice the setting that starts it is not the
+/// route's speed).
+fn route_landed(pg: &Cluster, name: &str, base: usize, rows: usize) -> (f64, usize) {
+    let t0 = Instant::now();
+    let mut first: Option<(Instant, usize)> = None;
     loop {
-        let n: i64 = pg
+        let n = pg
             .try_query_text(&format!(
                 "SELECT rows_landed FROM redis_sync_routes() WHERE name = '{name}'"
             ))
-            .and_then(|s| s.parse().ok())
+            .and_then(|s| s.parse::<usize>().ok())
             .unwrap_or(0);
-        if n as usize >= rows {
-            return t0.elapsed().as_secs_f64();
+        if n > base && first.is_none() {
+            first = Some((Instant::now(), n));
         }
-        assert!(t0.elapsed() < Duration::from_secs(1800), "route {name}: {n} of {rows}");
-        std::thread::sleep(Duration::from_millis(50));
+        if let (true, Some((t, seen))) = (n >= base + rows, first) {
+            return (t.elapsed().as_secs_f64(), base + rows - seen);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1800), "route {name}: {n} of {}", base + rows);
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -945,15 +961,14 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
         stream.rows_per_s / stream_copy
     );
     eprintln!("[bench] key route initial sync (rate_limit=0)");
-    let t0 = Instant::now();
     pg.execute("ALTER SYSTEM SET redis_sync.key_value_auto_discovery = on");
     pg.reload();
-    let key_secs = route_landed(&pg, "users", keys, t0);
+    let (key_secs, key_rows) = route_landed(&pg, "users", 0, keys);
+    let key_rate = key_rows as f64 / key_secs;
     let key_copy = copy_rate(&pg, "users", "id, name, age, email, city", keys);
     eprintln!(
-        "[bench]   {:.0} rows/s ({key_secs:.1}s); COPY {key_copy:.0} rows/s: {:.2}",
-        keys as f64 / key_secs,
-        keys as f64 / key_secs / key_copy
+        "[bench]   {key_rate:.0} rows/s ({key_secs:.1}s); COPY {key_copy:.0} rows/s: {:.2}",
+        key_rate / key_copy
     );
     eprintln!(
         "[bench] both again at the defaults (batch_size=100, rate_limit=100), into new tables"
@@ -979,14 +994,13 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
     pg.reload();
     let stream_defaults = drain(&pg, "vitals_defaults", entries);
     let base: i64 = pg.number("SELECT rows_landed FROM redis_sync_routes() WHERE name = 'users'");
-    let t0 = Instant::now();
     pg.execute("ALTER SYSTEM SET redis_sync.key_value_auto_discovery = on");
     pg.reload();
-    let key_defaults_secs = route_landed(&pg, "users", base as usize + keys, t0);
+    let (key_defaults_secs, key_defaults_rows) = route_landed(&pg, "users", base as usize, keys);
+    let key_defaults_rate = key_defaults_rows as f64 / key_defaults_secs;
     eprintln!(
-        "[bench]   stream route {:.0} rows/s; key route {:.0} rows/s",
+        "[bench]   stream route {:.0} rows/s; key route {key_defaults_rate:.0} rows/s",
         stream_defaults.rows_per_s,
-        keys as f64 / key_defaults_secs
     );
     RouteFigures {
         entries,
@@ -994,8 +1008,10 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
         stream,
         stream_copy,
         stream_defaults,
+        key_rate,
         key_secs,
         key_copy,
+        key_defaults_rate,
         key_defaults_secs,
     }
 }
@@ -1188,7 +1204,7 @@ fn main() {
         big.lost, big.duplicated
     );
     let _ = writeln!(md, "\n## Routes: into the user's own typed tables\n");
-    let _ = writeln!(md, "A stream route: {} entries over {STREAMS} streams into `vitals(device_id text, heart_rate int, spo2 int, taken_at timestamptz, entry_id text)` with one index, no unique key (exactly once by landing records). A key route: {} hashes of 4 fields into `users(id bigint primary key, name, age, email, city)`. Tuned: batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB; then the same at the defaults (batch_size 100, rate_limit 100) into new tables.\n", routes.entries, routes.keys);
+    let _ = writeln!(md, "A stream route: {} entries over {STREAMS} streams into `vitals(device_id text, heart_rate int, spo2 int, taken_at timestamptz, entry_id text)` with one index, no unique key (exactly once by landing records). A key route: {} hashes of 4 fields into `users(id bigint primary key, name, age, email, city)`. Tuned: batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB; then the same at the defaults (batch_size 100, rate_limit 100) into new tables. COPY: the faster of two runs. A key route's rate counts from its first landed row (not the worker noticing the setting that starts it).\n", routes.entries, routes.keys);
     let _ = writeln!(md, "| measure | value |\n|---|---|");
     let _ = writeln!(
         md,
@@ -1211,7 +1227,7 @@ fn main() {
         routes.stream_defaults.rows_per_s,
         routes.stream_defaults.rows_per_s / routes.stream_copy
     );
-    let key_rate = routes.keys as f64 / routes.key_secs;
+    let key_rate = routes.key_rate;
     let _ = writeln!(
         md,
         "| key route initial sync (rate_limit = 0) | {:.0} rows/s ({:.1} s) |",
@@ -1230,8 +1246,7 @@ fn main() {
     let _ = writeln!(
         md,
         "| key route initial sync at the defaults | {:.0} rows/s ({:.1} s) |",
-        routes.keys as f64 / routes.key_defaults_secs,
-        routes.key_defaults_secs
+        routes.key_defaults_rate, routes.key_defaults_secs
     );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
