@@ -74,7 +74,7 @@ text!(REDIS_PASSWORD_FILE, Some(c""));
 text!(DB_SEARCH_RANGE, Some(c"0-15"));
 text!(STREAMS, Some(c""));
 text!(CONSUMER_GROUP, Some(c"redis-pg-sync"));
-text!(CONSUMER_NAME, Some(c"redis-pg-sync-1"));
+text!(CONSUMER_NAME, Some(c""));
 text!(STREAM_DISCOVERY_PATTERNS, Some(c"*"));
 text!(KEY_VALUE_PATTERNS, Some(c"*"));
 text!(SCHEMA, Some(c"public"));
@@ -321,11 +321,11 @@ pub fn init() {
     );
     string(
         c"redis_sync.consumer_name",
-        c"Consumer name of the worker within its group.",
+        c"Consumer name of the worker within its group; empty: redis-pg-sync-<system identifier>-<database>.",
         &CONSUMER_NAME,
         GucContext::Sighup,
         none,
-        Some(check_not_empty),
+        None,
     );
     int(
         c"redis_sync.batch_size",
@@ -655,7 +655,12 @@ pub struct Settings {
     pub rate_limit: u32,
     pub streams: Vec<String>,
     pub consumer_group: String,
+    /// The consumer name the worker reads as: `redis_sync.consumer_name`, or when that is
+    /// empty, one derived from the server's system identifier and the database.
     pub consumer_name: String,
+    /// A name the worker ran under before and treats as its own: the former default
+    /// (`redis-pg-sync-1`) when the name is derived; its pending entries are taken over.
+    pub former_consumer: Option<String>,
     pub batch_size: u32,
     pub poll_interval: Duration,
     pub stream_auto_discovery: bool,
@@ -772,6 +777,28 @@ impl Changes {
     }
 }
 
+/// The consumer name every worker read as before names were derived.
+pub const FORMER_DEFAULT_CONSUMER: &str = "redis-pg-sync-1";
+
+/// The consumer name to read as: the configured one, or when none is set, one unique per
+/// server and database. A streaming standby has its primary's system identifier, so a
+/// promoted standby goes on as its primary's consumer (its pending entries are its own).
+fn consumer_name(configured: &str, database: &str) -> String {
+    let configured = configured.trim();
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    // SAFETY: reads the system identifier from the control file data in shared memory,
+    // which is set before any background worker starts and never changes.
+    let system = unsafe { pgrx::pg_sys::GetSystemIdentifier() };
+    derived_consumer_name(system, database)
+}
+
+/// `redis-pg-sync-<system identifier>-<database>`. Pure.
+pub fn derived_consumer_name(system: u64, database: &str) -> String {
+    format!("redis-pg-sync-{system}-{database}")
+}
+
 impl Settings {
     /// Is the key-value mirror on (auto-discovery with at least one pattern)?
     pub fn mirrors_key_values(&self) -> bool {
@@ -832,7 +859,11 @@ impl Settings {
             rate_limit: RATE_LIMIT.get().max(0) as u32,
             streams: parse::parse_list(&text(&STREAMS)),
             consumer_group: text(&CONSUMER_GROUP),
-            consumer_name: text(&CONSUMER_NAME),
+            consumer_name: consumer_name(&text(&CONSUMER_NAME), &text(&DATABASE)),
+            former_consumer: text(&CONSUMER_NAME)
+                .trim()
+                .is_empty()
+                .then(|| FORMER_DEFAULT_CONSUMER.to_owned()),
             batch_size: BATCH_SIZE.get().max(1) as u32,
             poll_interval: ms(&POLL_INTERVAL_MS),
             stream_auto_discovery: STREAM_AUTO_DISCOVERY.get(),
@@ -897,6 +928,7 @@ impl Default for Settings {
             streams: Vec::new(),
             consumer_group: "redis-pg-sync".into(),
             consumer_name: "redis-pg-sync-1".into(),
+            former_consumer: None,
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             stream_auto_discovery: true,
@@ -926,6 +958,17 @@ impl Default for Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_derived_consumer_name_names_the_server_and_the_database() {
+        assert_eq!(
+            derived_consumer_name(7_301_234_567_890_123_456, "app"),
+            "redis-pg-sync-7301234567890123456-app"
+        );
+        assert_ne!(derived_consumer_name(1, "app"), derived_consumer_name(2, "app"));
+        assert_ne!(derived_consumer_name(1, "app"), derived_consumer_name(1, "other"));
+        assert_ne!(derived_consumer_name(1, "app"), FORMER_DEFAULT_CONSUMER);
+    }
 
     #[test]
     fn nothing_changed_is_empty() {

@@ -20,7 +20,7 @@ mod tests {
         ("redis_sync.batch_size", "100", "sighup", ""),
         ("redis_sync.claim_min_idle", "60000", "sighup", "ms"),
         ("redis_sync.consumer_group", "redis-pg-sync", "sighup", ""),
-        ("redis_sync.consumer_name", "redis-pg-sync-1", "sighup", ""),
+        ("redis_sync.consumer_name", "", "sighup", ""),
         ("redis_sync.database", "postgres", "postmaster", ""),
         ("redis_sync.dead_letter_max", "1000000", "sighup", ""),
         ("redis_sync.dead_letter_retention", "0", "sighup", "s"),

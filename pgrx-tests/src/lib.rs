@@ -605,6 +605,17 @@ impl Cluster {
         self.client().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
     }
 
+    /// The consumer name the worker reads as: `redis_sync.consumer_name`, or when that is
+    /// empty, `redis-pg-sync-<system identifier>-<database>`.
+    pub fn consumer_name(&self) -> String {
+        self.query_text(
+            "SELECT coalesce(nullif(current_setting('redis_sync.consumer_name'), ''),
+                    'redis-pg-sync-' || (SELECT system_identifier FROM pg_control_system())
+                    || '-' || current_setting('redis_sync.database'))",
+        )
+        .expect("consumer name")
+    }
+
     /// First column of the first row, as text (NULL gives None).
     pub fn query_text(&self, sql: &str) -> Option<String> {
         let wrapped = format!("SELECT ({sql})::text");

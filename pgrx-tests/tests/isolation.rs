@@ -598,8 +598,7 @@ fn a_dead_letter_whose_acknowledgement_was_lost_is_not_stored_twice() {
     pg.wait_number("SELECT count(*) FROM redis_streams", 1, T);
     let group =
         pg.query_text("SELECT current_setting('redis_sync.consumer_group')").expect("group");
-    let consumer =
-        pg.query_text("SELECT current_setting('redis_sync.consumer_name')").expect("consumer");
+    let consumer = pg.consumer_name();
     pg.set("redis_sync.enabled", "off");
     pg.wait_status("state", "paused", T);
     // What a crash between a dead letter's commit and its XACK leaves: the entry still in

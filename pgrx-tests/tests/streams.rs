@@ -103,20 +103,66 @@ fn a_killed_worker_loses_nothing_and_duplicates_nothing() {
     assert_ne!(pg.worker_pid(), Some(pid));
 }
 
+/// The names of the consumers of the worker's group on `stream`.
+fn consumers(r: &mut redis::Connection, stream: &str) -> Vec<String> {
+    let list: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg("redis-pg-sync")
+        .query(r)
+        .expect("XINFO CONSUMERS");
+    list.into_iter()
+        .filter_map(|c| {
+            let fields: std::collections::HashMap<String, redis::Value> =
+                redis::from_redis_value(c).ok()?;
+            redis::from_redis_value(fields.get("name")?.clone()).ok()
+        })
+        .collect()
+}
+
 #[test]
 fn entries_read_but_not_acknowledged_are_delivered_first() {
     let redis = Redis::start();
     let mut r = redis.client();
     add_entries(&mut r, "pend", 25);
-    // A previous life of the worker read these and died before acknowledging them: they sit
-    // in its consumer's pending list, and `>` would never return them again.
+    add_entries(&mut r, "pend", 15);
+    // A previous life of the worker, under the former default consumer name, read these and
+    // died before acknowledging them: they sit in that consumer's pending list, and `>`
+    // would never return them again. With the name now derived from the server, they are
+    // the worker's own: taken over at once, long before claim_min_idle.
     read_without_ack(&mut r, "pend", "redis-pg-sync-1", 25);
     assert_eq!(pending(&mut r, "pend", "redis-pg-sync"), 25);
-    let pg = Cluster::start(&redis, FAST);
-    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'pend'", 25, T);
+    let mut settings = FAST.to_vec();
+    settings.push(("redis_sync.claim_min_idle", "1h"));
+    let pg = Cluster::start(&redis, &settings);
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'pend'", 40, T);
     wait_for("pending acknowledged", T, || {
         (pending(&mut r, "pend", "redis-pg-sync") == 0).then_some(())
     });
+    let system = pg
+        .query_text("SELECT system_identifier FROM pg_control_system()")
+        .expect("system identifier");
+    let derived = format!("redis-pg-sync-{system}-postgres");
+    assert_eq!(pg.consumer_name(), derived);
+    wait_for("the former default name gone from the group", T, || {
+        (consumers(&mut r, "pend") == vec![derived.clone()]).then_some(())
+    });
+}
+
+#[test]
+fn an_explicit_consumer_name_is_kept() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    add_entries(&mut r, "named", 30);
+    read_without_ack(&mut r, "named", "redis-pg-sync-1", 10);
+    let mut settings = FAST.to_vec();
+    settings.push(("redis_sync.consumer_name", "redis-pg-sync-1"));
+    let pg = Cluster::start(&redis, &settings);
+    pg.wait_number("SELECT count(*) FROM redis_streams WHERE stream_key = 'named'", 30, T);
+    wait_for("pending acknowledged", T, || {
+        (pending(&mut r, "named", "redis-pg-sync") == 0).then_some(())
+    });
+    assert_eq!(consumers(&mut r, "named"), vec!["redis-pg-sync-1".to_owned()]);
 }
 
 #[test]

@@ -199,6 +199,47 @@ impl Redis {
         Ok(Some(ids))
     }
 
+    /// Moves the entries pending for consumer `from` to consumer `to` whatever their idle
+    /// time (`XPENDING ... from`, then `XCLAIM ... 0 ... JUSTID`), up to ten pages of
+    /// `count`, and removes `from` from the group once nothing is pending for it. Returns
+    /// how many entries moved.
+    pub fn take_over_consumer(
+        &mut self,
+        db: u8,
+        key: &[u8],
+        group: &str,
+        from: &str,
+        to: &str,
+        count: u32,
+    ) -> Result<usize> {
+        let mut moved = 0;
+        for _ in 0..10 {
+            let mut cmd = ::redis::cmd("XPENDING");
+            cmd.arg(key).arg(group).arg("-").arg("+").arg(count.max(1)).arg(from);
+            let Value::Array(items) = self.query(db, "XPENDING", &cmd)? else {
+                return Err(SyncError::protocol("XPENDING", "unexpected reply shape"));
+            };
+            let ids: Vec<String> = items
+                .iter()
+                .filter_map(|item| match item {
+                    Value::Array(parts) => parts.first().and_then(as_string),
+                    _ => None,
+                })
+                .collect();
+            if ids.is_empty() {
+                let mut cmd = ::redis::cmd("XGROUP");
+                cmd.arg("DELCONSUMER").arg(key).arg(group).arg(from);
+                self.query(db, "XGROUP DELCONSUMER", &cmd)?;
+                return Ok(moved);
+            }
+            let mut cmd = ::redis::cmd("XCLAIM");
+            cmd.arg(key).arg(group).arg(to).arg(0).arg(&ids).arg("JUSTID");
+            self.query(db, "XCLAIM", &cmd)?;
+            moved += ids.len();
+        }
+        Ok(moved)
+    }
+
     /// Claims entries of other consumers idle longer than `min_idle` into our pending list
     /// (`XAUTOCLAIM ... JUSTID`); returns how many were claimed, and how many pending entries
     /// Redis found deleted from the stream meanwhile (and dropped from the pending list).

@@ -305,8 +305,30 @@ fn refresh_info(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<
 
 /// Claims entries other consumers left pending longer than `claim_min_idle`; they join our
 /// pending list and are read from there.
+///
+/// The entries pending for the worker's former consumer name (the old default, when the
+/// name is now derived) are its own: they move to the current name at once, whatever
+/// their idle time, and the former name leaves the group.
 fn claim(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<()> {
     for f in found {
+        if let Some(former) = s.former_consumer.as_deref().filter(|f| *f != s.consumer_name) {
+            let has_pending = f.info.as_ref().is_some_and(|i| i.pending > 0);
+            if f.group == Some(GroupState::Ready) && has_pending {
+                let moved = redis.take_over_consumer(
+                    f.db,
+                    &f.key,
+                    &s.consumer_group,
+                    former,
+                    &s.consumer_name,
+                    s.batch_size.max(100),
+                );
+                match moved {
+                    Ok(n) => f.claimed = Ok(n),
+                    Err(e) if e.connection_lost() => return Err(e),
+                    Err(e) => f.claimed = Err(e.to_string()),
+                }
+            }
+        }
         let busy = f.info.as_ref().is_some_and(|i| i.pending > 0 && i.consumers >= 2);
         if f.group != Some(GroupState::Ready) || !busy {
             continue;
@@ -322,7 +344,7 @@ fn claim(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<()> {
         f.claimed = match n {
             Ok((n, deleted)) => {
                 f.lost = deleted;
-                Ok(n)
+                Ok(n + f.claimed.as_ref().map_or(0, |m| *m))
             }
             Err(e) if e.connection_lost() => return Err(e),
             Err(e) => Err(e.to_string()),

@@ -77,13 +77,20 @@ impl Worker {
             settings,
         };
         worker.log.info(&format!(
-            "redis_pg_sync {} started: database \"{}\", Redis {}",
+            "redis_pg_sync {} started: database \"{}\", Redis {}{}",
             match role {
                 Role::Streams => "worker",
                 Role::KeyValues => "key-value worker",
             },
             worker.settings.database,
-            worker.settings.redis.server()
+            worker.settings.redis.server(),
+            match role {
+                Role::Streams => format!(
+                    ", consumer \"{}\" of group \"{}\"",
+                    worker.settings.consumer_name, worker.settings.consumer_group
+                ),
+                Role::KeyValues => String::new(),
+            }
         ));
         worker
     }
