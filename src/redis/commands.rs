@@ -200,9 +200,13 @@ impl Redis {
     }
 
     /// Moves the entries pending for consumer `from` to consumer `to` whatever their idle
-    /// time (`XPENDING ... from`, then `XCLAIM ... 0 ... JUSTID`), up to ten pages of
-    /// `count`, and removes `from` from the group once nothing is pending for it. Returns
-    /// how many entries moved.
+    /// time, once `from` itself has been idle for `min_idle` (no worker reads as it any
+    /// more): `XINFO CONSUMERS`, then pages of `XPENDING ... from` and
+    /// `XCLAIM ... 0 ... JUSTID` (up to ten pages of `count`), and `XGROUP DELCONSUMER` once
+    /// nothing is pending for it. Returns how many entries moved, and how many Redis found
+    /// deleted from the stream (and dropped from the pending list); (0, 0) when `from` is
+    /// not in the group or was active lately.
+    #[allow(clippy::too_many_arguments)]
     pub fn take_over_consumer(
         &mut self,
         db: u8,
@@ -210,9 +214,17 @@ impl Redis {
         group: &str,
         from: &str,
         to: &str,
+        min_idle: Duration,
         count: u32,
-    ) -> Result<usize> {
-        let mut moved = 0;
+    ) -> Result<(usize, usize)> {
+        let mut cmd = ::redis::cmd("XINFO");
+        cmd.arg("CONSUMERS").arg(key).arg(group);
+        let consumers = self.query(db, "XINFO CONSUMERS", &cmd)?;
+        let idle = super::reply::consumer_idle(&consumers, from);
+        if idle.is_none_or(|ms| ms < min_idle.as_millis() as i64) {
+            return Ok((0, 0));
+        }
+        let (mut moved, mut deleted) = (0, 0);
         for _ in 0..10 {
             let mut cmd = ::redis::cmd("XPENDING");
             cmd.arg(key).arg(group).arg("-").arg("+").arg(count.max(1)).arg(from);
@@ -230,14 +242,18 @@ impl Redis {
                 let mut cmd = ::redis::cmd("XGROUP");
                 cmd.arg("DELCONSUMER").arg(key).arg(group).arg(from);
                 self.query(db, "XGROUP DELCONSUMER", &cmd)?;
-                return Ok(moved);
+                break;
             }
             let mut cmd = ::redis::cmd("XCLAIM");
             cmd.arg(key).arg(group).arg(to).arg(0).arg(&ids).arg("JUSTID");
-            self.query(db, "XCLAIM", &cmd)?;
-            moved += ids.len();
+            let Value::Array(got) = self.query(db, "XCLAIM", &cmd)? else {
+                return Err(SyncError::protocol("XCLAIM", "unexpected reply shape"));
+            };
+            // (Redis 7 drops IDs no longer in the stream from the pending list, unnamed.)
+            moved += got.len();
+            deleted += ids.len().saturating_sub(got.len());
         }
-        Ok(moved)
+        Ok((moved, deleted))
     }
 
     /// Claims entries of other consumers idle longer than `min_idle` into our pending list

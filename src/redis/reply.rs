@@ -211,6 +211,18 @@ pub(super) fn stalled_consumer(consumers: &Value, ours: &str) -> Option<(String,
         .max_by_key(|(_, idle, _)| *idle)
 }
 
+/// How long consumer `name` has been idle (ms), from an `XINFO CONSUMERS` reply; `None` when
+/// the group has no such consumer.
+pub(super) fn consumer_idle(consumers: &Value, name: &str) -> Option<i64> {
+    let Value::Array(list) = consumers else { return None };
+    list.iter().find_map(|c| {
+        let pairs = info_pairs(c);
+        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| *v);
+        (get("name").and_then(as_string).as_deref() == Some(name))
+            .then(|| get("idle").and_then(as_int).unwrap_or(0))
+    })
+}
+
 /// The names of the groups in an `XINFO GROUPS` reply.
 pub(super) fn group_names(groups: &Value) -> Vec<String> {
     let Value::Array(groups) = groups else { return Vec::new() };
@@ -278,6 +290,25 @@ mod tests {
         assert_eq!(got[0].1[1], RawEntry { id: "2-0".into(), fields: None });
         assert_eq!(parse_read(Value::Nil), Some(vec![]));
         assert_eq!(parse_read(Value::Int(3)), None);
+    }
+
+    #[test]
+    fn a_consumer_s_idle_time_is_found_by_name() {
+        let consumer = |name: &[u8], idle: i64| {
+            Value::Array(vec![
+                bulk(b"name"),
+                bulk(name),
+                bulk(b"pending"),
+                Value::Int(0),
+                bulk(b"idle"),
+                Value::Int(idle),
+            ])
+        };
+        let list = Value::Array(vec![consumer(b"ours", 5), consumer(b"redis-pg-sync-1", 12_000)]);
+        assert_eq!(consumer_idle(&list, "redis-pg-sync-1"), Some(12_000));
+        assert_eq!(consumer_idle(&list, "ours"), Some(5));
+        assert_eq!(consumer_idle(&list, "absent"), None);
+        assert_eq!(consumer_idle(&Value::Nil, "ours"), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::time::Duration;
 
 use crate::error::{Result, SyncError};
 use crate::gucs::{Mode, Settings};
@@ -303,6 +304,11 @@ fn refresh_info(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<
     Ok(())
 }
 
+/// How long the worker's former consumer name must have been idle before its pending
+/// entries are taken over: a worker still reading as it (one not yet upgraded, say) touches
+/// it at every read, at least every few seconds.
+const FORMER_IDLE: Duration = Duration::from_secs(10);
+
 /// Claims entries other consumers left pending longer than `claim_min_idle`; they join our
 /// pending list and are read from there.
 ///
@@ -311,22 +317,28 @@ fn refresh_info(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<
 /// their idle time, and the former name leaves the group.
 fn claim(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<()> {
     for f in found {
-        if let Some(former) = s.former_consumer.as_deref().filter(|f| *f != s.consumer_name) {
-            let has_pending = f.info.as_ref().is_some_and(|i| i.pending > 0);
-            if f.group == Some(GroupState::Ready) && has_pending {
-                let moved = redis.take_over_consumer(
-                    f.db,
-                    &f.key,
-                    &s.consumer_group,
-                    former,
-                    &s.consumer_name,
-                    s.batch_size.max(100),
-                );
-                match moved {
-                    Ok(n) => f.claimed = Ok(n),
-                    Err(e) if e.connection_lost() => return Err(e),
-                    Err(e) => f.claimed = Err(e.to_string()),
+        // The former name is a second consumer of the group; one that no worker has used
+        // for a while (a live one reads at least every poll) is taken over.
+        let former = s.former_consumer.as_deref().filter(|f| *f != s.consumer_name);
+        // (Before the worker's first read its own name is not in the group yet.)
+        let maybe = f.info.as_ref().is_some_and(|i| i.consumers >= 2 || i.pending > 0);
+        if let (Some(former), true, true) = (former, maybe, f.group == Some(GroupState::Ready)) {
+            let moved = redis.take_over_consumer(
+                f.db,
+                &f.key,
+                &s.consumer_group,
+                former,
+                &s.consumer_name,
+                FORMER_IDLE,
+                s.batch_size.max(100),
+            );
+            match moved {
+                Ok((n, deleted)) => {
+                    f.claimed = Ok(n);
+                    f.lost = deleted;
                 }
+                Err(e) if e.connection_lost() => return Err(e),
+                Err(e) => f.claimed = Err(e.to_string()),
             }
         }
         let busy = f.info.as_ref().is_some_and(|i| i.pending > 0 && i.consumers >= 2);
@@ -341,13 +353,14 @@ fn claim(redis: &mut Redis, s: &Settings, found: &mut [Found]) -> Result<()> {
             s.claim_min_idle,
             s.batch_size,
         );
-        f.claimed = match n {
-            Ok((n, deleted)) => {
-                f.lost = deleted;
-                Ok(n + f.claimed.as_ref().map_or(0, |m| *m))
+        f.claimed = match (n, &f.claimed) {
+            (Ok(_), Err(e)) => Err(e.clone()),
+            (Ok((n, deleted)), Ok(before)) => {
+                f.lost += deleted;
+                Ok(n + before)
             }
-            Err(e) if e.connection_lost() => return Err(e),
-            Err(e) => Err(e.to_string()),
+            (Err(e), _) if e.connection_lost() => return Err(e),
+            (Err(e), _) => Err(e.to_string()),
         };
     }
     Ok(())
