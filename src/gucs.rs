@@ -831,6 +831,7 @@ impl Settings {
     }
 
     pub fn load() -> Settings {
+        let configured_consumer = text(&CONSUMER_NAME);
         Settings {
             database: text(&DATABASE),
             role: text(&ROLE),
@@ -859,8 +860,8 @@ impl Settings {
             rate_limit: RATE_LIMIT.get().max(0) as u32,
             streams: parse::parse_list(&text(&STREAMS)),
             consumer_group: text(&CONSUMER_GROUP),
-            consumer_name: consumer_name(&text(&CONSUMER_NAME), &text(&DATABASE)),
-            former_consumer: text(&CONSUMER_NAME)
+            consumer_name: consumer_name(&configured_consumer, &text(&DATABASE)),
+            former_consumer: configured_consumer
                 .trim()
                 .is_empty()
                 .then(|| FORMER_DEFAULT_CONSUMER.to_owned()),

@@ -189,14 +189,7 @@ impl Redis {
         if items.len() >= max {
             return Ok(None);
         }
-        let ids = items
-            .iter()
-            .filter_map(|item| match item {
-                Value::Array(parts) => parts.first().and_then(as_string),
-                _ => None,
-            })
-            .collect();
-        Ok(Some(ids))
+        Ok(Some(pending_reply_ids(&items)))
     }
 
     /// Moves the entries pending for consumer `from` to consumer `to` whatever their idle
@@ -231,13 +224,7 @@ impl Redis {
             let Value::Array(items) = self.query(db, "XPENDING", &cmd)? else {
                 return Err(SyncError::protocol("XPENDING", "unexpected reply shape"));
             };
-            let ids: Vec<String> = items
-                .iter()
-                .filter_map(|item| match item {
-                    Value::Array(parts) => parts.first().and_then(as_string),
-                    _ => None,
-                })
-                .collect();
+            let ids = pending_reply_ids(&items);
             if ids.is_empty() {
                 let mut cmd = ::redis::cmd("XGROUP");
                 cmd.arg("DELCONSUMER").arg(key).arg(group).arg(from);
@@ -348,6 +335,18 @@ impl Redis {
             })
             .collect())
     }
+}
+
+/// The entry IDs of an extended `XPENDING` reply (one `[id, consumer, idle, deliveries]`
+/// array an entry).
+fn pending_reply_ids(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Value::Array(parts) => parts.first().and_then(as_string),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The command that reads a key of Redis type `ty`, with its arguments after the key.
