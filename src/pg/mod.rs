@@ -8,6 +8,7 @@ mod copy;
 pub mod ddl;
 mod latch;
 pub mod redact;
+pub mod standbys;
 mod txn;
 
 use std::ffi::{CStr, CString};
