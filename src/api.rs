@@ -51,6 +51,8 @@ fn redis_sync_status() -> TableIterator<
         name!(dead_letters_stored, i64),
         name!(entries_lost, i64),
         name!(key_values_skipped, i64),
+        name!(acks_waiting, i64),
+        name!(acks_waiting_since, Option<TimestampWithTimeZone>),
     ),
 > {
     let mode = gucs::MODE.get().as_str().to_owned();
@@ -78,6 +80,8 @@ fn redis_sync_status() -> TableIterator<
             0,
             0,
             0,
+            0,
+            None,
         ));
     };
     let c = shmem::COUNTERS.get();
@@ -114,6 +118,8 @@ fn redis_sync_status() -> TableIterator<
         s.dead_letters_stored,
         count(&c.entries_lost),
         skipped,
+        s.acks_waiting,
+        ts(s.acks_waiting_since),
     ))
 }
 

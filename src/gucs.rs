@@ -54,6 +54,16 @@ pub enum KeyValueDeletes {
     Ignore,
 }
 
+/// When a landed stream entry is acknowledged in Redis (`XACK`): once its commit is flushed
+/// here, or once the standbys have flushed it too.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AckAfter {
+    #[name = c"local"]
+    Local,
+    #[name = c"standby"]
+    Standby,
+}
+
 type Text = GucSetting<Option<CString>>;
 
 macro_rules! text {
@@ -92,6 +102,7 @@ pub static MODE: GucSetting<Mode> = GucSetting::<Mode>::new(Mode::Sync);
 pub static LOG_LEVEL: GucSetting<LogLevel> = GucSetting::<LogLevel>::new(LogLevel::Info);
 pub static KEY_VALUE_DELETES: GucSetting<KeyValueDeletes> =
     GucSetting::<KeyValueDeletes>::new(KeyValueDeletes::Mark);
+pub static ACK_AFTER: GucSetting<AckAfter> = GucSetting::<AckAfter>::new(AckAfter::Local);
 
 pub static REDIS_PORT: GucSetting<i32> = GucSetting::<i32>::new(6379);
 pub static REDIS_DB: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -404,6 +415,17 @@ pub fn init() {
         none,
         None,
     );
+    GucRegistry::define_enum_guc(
+        c"redis_sync.ack_after",
+        c"When a landed stream entry is acknowledged in Redis: local (its commit is flushed \
+          here) or standby (the standbys have flushed it too, so a failover loses nothing).",
+        c"With standby, as many standbys as synchronous_standby_names requires, or when that \
+          is empty, every connected streaming standby and at least one, must have flushed the \
+          commit; until then the entries stay pending in Redis.",
+        &ACK_AFTER,
+        GucContext::Sighup,
+        none,
+    );
     int(
         c"redis_sync.sync_interval",
         c"How often a key-value pass runs.",
@@ -669,6 +691,7 @@ pub struct Settings {
     pub auto_create_consumer_groups: bool,
     pub stream_conflict_overwrite: bool,
     pub claim_min_idle: Duration,
+    pub ack_after: AckAfter,
     pub key_value_auto_discovery: bool,
     pub key_value_patterns: Vec<String>,
     pub sync_interval: Duration,
@@ -873,6 +896,7 @@ impl Settings {
             auto_create_consumer_groups: AUTO_CREATE_CONSUMER_GROUPS.get(),
             stream_conflict_overwrite: STREAM_CONFLICT_OVERWRITE.get(),
             claim_min_idle: ms(&CLAIM_MIN_IDLE_MS),
+            ack_after: ACK_AFTER.get(),
             key_value_auto_discovery: KEY_VALUE_AUTO_DISCOVERY.get(),
             key_value_patterns: parse::parse_list(&text(&KEY_VALUE_PATTERNS)),
             sync_interval: ms(&SYNC_INTERVAL_MS),
@@ -938,6 +962,7 @@ impl Default for Settings {
             auto_create_consumer_groups: true,
             stream_conflict_overwrite: false,
             claim_min_idle: Duration::from_secs(60),
+            ack_after: AckAfter::Local,
             key_value_auto_discovery: true,
             key_value_patterns: vec!["*".into()],
             sync_interval: Duration::from_secs(1),

@@ -14,6 +14,7 @@ mod tests {
 
     /// (name, boot value, context, unit) of every setting: the contract of DESIGN section 1.
     const SETTINGS: &[(&str, &str, &str, &str)] = &[
+        ("redis_sync.ack_after", "local", "sighup", ""),
         ("redis_sync.auto_create_consumer_groups", "on", "sighup", ""),
         ("redis_sync.backoff_base", "1000", "sighup", "ms"),
         ("redis_sync.backoff_max", "30000", "sighup", "ms"),
@@ -80,6 +81,7 @@ mod tests {
             ("redis_sync.mode", "{sync,monitor}"),
             ("redis_sync.log_level", "{debug,info,notice,warning,error}"),
             ("redis_sync.key_value_deletes", "{mark,delete,ignore}"),
+            ("redis_sync.ack_after", "{local,standby}"),
         ] {
             let got = one::<String>(&format!(
                 "SELECT enumvals::text FROM pg_settings WHERE name = '{name}'"

@@ -95,6 +95,10 @@ pub struct WorkerStatus {
     /// The key-value worker process (the fields above are the stream worker's, but for its
     /// lane's row in `lanes`).
     pub kv: ProcessSlot,
+    /// Landed entries whose acknowledgement waits for a flush (here, or on the standbys),
+    /// and when the oldest of them committed (TimestampTz; 0 = none waits).
+    pub acks_waiting: i64,
+    pub acks_waiting_since: i64,
 }
 
 /// A worker process other than the stream worker, for `redis_sync_workers()`.
@@ -171,6 +175,8 @@ impl Default for WorkerStatus {
             lanes: [LaneSlot::EMPTY; 3],
             dead_letters_stored: 0,
             kv: ProcessSlot::STOPPED,
+            acks_waiting: 0,
+            acks_waiting_since: 0,
         }
     }
 }

@@ -550,6 +550,14 @@ impl Cluster {
         self.launch();
     }
 
+    /// Immediate shutdown (SIGQUIT to the postmaster, by PID: `pg_ctl stop -m immediate`),
+    /// no start.
+    pub fn stop_immediate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGQUIT, Duration::from_secs(30));
+        }
+    }
+
     /// Immediate shutdown (SIGQUIT to the postmaster, what `pg_ctl stop -m immediate`
     /// sends: no checkpoint, crash recovery at the next start), then a start.
     pub fn crash_restart(&mut self) {
@@ -725,6 +733,22 @@ impl Cluster {
         pid
     }
 
+    /// Waits until `n` standbys stream from this primary.
+    pub fn wait_streaming_standbys(&self, n: i64, timeout: Duration) {
+        self.wait_number(
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            n,
+            timeout,
+        );
+    }
+
+    /// The WAL receiver's PID on this standby.
+    pub fn wal_receiver_pid(&self) -> i32 {
+        wait_for("the WAL receiver", Duration::from_secs(30), || {
+            self.try_query_text("SELECT pid FROM pg_stat_wal_receiver")?.parse().ok()
+        })
+    }
+
     /// Appends raw lines to postgresql.conf (to test what a reload does with them).
     pub fn append_conf(&self, lines: &str) {
         fs::OpenOptions::new()
@@ -747,6 +771,31 @@ impl Drop for Cluster {
 
 // ---------------------------------------------------------------------------------------
 // Stream helpers shared by the suites
+
+/// A process stopped (SIGSTOP, by PID) until this is dropped (SIGCONT), also when the test
+/// fails.
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn new(pid: i32) -> Frozen {
+        assert!(send_signal(pid as u32, libc::SIGSTOP), "SIGSTOP {pid}");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        send_signal(self.0 as u32, libc::SIGCONT);
+    }
+}
+
+/// `kill -9` of process `pid`, then waits until it is gone.
+pub fn kill_and_wait(pid: i32) {
+    send_signal(pid as u32, libc::SIGKILL);
+    wait_for(&format!("process {pid} to end"), Duration::from_secs(30), || {
+        (!process_alive(pid)).then_some(())
+    });
+}
 
 /// Adds `n` entries `{n: i, s: <stream>}` to `stream`, pipelined in chunks.
 pub fn add_entries(r: &mut redis::Connection, stream: &str, n: usize) {
@@ -1215,4 +1264,83 @@ pub fn assert_rows_are_the_entries(
     let have: HashSet<&String> = have.iter().collect();
     let missing = want.iter().filter(|id| !have.contains(id)).count();
     assert_eq!(missing, 0, "{stream}: every entry in Redis has its row");
+}
+
+/// The standby's lag at the kill in repetition `rep` of [`kill_and_promote`]: 1 s in the
+/// even ones, none in the others.
+pub fn failover_lag(rep: usize) -> Option<Duration> {
+    rep.is_multiple_of(2).then_some(Duration::from_secs(1))
+}
+
+/// A failover mid-drain: a durable primary at the default settings with
+/// `redis_sync.ack_after = ack_after`, a route into a table without a unique key (a duplicate
+/// would show) and an asynchronous streaming standby. While `total` entries stream in and
+/// land, the primary is killed (`kill -9` of the postmaster and of the stream worker, as a
+/// crash of its machine would), and the standby promoted. With `lag`, the standby's WAL
+/// receiver is stopped that long before the kill (a standby that fell behind: a slow disk
+/// or network). Once the group has nothing pending or unread, returns what the promoted
+/// server's table holds of the entries added: (lost, duplicated).
+pub fn kill_and_promote(ack_after: &str, total: usize, lag: Option<Duration>) -> (i64, i64) {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    let mut primary = Cluster::start_defaults(
+        &redis,
+        &[
+            ("redis_sync.ack_after", ack_after),
+            ("redis_sync.streams", "orders"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+        ],
+    );
+    primary.execute(
+        "CREATE TABLE orders (entry_id text, n int);
+         SELECT redis_sync_add_stream_route('orders', 'orders', 'orders',
+             '{\"entry_id\": \"$id\", \"n\": \"n\"}');",
+    );
+    assert!(primary.wait_until_running());
+    let standby = Cluster::start_standby_of(&primary);
+    primary.wait_streaming_standbys(1, Duration::from_secs(60));
+
+    let url = redis.url();
+    let producer = std::thread::spawn(move || {
+        let mut r = redis::Client::open(url).expect("url").get_connection().expect("connect");
+        for start in (0..total).step_by(500) {
+            add_numbered(&mut r, "orders", start..(start + 500).min(total));
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    wait_for("a quarter landed on the primary", Duration::from_secs(60), || {
+        let n: i64 = primary.try_query_text("SELECT count(*) FROM orders")?.parse().ok()?;
+        (n >= total as i64 / 4).then_some(())
+    });
+    let worker = primary.worker_pid().expect("the stream worker");
+    let behind = lag.map(|lag| {
+        let frozen = Frozen::new(standby.wal_receiver_pid());
+        std::thread::sleep(lag);
+        frozen
+    });
+    primary.kill_postmaster();
+    kill_and_wait(worker);
+    drop(behind);
+    standby.execute("SELECT pg_promote()");
+    standby.wait_status("state", "running", Duration::from_secs(60));
+    producer.join().expect("producer");
+    // Settled: every entry read and acknowledged (so landed and committed).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (pending, lag) = pending_and_lag(&mut r, 0, "orders");
+        if (pending, lag) == (0, 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 120 s, {pending} entries pending and {lag} unread; {:?} rows\nstatus: {:?}\nlog tail:\n{}",
+            standby.try_query_text("SELECT count(*) FROM orders"),
+            standby.try_query_text("SELECT row(s.*)::text FROM redis_sync_status() s"),
+            standby.log().lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let distinct = standby.number("SELECT count(DISTINCT n) FROM orders");
+    let rows = standby.number("SELECT count(*) FROM orders");
+    (total as i64 - distinct, rows - distinct)
 }

@@ -85,6 +85,11 @@ fn an_update_from_0_2_0_equals_a_fresh_install() {
     update_equals_fresh("0.2.0");
 }
 
+#[test]
+fn an_update_from_0_3_0_equals_a_fresh_install() {
+    update_equals_fresh("0.3.0");
+}
+
 /// Installs release `from` from its frozen script, updates it step by step to this version,
 /// and compares the catalog with a fresh install.
 fn update_equals_fresh(from: &str) {
@@ -221,6 +226,8 @@ fn the_exporter_queries_show_what_the_worker_reports_to_a_pg_monitor_role() {
     assert!(has("# TYPE redis_sync_messages_processed counter"), "{metrics}");
     assert!(has("# TYPE redis_sync_stream_pending gauge"), "{metrics}");
     assert!(has("# TYPE redis_sync_dead_letters_stored gauge"), "{metrics}");
+    assert!(has("# TYPE redis_sync_acks_waiting gauge"), "{metrics}");
+    assert!(sample(&metrics, "redis_sync_acks_waiting_seconds", &[]).is_some(), "{metrics}");
     assert_eq!(sample(&metrics, "redis_sync_up", &[]), Some(1.0));
     assert_eq!(
         sample(&metrics, "redis_sync_worker_info", &[("state", "running"), ("mode", "sync")]),

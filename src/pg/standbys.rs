@@ -1,7 +1,11 @@
 //! How far the standbys have flushed the WAL, as `redis_sync.ack_after = standby` needs it:
 //! as many standbys as `synchronous_standby_names` asks for (`FIRST n` or `ANY n`), or when
-//! that is empty, every connected streaming standby. The rules here are pure; the figures
-//! come from `pg_stat_replication`.
+//! that is empty, every connected streaming standby, and at least one. The rules are pure
+//! functions; [`flush_position`] reads the figures from `pg_stat_replication`.
+
+use pgrx::prelude::*;
+
+use crate::error::Result;
 
 /// What `synchronous_standby_names` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,27 +54,72 @@ pub struct Standby {
     pub quorum: bool,
 }
 
-/// How far the WAL is safe on the standbys that count: `None` when no standby counts (no
-/// setting and none connected: acknowledgements wait for the local flush only), `Some(0)`
-/// when fewer standbys than required are there (nothing is safe yet).
-pub fn standbys_flushed(quorum: Option<Quorum>, standbys: &[Standby]) -> Option<u64> {
+/// How far the WAL is safe on the standbys that count; 0 when fewer standbys than required
+/// are there, or without a setting, none is connected (what that means is the caller's:
+/// see `streams::acks`).
+pub fn standbys_flushed(quorum: Option<Quorum>, standbys: &[Standby]) -> u64 {
     match quorum {
-        None => standbys.iter().map(|s| s.flushed).min(),
+        None => standbys.iter().map(|s| s.flushed).min().unwrap_or(0),
         Some(Quorum::First(n)) => {
             let chosen: Vec<u64> = standbys.iter().filter(|s| s.sync).map(|s| s.flushed).collect();
             if chosen.len() < n.max(1) {
-                Some(0)
+                0
             } else {
-                chosen.into_iter().min()
+                chosen.into_iter().min().unwrap_or(0)
             }
         }
         Some(Quorum::Any(n)) => {
             let mut candidates: Vec<u64> =
                 standbys.iter().filter(|s| s.quorum).map(|s| s.flushed).collect();
             candidates.sort_unstable_by(|a, b| b.cmp(a));
-            Some(candidates.get(n.max(1) - 1).copied().unwrap_or(0))
+            candidates.get(n.max(1) - 1).copied().unwrap_or(0)
         }
     }
+}
+
+/// What the standbys hold now: how far the WAL is safe on those that count, how many
+/// stream, and whether `synchronous_standby_names` names the ones that count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flushed {
+    pub position: u64,
+    pub connected: usize,
+    pub named: bool,
+}
+
+/// Reads `pg_stat_replication` (in a transaction of its own, as the bootstrap superuser, so
+/// every standby's positions are visible) and applies `synchronous_standby_names`.
+pub fn flush_position() -> Result<Flushed> {
+    let quorum = parse_quorum(&super::txn::sync_standby_names());
+    let standbys = super::in_transaction(|| {
+        super::as_superuser(|| {
+            Spi::connect(|client| {
+                let rows = client
+                    .select(
+                        "SELECT coalesce((flush_lsn - '0/0'::pg_lsn)::int8, 0), sync_state \
+                         FROM pg_catalog.pg_stat_replication WHERE state = 'streaming'",
+                        None,
+                        &[],
+                    )
+                    .map_err(super::spi_err)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let flushed = row.get::<i64>(1).map_err(super::spi_err)?.unwrap_or(0);
+                    let state = row.get::<String>(2).map_err(super::spi_err)?.unwrap_or_default();
+                    out.push(Standby {
+                        flushed: flushed.max(0) as u64,
+                        sync: state == "sync",
+                        quorum: state == "quorum",
+                    });
+                }
+                Ok(out)
+            })
+        })
+    })?;
+    Ok(Flushed {
+        position: standbys_flushed(quorum, &standbys),
+        connected: standbys.len(),
+        named: quorum.is_some(),
+    })
 }
 
 #[cfg(test)]
@@ -99,25 +148,26 @@ mod tests {
 
     #[test]
     fn every_connected_standby_counts_without_a_setting() {
-        assert_eq!(standbys_flushed(None, &[]), None);
+        // None connected: nothing is known to be safe there.
+        assert_eq!(standbys_flushed(None, &[]), 0);
         let list = [standby(300, "async"), standby(100, "async")];
-        assert_eq!(standbys_flushed(None, &list), Some(100));
+        assert_eq!(standbys_flushed(None, &list), 100);
     }
 
     #[test]
     fn first_n_waits_for_the_chosen_standbys() {
         let list = [standby(300, "sync"), standby(200, "sync"), standby(50, "potential")];
-        assert_eq!(standbys_flushed(Some(Quorum::First(2)), &list), Some(200));
-        assert_eq!(standbys_flushed(Some(Quorum::First(3)), &list), Some(0));
-        assert_eq!(standbys_flushed(Some(Quorum::First(1)), &[]), Some(0));
+        assert_eq!(standbys_flushed(Some(Quorum::First(2)), &list), 200);
+        assert_eq!(standbys_flushed(Some(Quorum::First(3)), &list), 0);
+        assert_eq!(standbys_flushed(Some(Quorum::First(1)), &[]), 0);
     }
 
     #[test]
     fn any_n_takes_the_n_th_furthest() {
         let list = [standby(300, "quorum"), standby(100, "quorum"), standby(200, "quorum")];
-        assert_eq!(standbys_flushed(Some(Quorum::Any(1)), &list), Some(300));
-        assert_eq!(standbys_flushed(Some(Quorum::Any(2)), &list), Some(200));
-        assert_eq!(standbys_flushed(Some(Quorum::Any(3)), &list), Some(100));
-        assert_eq!(standbys_flushed(Some(Quorum::Any(4)), &list), Some(0));
+        assert_eq!(standbys_flushed(Some(Quorum::Any(1)), &list), 300);
+        assert_eq!(standbys_flushed(Some(Quorum::Any(2)), &list), 200);
+        assert_eq!(standbys_flushed(Some(Quorum::Any(3)), &list), 100);
+        assert_eq!(standbys_flushed(Some(Quorum::Any(4)), &list), 0);
     }
 }

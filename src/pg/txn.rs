@@ -71,6 +71,19 @@ pub fn commits_wait_for_standbys() -> bool {
     }
 }
 
+/// `synchronous_standby_names` as this backend has it ("" when unset).
+pub fn sync_standby_names() -> String {
+    // SAFETY: main thread; a non-null `SyncRepStandbyNames` points at a NUL-terminated
+    // string owned by the GUC machinery, copied here before anything can change it.
+    unsafe {
+        let names = pg_sys::SyncRepStandbyNames;
+        if names.is_null() {
+            return String::new();
+        }
+        std::ffi::CStr::from_ptr(names).to_string_lossy().into_owned()
+    }
+}
+
 /// Where the WAL written so far ends: once it is flushed that far, every commit this process
 /// made or saw (other backends' too, an earlier worker's not yet flushed) is durable.
 pub fn wal_end() -> u64 {

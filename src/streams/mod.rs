@@ -8,6 +8,7 @@
 //! - `monitor`: monitor mode (look, do not touch)
 //! - `writer`: the stream-table writer (COPY, INSERT fallback, dead letters)
 
+mod acks;
 mod discoverer;
 mod discovery;
 mod monitor;
@@ -206,8 +207,19 @@ pub struct StreamSync {
     /// where the commit ends in the WAL, when it committed, and the acknowledgements by
     /// database. They move to `unacked` once the WAL is flushed that far.
     awaiting: std::collections::VecDeque<(u64, Instant, BTreeMap<u8, Acks>)>,
-    /// How far the WAL was flushed when last looked at.
+    /// How far the WAL was flushed when last looked at (and with `ack_after = standby`, the
+    /// standbys too): acknowledgements may go up to here.
     flushed: u64,
+    /// Entries in `awaiting`.
+    awaiting_entries: usize,
+    /// The standbys' flush position, with `ack_after = standby`.
+    standby: acks::StandbyWait,
+    /// Reads stopped (acknowledgements still go) while `awaiting` holds too many entries.
+    reads_paused: bool,
+    /// How long the loop may sleep while entries wait for their acknowledgement.
+    ack_poll: std::time::Duration,
+    /// The wait last shown in shared memory: entries and when the oldest committed.
+    shown_wait: (usize, Option<Instant>),
     /// When the shared read of the busy databases last found entries.
     shared_found_at: Option<Instant>,
     /// The stream routes, as last loaded, and the generation they were loaded at.
@@ -263,6 +275,11 @@ impl StreamSync {
             unacked: BTreeMap::new(),
             awaiting: std::collections::VecDeque::new(),
             flushed: 0,
+            awaiting_entries: 0,
+            standby: acks::StandbyWait::default(),
+            reads_paused: false,
+            ack_poll: acks::STANDBY_POLL,
+            shown_wait: (0, None),
             shared_found_at: None,
             routes: RouteSet::default(),
             routes_gen: None,
@@ -340,6 +357,8 @@ impl StreamSync {
         if other_server {
             self.unacked.clear();
             self.awaiting.clear();
+            self.awaiting_entries = 0;
+            self.reads_paused = false;
             self.readers.clear();
             self.combined = None;
         }

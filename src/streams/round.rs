@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::acks;
 use super::reader::{
     Acks, GroupFix, ReadOutcome, ReadReply, ReadRequest, ReadStream, Reader, StreamBatch,
 };
 use super::writer::{StreamRow, Target, Writers, Written};
 use super::{Cursor, StreamSync};
 use crate::error::{Result, SyncError};
-use crate::gucs::Settings;
+use crate::gucs::{AckAfter, Settings};
 use crate::pg::Waker;
 use crate::redis::SharedBudget;
 use crate::routes::Route;
@@ -39,6 +40,10 @@ const RETRY_HELD: Duration = Duration::from_secs(5);
 /// Committed entries wait at most this long for the WAL writer to flush their commit before
 /// the worker flushes it itself (and can acknowledge them).
 const FLUSH_AT_LATEST: Duration = Duration::from_secs(1);
+
+/// How long a stopping worker waits for the reads under way to come back before it sends
+/// its last acknowledgements.
+const FINAL_READS: Duration = Duration::from_secs(3);
 
 /// While committed entries wait for their flush, the loop looks again this often.
 const FLUSH_POLL: Duration = Duration::from_millis(20);
@@ -210,7 +215,7 @@ impl StreamSync {
             }
             pumped.landed += self.land_reads(writer, s, log, batches)?;
         }
-        self.settle_acks(Instant::now());
+        self.settle_acks(Instant::now(), s, log);
         if let Some(feed) = feed {
             self.feed(s, feed)?;
         }
@@ -365,6 +370,8 @@ impl StreamSync {
         while self.awaiting.front().is_some_and(|(lsn, ..)| *lsn <= self.flushed) {
             let Some((_, _, by_db)) = self.awaiting.pop_front() else { break };
             for (db, acks) in by_db {
+                let n: usize = acks.iter().map(|(_, ids)| ids.len()).sum();
+                self.awaiting_entries = self.awaiting_entries.saturating_sub(n);
                 self.unacked.entry(db).or_default().extend(acks);
             }
         }
@@ -375,25 +382,181 @@ impl StreamSync {
     /// `wal_writer_delay`, and other commits flush it too. The worker flushes it itself only
     /// when no read is under way that could bring entries to land (every database's read
     /// waits in Redis), or when the oldest has waited [`FLUSH_AT_LATEST`]: a commit never
-    /// waits for the disk while entries stream in.
-    fn settle_acks(&mut self, now: Instant) {
-        let Some(newest) = self.awaiting.iter().map(|a| a.0).max() else { return };
-        let mut flushed = crate::pg::flushed_lsn();
-        if flushed < newest {
-            let oldest = self.awaiting.front().map_or(now, |a| a.1);
-            let reading =
-                !self.busy.is_empty() || self.combined.as_ref().is_some_and(Reader::in_flight);
-            if !reading || now.saturating_duration_since(oldest) >= FLUSH_AT_LATEST {
-                crate::pg::flush_wal(newest);
-                flushed = newest;
+    /// waits for the disk while entries stream in. With `ack_after = standby` they wait
+    /// for the standbys as well; reading pauses while too many wait.
+    fn settle_acks(&mut self, now: Instant, s: &Settings, log: &Log) {
+        self.ack_poll = FLUSH_POLL;
+        if let Some(newest) = self.awaiting.iter().map(|a| a.0).max() {
+            let mut flushed = crate::pg::flushed_lsn();
+            if flushed < newest {
+                let oldest = self.awaiting.front().map_or(now, |a| a.1);
+                let reading =
+                    !self.busy.is_empty() || self.combined.as_ref().is_some_and(Reader::in_flight);
+                if !reading || now.saturating_duration_since(oldest) >= FLUSH_AT_LATEST {
+                    crate::pg::flush_wal(newest);
+                    flushed = newest;
+                }
+            }
+            if s.ack_after == AckAfter::Standby {
+                self.read_standbys(newest, now, log);
+            }
+            let safe = acks::releasable(s.ack_after, flushed, self.standby.limit(now));
+            self.release_durable(safe);
+            // Flushed here, held for the standbys: looked at again as often as they move.
+            let held = s.ack_after == AckAfter::Standby
+                && self.awaiting.front().is_some_and(|(lsn, ..)| *lsn <= flushed);
+            if held {
+                self.ack_poll = self.standby.poll(now);
+            }
+            self.note_standby_wait(held, now, log);
+        } else {
+            self.note_standby_wait(false, now, log);
+        }
+        let paused = self.awaiting_entries >= acks::awaiting_bound(s);
+        if paused != self.reads_paused {
+            self.reads_paused = paused;
+            log.debug(&format!(
+                "{} entries wait for their acknowledgement: reading {}",
+                self.awaiting_entries,
+                if paused { "pauses" } else { "goes on" }
+            ));
+        }
+        self.show_wait(now);
+    }
+
+    /// Reads how far the standbys have flushed, when commits up to `newest` wait for it
+    /// and the last reading is old enough.
+    fn read_standbys(&mut self, newest: u64, now: Instant, log: &Log) {
+        if !self.standby.due(newest, now) {
+            return;
+        }
+        match crate::pg::standbys::flush_position() {
+            Ok(f) => {
+                self.standby.read(f, now);
+                match self.standby.alone_news(now) {
+                    Some(true) => log.warning(&format!(
+                        "no standby has streamed for {} s and synchronous_standby_names is \
+                         empty: acknowledgements follow the local flush until one connects \
+                         (redis_sync.ack_after = standby)",
+                        acks::STANDBY_GONE.as_secs()
+                    )),
+                    Some(false) => log.info(&format!(
+                        "{} streaming standby(s) connected: acknowledgements wait for them again",
+                        f.connected
+                    )),
+                    None => {}
+                }
+            }
+            Err(e) => {
+                // Acknowledgements wait; the next look may work.
+                let last = self.standby.last;
+                self.standby.read(last, now);
+                log.warning(&format!("the standbys' flush position cannot be read: {e}"));
             }
         }
-        self.release_durable(flushed);
+    }
+
+    /// Logs a long wait for the standbys (and its end).
+    fn note_standby_wait(&mut self, held: bool, now: Instant, log: &Log) {
+        match self.standby.note(held, now) {
+            Some(acks::WaitNews::Started) => log.warning(&format!(
+                "acknowledgements of {} entries have waited {} s for the standbys \
+                 (redis_sync.ack_after = standby; {} streaming standby(s) connected, \
+                 synchronous_standby_names = '{}'): the entries stay pending in Redis{}",
+                self.awaiting_entries,
+                self.standby.waited(now).as_secs(),
+                self.standby.last.connected,
+                crate::pg::sync_standby_names(),
+                if self.reads_paused { ", and reading is paused" } else { "" }
+            )),
+            Some(acks::WaitNews::Ended) => {
+                log.info("the standbys caught up: acknowledgements go on");
+            }
+            None => {}
+        }
+    }
+
+    /// Before the worker stops: ends the reads under way (their entries stay pending, to be
+    /// read again), flushes the WAL and acknowledges every committed entry that may be (with
+    /// `ack_after = standby`, what the standbys hold), so that no other consumer of the group
+    /// claims and stores them again. Returns (acknowledged, left pending).
+    pub fn final_acks(&mut self, writer: &mut Writers, s: &Settings, log: &Log) -> (usize, usize) {
+        self.stop_reads(&s.redis);
+        let deadline = Instant::now() + FINAL_READS;
+        while self.reading() && Instant::now() < deadline {
+            let _ = self.pump(writer, s, log, None);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(newest) = self.awaiting.iter().map(|a| a.0).max() {
+            crate::pg::flush_wal(newest);
+            let mut limit = newest;
+            if s.ack_after == AckAfter::Standby {
+                let now = Instant::now();
+                match crate::pg::standbys::flush_position() {
+                    Ok(f) => self.standby.read(f, now),
+                    Err(e) => {
+                        log.warning(&format!("the standbys' flush position cannot be read: {e}"))
+                    }
+                }
+                limit = limit.min(self.standby.limit(now));
+            }
+            self.release_durable(limit);
+        }
+        let mut acked = 0;
+        let owed = std::mem::take(&mut self.unacked);
+        let Some(&first) = owed.keys().next() else { return (0, self.awaiting_entries) };
+        // One connection for every database (a Redis that is down costs one timeout).
+        let mut conn = match crate::redis::RedisConn::connect(&s.redis, first) {
+            Ok(c) => c,
+            Err(e) => {
+                let n: usize = owed.values().flatten().map(|(_, ids)| ids.len()).sum();
+                log.warning(&format!(
+                    "{n} committed entries not acknowledged before stopping (they stay pending): {e}"
+                ));
+                return (0, self.awaiting_entries);
+            }
+        };
+        for (db, acks) in owed {
+            let n: usize = acks.iter().map(|(_, ids)| ids.len()).sum();
+            let sent = conn.select(db).and_then(|()| {
+                conn.read_group(&s.consumer_group, &s.consumer_name, 1, None, &[], &acks)
+            });
+            match sent {
+                Ok(_) => acked += n,
+                Err(e) => log.warning(&format!(
+                    "{n} committed entries of database {db} not acknowledged before stopping (they stay pending): {e}"
+                )),
+            }
+        }
+        (acked, self.awaiting_entries)
+    }
+
+    /// Whether a read is under way.
+    fn reading(&self) -> bool {
+        self.combined.as_ref().is_some_and(Reader::in_flight)
+            || self.readers.values().any(Reader::in_flight)
+    }
+
+    /// Shows in `redis_sync_status()` how many entries wait for their acknowledgement, and
+    /// since when.
+    fn show_wait(&mut self, now: Instant) {
+        let wait = (self.awaiting_entries, self.awaiting.front().map(|a| a.1));
+        if wait == self.shown_wait {
+            return;
+        }
+        self.shown_wait = wait;
+        let since = wait.1.map_or(0, |t| {
+            shmem::now() - now.saturating_duration_since(t).as_micros().min(i64::MAX as u128) as i64
+        });
+        shmem::update(|st| {
+            st.acks_waiting = wait.0 as i64;
+            st.acks_waiting_since = since;
+        });
     }
 
     /// How long the loop may wait while committed entries wait for their flush.
     pub fn ack_wait(&self) -> Option<Duration> {
-        (!self.awaiting.is_empty()).then_some(FLUSH_POLL)
+        (!self.awaiting.is_empty()).then_some(self.ack_poll)
     }
 
     /// Lands the batches of one round trip's reads, in one transaction.
@@ -515,6 +678,9 @@ impl StreamSync {
     /// of `db` and blocks in Redis for up to `poll_interval`: a new entry ends it at once.
     /// `None` when there is nothing to send.
     pub(super) fn next_request(&mut self, db: u8, s: &Settings) -> Option<ReadRequest> {
+        if self.reads_paused {
+            return self.acks_only(db, s);
+        }
         let idx: Vec<usize> = self
             .streams
             .iter()
@@ -880,6 +1046,8 @@ impl StreamSync {
             by_db.entry(t.db).or_default().push((t.key.clone(), ids));
         }
         if !by_db.is_empty() {
+            self.awaiting_entries +=
+                by_db.values().flat_map(|a| a.iter()).map(|(_, ids)| ids.len()).sum::<usize>();
             self.awaiting.push_back((commit_lsn, Instant::now(), by_db));
             self.release_durable(self.flushed);
         }

@@ -96,8 +96,14 @@ impl Worker {
     }
 
     pub fn run(&mut self) -> ! {
+        if self.role == Role::Streams {
+            super::signals::stop_gracefully();
+        }
         loop {
             self.loop_cxt.reset();
+            if super::signals::stop_requested() {
+                self.stop();
+            }
             pgrx::check_for_interrupts!();
             if pg::reload_if_requested() {
                 self.reload();
@@ -118,6 +124,27 @@ impl Worker {
             // Even with more work at hand, look at the latch and the postmaster once a turn.
             self.waker.wait(if worked { Duration::ZERO } else { wait });
         }
+    }
+
+    /// SIGTERM (a fast shutdown, `pg_terminate_backend`): the stream worker acknowledges
+    /// what it committed, then ends as Postgres' `die` ends a process.
+    fn stop(&mut self) -> ! {
+        let (acked, left) =
+            self.streams.final_acks(&mut self.stream_writer, &self.settings, &self.log);
+        if acked + left > 0 {
+            self.log.info(&format!(
+                "stopping: {acked} committed entries acknowledged{}",
+                if left > 0 {
+                    format!(", {left} left pending (not yet flushed by the standbys)")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        super::signals::die_now();
+        // SAFETY: main thread, outside any transaction; not reached (die_now ends the
+        // process), kept so the stop never returns.
+        unsafe { pgrx::pg_sys::proc_exit(1) }
     }
 
     /// Picks up new settings after a reload. A changed Redis address or credentials moves

@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::prelude::*;
 
 static CANCEL_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The stream worker ends at the top of its loop, after acknowledging what it committed
+/// (see [`stop_gracefully`]).
+static GRACEFUL: AtomicBool = AtomicBool::new(false);
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// SIGHUP: note the reload for the top of the loop (pgrx's own handler would reload inside
 /// the signal handler).
@@ -30,19 +34,48 @@ unsafe extern "C-unwind" fn handle_sighup(_signo: c_int) {
     }
 }
 
-/// SIGTERM: what Postgres' `die` does.
+/// SIGTERM: what Postgres' `die` does; in the stream worker, a request to stop at the top
+/// of the loop (see [`stop_gracefully`]).
 unsafe extern "C-unwind" fn handle_sigterm(_signo: c_int) {
     // SAFETY: as in handle_sighup; the interrupt flags are sig_atomic_t, proc_exit_inprogress
     // is only read.
     unsafe {
         let saved = *libc::__errno_location();
-        if !pg_sys::proc_exit_inprogress {
+        if GRACEFUL.load(Ordering::SeqCst) {
+            STOP_REQUESTED.store(true, Ordering::SeqCst);
+        } else if !pg_sys::proc_exit_inprogress {
             pg_sys::InterruptPending = 1;
             pg_sys::ProcDiePending = 1;
         }
         pg_sys::SetLatch(pg_sys::MyLatch);
         *libc::__errno_location() = saved;
     }
+}
+
+/// Makes SIGTERM a request to stop that the loop takes at its top ([`stop_requested`]),
+/// so the stream worker can acknowledge the entries it committed before it ends: another
+/// server reading the same group would otherwise claim them and store them again. A
+/// transaction under way finishes first (within `redis_sync.query_timeout`).
+pub fn stop_gracefully() {
+    GRACEFUL.store(true, Ordering::SeqCst);
+}
+
+/// Whether a stop was requested (SIGTERM) while stopping gracefully.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Ends the process as Postgres' `die` would (FATAL at the next interrupt check, exit code
+/// 1, so the postmaster starts the worker again after its restart time unless it is
+/// shutting down).
+pub fn die_now() {
+    // SAFETY: main thread, outside any transaction; sets the same flags the handler of a
+    // plain SIGTERM sets, and the interrupt check right after acts on them.
+    unsafe {
+        pg_sys::InterruptPending = 1;
+        pg_sys::ProcDiePending = 1;
+    }
+    pgrx::check_for_interrupts!();
 }
 
 unsafe extern "C-unwind" fn handle_sigint(_signo: c_int) {

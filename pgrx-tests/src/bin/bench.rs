@@ -1016,6 +1016,23 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
     }
 }
 
+/// Kill-and-promote failovers mid-drain (see `kill_and_promote`), `reps` times for each
+/// `redis_sync.ack_after`: (mode, lost per repetition, duplicated per repetition).
+fn bench_failover(reps: usize, total: usize) -> Vec<(&'static str, Vec<i64>, Vec<i64>)> {
+    let mut out = Vec::new();
+    for mode in ["local", "standby"] {
+        let (mut lost, mut duplicated) = (Vec::new(), Vec::new());
+        for rep in 1..=reps {
+            let (l, d) = kill_and_promote(mode, total, failover_lag(rep));
+            eprintln!("[bench] failover, ack_after = {mode}, repetition {rep} (standby behind: {:?}): {l} lost, {d} duplicated of {total}", failover_lag(rep));
+            lost.push(l);
+            duplicated.push(d);
+        }
+        out.push((mode, lost, duplicated));
+    }
+    out
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let keys = env_num("BENCH_KEYS", 1_000_000) as usize;
@@ -1051,9 +1068,13 @@ fn main() {
             bench_routes(entries, keys);
             return;
         }
+        "failover" => {
+            bench_failover(5, 20_000);
+            return;
+        }
         other => {
             panic!(
-                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes"
+                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover"
             )
         }
     }
@@ -1064,6 +1085,7 @@ fn main() {
     let kv = bench_keys(keys);
     let big = bench_big_keys(30.0);
     let routes = bench_routes(entries, keys);
+    let failover = bench_failover(5, 20_000);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1248,6 +1270,18 @@ fn main() {
         "| key route initial sync at the defaults | {:.0} rows/s ({:.1} s) |",
         routes.key_defaults_rate, routes.key_defaults_secs
     );
+    let _ = writeln!(md, "\n## Postgres failover\n\nA durable primary at the default settings with an asynchronous streaming standby (no synchronous_standby_names); a route into a table without a unique key; 20,000 entries added at about 20,000/s; once a quarter has landed, `kill -9` of the primary's postmaster and stream worker, and the standby promoted. In repetitions 2 and 4 the standby's WAL receiver is stopped 1 s before the kill (a standby that fell behind). Counted once the group has nothing pending or unread. Five repetitions for each `redis_sync.ack_after`.\n");
+    let _ = writeln!(md, "| ack_after | entries lost, per repetition | duplicated | lost in all |\n|---|---|---|---|");
+    for (mode, lost, duplicated) in &failover {
+        let list = |v: &Vec<i64>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(
+            md,
+            "| {mode} | {} | {} | **{}** |",
+            list(lost),
+            list(duplicated),
+            lost.iter().sum::<i64>()
+        );
+    }
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
