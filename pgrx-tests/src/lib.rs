@@ -781,6 +781,13 @@ impl Frozen {
         assert!(send_signal(pid as u32, libc::SIGSTOP), "SIGSTOP {pid}");
         Frozen(pid)
     }
+
+    /// `kill -9` of the stopped process, and waits until it is gone.
+    pub fn kill(self) {
+        let pid = self.0;
+        std::mem::forget(self);
+        kill_and_wait(pid);
+    }
 }
 
 impl Drop for Frozen {
@@ -1276,9 +1283,9 @@ pub fn failover_lag(rep: usize) -> Option<Duration> {
 /// `redis_sync.ack_after = ack_after`, a route into a table without a unique key (a duplicate
 /// would show) and an asynchronous streaming standby. While `total` entries stream in and
 /// land, the primary is killed (`kill -9` of the postmaster and of the stream worker, as a
-/// crash of its machine would), and the standby promoted. With `lag`, the standby's WAL
-/// receiver is stopped that long before the kill (a standby that fell behind: a slow disk
-/// or network). Once the group has nothing pending or unread, returns what the promoted
+/// crash of its machine would), and the standby promoted. With `lag`, the primary's WAL
+/// sender is stopped that long before the kill (a standby that fell behind: a slow network
+/// or disk). Once the group has nothing pending or unread, returns what the promoted
 /// server's table holds of the entries added: (lost, duplicated).
 pub fn kill_and_promote(ack_after: &str, total: usize, lag: Option<Duration>) -> (i64, i64) {
     let redis = Redis::start();
@@ -1313,14 +1320,18 @@ pub fn kill_and_promote(ack_after: &str, total: usize, lag: Option<Duration>) ->
         (n >= total as i64 / 4).then_some(())
     });
     let worker = primary.worker_pid().expect("the stream worker");
-    let behind = lag.map(|lag| {
-        let frozen = Frozen::new(standby.wal_receiver_pid());
+    // The primary's WAL sender stopped: nothing more reaches the standby (stopping the
+    // standby's receiver instead would leave what was sent in its socket, read after all).
+    let sender = lag.map(|lag| {
+        let frozen = Frozen::new(primary.number("SELECT pid FROM pg_stat_replication") as i32);
         std::thread::sleep(lag);
         frozen
     });
     primary.kill_postmaster();
     kill_and_wait(worker);
-    drop(behind);
+    if let Some(frozen) = sender {
+        frozen.kill();
+    }
     standby.execute("SELECT pg_promote()");
     standby.wait_status("state", "running", Duration::from_secs(60));
     producer.join().expect("producer");

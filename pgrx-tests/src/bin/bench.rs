@@ -1016,6 +1016,56 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
     }
 }
 
+/// Drains `total` entries over the bench's streams with one server, then again with two
+/// servers syncing one group (two Postgres clusters on this machine, one Redis): (rows/s of
+/// one, rows/s of the two together, the two servers' shares).
+fn bench_servers(total: usize) -> (f64, f64, i64, i64) {
+    let tuned = [
+        ("redis_sync.enabled", "off"),
+        ("redis_sync.batch_size", "1000"),
+        ("redis_sync.rate_limit", "0"),
+        ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+        ("redis_sync.key_value_auto_discovery", "off"),
+        ROOMY[0],
+        ROOMY[1],
+    ];
+    let one = {
+        let redis = Redis::start();
+        fill(&mut redis.client(), total);
+        let pg = durable(&redis, &tuned);
+        eprintln!("[bench] one server drains {total} entries");
+        drain(&pg, "redis_streams", total).rows_per_s
+    };
+    let redis = Redis::start();
+    fill(&mut redis.client(), total);
+    let (a, b) = (durable(&redis, &tuned), durable(&redis, &tuned));
+    eprintln!("[bench] two servers in one group drain {total} entries");
+    let t0 = Instant::now();
+    for pg in [&a, &b] {
+        pg.execute("ALTER SYSTEM SET redis_sync.enabled = on");
+    }
+    a.reload();
+    b.reload();
+    loop {
+        let n = counter(&a, "messages_processed") + counter(&b, "messages_processed");
+        if n as usize >= total {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1800), "drain too slow: {n} of {total}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let two = total as f64 / t0.elapsed().as_secs_f64();
+    let (na, nb) = (
+        a.number("SELECT count(*) FROM redis_streams"),
+        b.number("SELECT count(*) FROM redis_streams"),
+    );
+    assert_eq!(na + nb, total as i64, "rows in the two tables");
+    eprintln!(
+        "[bench]   one server {one:.0} rows/s, two servers {two:.0} rows/s ({na} + {nb} rows)"
+    );
+    (one, two, na, nb)
+}
+
 /// Kill-and-promote failovers mid-drain (see `kill_and_promote`), `reps` times for each
 /// `redis_sync.ack_after`: (mode, lost per repetition, duplicated per repetition).
 fn bench_failover(reps: usize, total: usize) -> Vec<(&'static str, Vec<i64>, Vec<i64>)> {
@@ -1072,9 +1122,13 @@ fn main() {
             bench_failover(5, 20_000);
             return;
         }
+        "servers" => {
+            bench_servers(entries);
+            return;
+        }
         other => {
             panic!(
-                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover"
+                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover, servers"
             )
         }
     }
@@ -1086,6 +1140,7 @@ fn main() {
     let big = bench_big_keys(30.0);
     let routes = bench_routes(entries, keys);
     let failover = bench_failover(5, 20_000);
+    let servers = bench_servers(entries);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1270,7 +1325,7 @@ fn main() {
         "| key route initial sync at the defaults | {:.0} rows/s ({:.1} s) |",
         routes.key_defaults_rate, routes.key_defaults_secs
     );
-    let _ = writeln!(md, "\n## Postgres failover\n\nA durable primary at the default settings with an asynchronous streaming standby (no synchronous_standby_names); a route into a table without a unique key; 20,000 entries added at about 20,000/s; once a quarter has landed, `kill -9` of the primary's postmaster and stream worker, and the standby promoted. In repetitions 2 and 4 the standby's WAL receiver is stopped 1 s before the kill (a standby that fell behind). Counted once the group has nothing pending or unread. Five repetitions for each `redis_sync.ack_after`.\n");
+    let _ = writeln!(md, "\n## Postgres failover\n\nA durable primary at the default settings with an asynchronous streaming standby (no synchronous_standby_names); a route into a table without a unique key; 20,000 entries added at about 20,000/s; once a quarter has landed, `kill -9` of the primary's postmaster and stream worker, and the standby promoted. In repetitions 2 and 4 the primary's WAL sender is stopped 1 s before the kill (a standby that fell behind). Counted once the group has nothing pending or unread. Five repetitions for each `redis_sync.ack_after`.\n");
     let _ = writeln!(md, "| ack_after | entries lost, per repetition | duplicated | lost in all |\n|---|---|---|---|");
     for (mode, lost, duplicated) in &failover {
         let list = |v: &Vec<i64>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
@@ -1282,6 +1337,17 @@ fn main() {
             lost.iter().sum::<i64>()
         );
     }
+    let _ = writeln!(md, "\n## Two servers in one group\n\n{entries} entries over {STREAMS} streams drained by one server, then by two servers (two durable Postgres clusters on this machine) syncing the same consumer group; batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB.\n");
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| one server | {:.0} rows/s |", servers.0);
+    let _ = writeln!(
+        md,
+        "| two servers together | {:.0} rows/s (**{:.2}x**; shares {} and {} rows) |",
+        servers.1,
+        servers.1 / servers.0,
+        servers.2,
+        servers.3
+    );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/RESULTS.md");
