@@ -418,10 +418,11 @@ pub fn init() {
     GucRegistry::define_enum_guc(
         c"redis_sync.ack_after",
         c"When a landed stream entry is acknowledged in Redis: local (its commit is flushed \
-          here) or standby (the standbys have flushed it too, so a failover loses nothing).",
+          here) or standby (the standbys have flushed it too).",
         c"With standby, as many standbys as synchronous_standby_names requires, or when that \
-          is empty, every connected streaming standby and at least one, must have flushed the \
-          commit; until then the entries stay pending in Redis.",
+          is empty, every connected streaming standby, must have flushed the commit; until \
+          then the entries stay pending in Redis. With the setting empty and no standby \
+          connected for 10 s, acknowledgements follow the local flush.",
         &ACK_AFTER,
         GucContext::Sighup,
         none,

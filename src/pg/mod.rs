@@ -22,8 +22,8 @@ pub use copy::{copy_into, copy_rows};
 pub use latch::{wait, WakeHandle, Waker, MAX_WAIT};
 pub use txn::{
     as_superuser, cancel_if_timed_out, commits_wait_for_standbys, defer_flush, flush_idle_stats,
-    flush_wal, flushed_lsn, in_transaction, not_prepared, set_query_timeout, sync_standby_names,
-    wal_end,
+    flush_wal, flushed_lsn, forget_cancel, in_transaction, in_transaction_now, not_prepared,
+    set_query_timeout, sync_standby_names, wal_end,
 };
 
 /// Sets the latch of the backend with process ID `pid`, if it lives (wakes a worker).

@@ -1,6 +1,6 @@
 //! How far the standbys have flushed the WAL, as `redis_sync.ack_after = standby` needs it:
 //! as many standbys as `synchronous_standby_names` asks for (`FIRST n` or `ANY n`), or when
-//! that is empty, every connected streaming standby, and at least one. The rules are pure
+//! that is empty, every connected streaming standby. The rules are pure
 //! functions; [`flush_position`] reads the figures from `pg_stat_replication`.
 
 use pgrx::prelude::*;
@@ -86,6 +86,14 @@ pub struct Flushed {
     pub named: bool,
 }
 
+/// The standbys: physical WAL senders (not connected to a database, as a logical one is)
+/// that stream and report both a flush and a replay position (`pg_receivewal` and
+/// `pg_basebackup` report no replay position, and are no standby to fail over to).
+const STANDBYS: &str = "SELECT (r.flush_lsn - '0/0'::pg_lsn)::int8, r.sync_state \
+     FROM pg_catalog.pg_stat_replication r JOIN pg_catalog.pg_stat_activity a USING (pid) \
+     WHERE r.state = 'streaming' AND a.datid IS NULL \
+       AND r.flush_lsn IS NOT NULL AND r.replay_lsn IS NOT NULL";
+
 /// Reads `pg_stat_replication` (in a transaction of its own, as the bootstrap superuser, so
 /// every standby's positions are visible) and applies `synchronous_standby_names`.
 pub fn flush_position() -> Result<Flushed> {
@@ -93,14 +101,7 @@ pub fn flush_position() -> Result<Flushed> {
     let standbys = super::in_transaction(|| {
         super::as_superuser(|| {
             Spi::connect(|client| {
-                let rows = client
-                    .select(
-                        "SELECT coalesce((flush_lsn - '0/0'::pg_lsn)::int8, 0), sync_state \
-                         FROM pg_catalog.pg_stat_replication WHERE state = 'streaming'",
-                        None,
-                        &[],
-                    )
-                    .map_err(super::spi_err)?;
+                let rows = client.select(STANDBYS, None, &[]).map_err(super::spi_err)?;
                 let mut out = Vec::new();
                 for row in rows {
                     let flushed = row.get::<i64>(1).map_err(super::spi_err)?.unwrap_or(0);

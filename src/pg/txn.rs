@@ -42,6 +42,21 @@ pub unsafe fn cancel_if_timed_out() -> bool {
     false
 }
 
+/// Whether [`in_transaction`] is running a transaction now (read by the SIGTERM handler).
+static IN_TXN: AtomicBool = AtomicBool::new(false);
+
+/// Whether a transaction of [`in_transaction`] is under way. Safe in a signal handler.
+pub fn in_transaction_now() -> bool {
+    IN_TXN.load(Ordering::SeqCst)
+}
+
+/// Drops a query cancel that came after the last interrupt check (so it cannot cancel what
+/// the worker does next).
+pub fn forget_cancel() {
+    // SAFETY: main thread; the flag is a plain sig_atomic_t of this backend.
+    unsafe { pg_sys::QueryCancelPending = 0 };
+}
+
 /// Whether this process's commits return before their WAL is flushed (see [`defer_flush`]).
 static DEFER_FLUSH: AtomicBool = AtomicBool::new(false);
 
@@ -198,6 +213,7 @@ pub fn set_query_timeout(timeout: std::time::Duration) {
 /// 57014, rolled back and retried, instead of stalling the worker.
 pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     let timeout_ms = QUERY_TIMEOUT_MS.load(Ordering::Relaxed).min(i32::MAX as u64) as i32;
+    IN_TXN.store(true, Ordering::SeqCst);
     // SAFETY: main thread, outside any transaction (the worker never nests these calls).
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -249,6 +265,7 @@ pub fn in_transaction<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
         // SAFETY: as above.
         unsafe { pg_sys::AbortCurrentTransaction() };
     }
+    IN_TXN.store(false, Ordering::SeqCst);
     if timeout_ms > 0 {
         // SAFETY: disabling a timer is always allowed; the cancel flag is ours to clear.
         unsafe {

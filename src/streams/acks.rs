@@ -94,6 +94,13 @@ impl StandbyWait {
         self.checked = Some(now);
     }
 
+    /// The standbys could not be read: nothing more is known safe, and a standby may be
+    /// connected (the wait for one to come back starts again).
+    pub fn unknown(&mut self, now: Instant) {
+        self.seen = Some(now);
+        self.checked = Some(now);
+    }
+
     /// Whether no standby counts any more: none named, none connected for
     /// [`STANDBY_GONE`]. Acknowledgements then follow the local flush.
     pub fn none_counts(&self, now: Instant) -> bool {

@@ -45,6 +45,10 @@ const FLUSH_AT_LATEST: Duration = Duration::from_secs(1);
 /// its last acknowledgements.
 const FINAL_READS: Duration = Duration::from_secs(3);
 
+/// How long a stopping worker with `ack_after = standby` waits for the standbys to flush its
+/// last commits.
+const FINAL_STANDBYS: Duration = Duration::from_secs(2);
+
 /// While committed entries wait for their flush, the loop looks again this often.
 const FLUSH_POLL: Duration = Duration::from_millis(20);
 
@@ -390,8 +394,10 @@ impl StreamSync {
             let mut flushed = crate::pg::flushed_lsn();
             if flushed < newest {
                 let oldest = self.awaiting.front().map_or(now, |a| a.1);
-                let reading =
-                    !self.busy.is_empty() || self.combined.as_ref().is_some_and(Reader::in_flight);
+                // (Reads paused for want of acknowledgements wait on this flush.)
+                let reading = !self.reads_paused
+                    && (!self.busy.is_empty()
+                        || self.combined.as_ref().is_some_and(Reader::in_flight));
                 if !reading || now.saturating_duration_since(oldest) >= FLUSH_AT_LATEST {
                     crate::pg::flush_wal(newest);
                     flushed = newest;
@@ -448,9 +454,8 @@ impl StreamSync {
                 }
             }
             Err(e) => {
-                // Acknowledgements wait; the next look may work.
-                let last = self.standby.last;
-                self.standby.read(last, now);
+                // Acknowledgements wait (a standby may be there); the next look may work.
+                self.standby.unknown(now);
                 log.warning(&format!("the standbys' flush position cannot be read: {e}"));
             }
         }
@@ -479,7 +484,7 @@ impl StreamSync {
     /// Before the worker stops: ends the reads under way (their entries stay pending, to be
     /// read again), flushes the WAL and acknowledges every committed entry that may be (with
     /// `ack_after = standby`, what the standbys hold), so that no other consumer of the group
-    /// claims and stores them again. Returns (acknowledged, left pending).
+    /// claims and stores them again. Returns (sent to be acknowledged, left pending).
     pub fn final_acks(&mut self, writer: &mut Writers, s: &Settings, log: &Log) -> (usize, usize) {
         self.stop_reads(&s.redis);
         let deadline = Instant::now() + FINAL_READS;
@@ -491,14 +496,27 @@ impl StreamSync {
             crate::pg::flush_wal(newest);
             let mut limit = newest;
             if s.ack_after == AckAfter::Standby {
-                let now = Instant::now();
-                match crate::pg::standbys::flush_position() {
-                    Ok(f) => self.standby.read(f, now),
-                    Err(e) => {
-                        log.warning(&format!("the standbys' flush position cannot be read: {e}"))
+                // The WAL senders stay up while the server shuts down: the last commits
+                // reach the standbys within moments.
+                let until = Instant::now() + FINAL_STANDBYS;
+                loop {
+                    let now = Instant::now();
+                    match crate::pg::standbys::flush_position() {
+                        Ok(f) => self.standby.read(f, now),
+                        Err(e) => {
+                            self.standby.unknown(now);
+                            log.warning(&format!(
+                                "the standbys' flush position cannot be read: {e}"
+                            ));
+                            break;
+                        }
                     }
+                    if self.standby.limit(now) >= newest || now >= until {
+                        break;
+                    }
+                    std::thread::sleep(FLUSH_POLL);
                 }
-                limit = limit.min(self.standby.limit(now));
+                limit = limit.min(self.standby.limit(Instant::now()));
             }
             self.release_durable(limit);
         }
@@ -523,9 +541,12 @@ impl StreamSync {
             });
             match sent {
                 Ok(_) => acked += n,
-                Err(e) => log.warning(&format!(
-                    "{n} committed entries of database {db} not acknowledged before stopping (they stay pending): {e}"
-                )),
+                Err(e) => {
+                    log.warning(&format!(
+                        "committed entries of database {db} and after not acknowledged before stopping (they stay pending): {e}"
+                    ));
+                    break;
+                }
             }
         }
         (acked, self.awaiting_entries)

@@ -129,6 +129,8 @@ impl Worker {
     /// SIGTERM (a fast shutdown, `pg_terminate_backend`): the stream worker acknowledges
     /// what it committed, then ends as Postgres' `die` ends a process.
     fn stop(&mut self) -> ! {
+        // (The handler may have cancelled a transaction that had already ended.)
+        pg::forget_cancel();
         let (acked, left) =
             self.streams.final_acks(&mut self.stream_writer, &self.settings, &self.log);
         if acked + left > 0 {

@@ -93,6 +93,8 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
         s.pid = 0;
         s.state = WorkerState::Stopped;
         s.redis_connected = false;
+        s.acks_waiting = 0;
+        s.acks_waiting_since = 0;
     });
 }
 

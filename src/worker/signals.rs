@@ -43,6 +43,13 @@ unsafe extern "C-unwind" fn handle_sigterm(_signo: c_int) {
         let saved = *libc::__errno_location();
         if GRACEFUL.load(Ordering::SeqCst) {
             STOP_REQUESTED.store(true, Ordering::SeqCst);
+            // A transaction under way is cancelled (a lock wait, a commit waiting for a
+            // synchronous standby would otherwise hold the stop up): its entries stay
+            // pending; a commit's wait for a standby ends with the commit kept locally.
+            if crate::pg::in_transaction_now() {
+                pg_sys::QueryCancelPending = 1;
+                pg_sys::InterruptPending = 1;
+            }
         } else if !pg_sys::proc_exit_inprogress {
             pg_sys::InterruptPending = 1;
             pg_sys::ProcDiePending = 1;
@@ -55,7 +62,7 @@ unsafe extern "C-unwind" fn handle_sigterm(_signo: c_int) {
 /// Makes SIGTERM a request to stop that the loop takes at its top ([`stop_requested`]),
 /// so the stream worker can acknowledge the entries it committed before it ends: another
 /// server reading the same group would otherwise claim them and store them again. A
-/// transaction under way finishes first (within `redis_sync.query_timeout`).
+/// transaction under way is cancelled.
 pub fn stop_gracefully() {
     GRACEFUL.store(true, Ordering::SeqCst);
 }

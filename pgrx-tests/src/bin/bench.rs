@@ -1325,7 +1325,7 @@ fn main() {
         "| key route initial sync at the defaults | {:.0} rows/s ({:.1} s) |",
         routes.key_defaults_rate, routes.key_defaults_secs
     );
-    let _ = writeln!(md, "\n## Postgres failover\n\nA durable primary at the default settings with an asynchronous streaming standby (no synchronous_standby_names); a route into a table without a unique key; 20,000 entries added at about 20,000/s; once a quarter has landed, `kill -9` of the primary's postmaster and stream worker, and the standby promoted. In repetitions 2 and 4 the primary's WAL sender is stopped 1 s before the kill (a standby that fell behind). Counted once the group has nothing pending or unread. Five repetitions for each `redis_sync.ack_after`.\n");
+    let _ = writeln!(md, "\n## Postgres failover\n\nA durable primary at the default settings with an asynchronous streaming standby (no synchronous_standby_names); a route into a table without a unique key; 20,000 entries added at about 20,000/s; once a quarter has landed, `kill -9` of the primary's postmaster and stream worker, and the standby promoted. In repetitions 1 to 4 the primary's WAL sender is stopped 1 s before the kill (a standby that fell behind); in the fifth the standby keeps up. Counted once the group has nothing pending or unread. Five repetitions for each `redis_sync.ack_after`.\n");
     let _ = writeln!(md, "| ack_after | entries lost, per repetition | duplicated | lost in all |\n|---|---|---|---|");
     for (mode, lost, duplicated) in &failover {
         let list = |v: &Vec<i64>| v.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ");
