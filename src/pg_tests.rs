@@ -244,7 +244,7 @@ mod tests {
                 "worker_pid,state,mode,redis_connected,redis_server,streams_tracked,messages_processed,\
                  key_values_processed,redis_ops,pg_ops,streams_discovered,errors,retries,dead_letters,\
                  last_sync_time,last_error,last_error_time,started_at,key_value_passes,\
-                 dead_letters_stored,entries_lost,key_values_skipped"
+                 dead_letters_stored,entries_lost,key_values_skipped,acks_waiting,acks_waiting_since"
             )
         );
         // Nothing listens on port 1: the worker must be alive, not connected, with errors.
