@@ -128,7 +128,7 @@ impl Worker {
 
     /// SIGTERM (a fast shutdown, `pg_terminate_backend`): the stream worker acknowledges
     /// what it committed, then ends as Postgres' `die` ends a process.
-    fn stop(&mut self) -> ! {
+    fn stop(&mut self) {
         // (The handler may have cancelled a transaction that had already ended.)
         pg::forget_cancel();
         let (acked, left) =
@@ -143,10 +143,8 @@ impl Worker {
                 }
             ));
         }
+        // Ends the process (at the interrupt check it makes).
         super::signals::die_now();
-        // SAFETY: main thread, outside any transaction; not reached (die_now ends the
-        // process), kept so the stop never returns.
-        unsafe { pgrx::pg_sys::proc_exit(1) }
     }
 
     /// Picks up new settings after a reload. A changed Redis address or credentials moves
