@@ -54,4 +54,4 @@ COMMENT ON FUNCTION @extschema@.redis_sync_skipped_keys() IS
 REVOKE ALL ON FUNCTION @extschema@.redis_sync_workers() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION @extschema@.redis_sync_workers() TO pg_monitor;
 COMMENT ON FUNCTION @extschema@.redis_sync_workers() IS
-  'A row per redis_pg_sync worker process (streams: stream reads and discovery; key_values: key-value passes and notifications): process ID, state, lanes, start (superuser and pg_monitor).';
+  'A row per redis_pg_sync worker process (streams, streams 2, ...: stream reads and discovery; key_values: key-value passes and notifications): process ID, state, lanes, start, streams tracked (superuser and pg_monitor).';

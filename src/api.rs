@@ -89,7 +89,8 @@ fn redis_sync_status() -> TableIterator<
     let opt = |t: &str| (!t.is_empty()).then(|| t.to_owned());
     // One row for both processes: the key-value worker backing off shows as the whole
     // worker's state (redis_sync_workers() and redis_sync_lanes() say which).
-    let kv_failing = s.kv.state == WorkerState::BackingOff;
+    let kv_failing = s.kv.state == WorkerState::BackingOff
+        || s.more.iter().any(|m| m.state == WorkerState::BackingOff);
     let state = if s.state == WorkerState::Running && kv_failing {
         WorkerState::BackingOff
     } else {
@@ -101,7 +102,7 @@ fn redis_sync_status() -> TableIterator<
         s.mode.as_str().to_owned(),
         s.redis_connected,
         opt(s.redis_server.as_str()),
-        s.streams_tracked,
+        s.streams_tracked + s.more.iter().map(|m| m.streams).sum::<i64>(),
         count(&c.messages_processed),
         count(&c.key_values_processed),
         count(&c.redis_ops),
@@ -202,19 +203,21 @@ fn redis_sync_workers() -> TableIterator<
         name!(state, String),
         name!(lanes, Vec<String>),
         name!(started_at, Option<TimestampWithTimeZone>),
+        name!(streams, Option<i64>),
     ),
 > {
     let Some(s) = shmem::snapshot() else {
         return TableIterator::new(Vec::new());
     };
     let lanes = |r: Role| r.lanes().iter().map(|l| l.as_str().to_owned()).collect::<Vec<_>>();
-    let rows = vec![
+    let mut rows = vec![
         (
             "streams".to_owned(),
             (s.pid != 0).then_some(s.pid),
             s.state.as_str().to_owned(),
             lanes(Role::Streams),
             ts(s.started_at),
+            Some(s.streams_tracked),
         ),
         (
             "key_values".to_owned(),
@@ -222,8 +225,20 @@ fn redis_sync_workers() -> TableIterator<
             s.kv.state.as_str().to_owned(),
             lanes(Role::KeyValues),
             ts(s.kv.started_at),
+            None,
         ),
     ];
+    let workers = gucs::WORKERS.get().clamp(1, gucs::MAX_STREAM_WORKERS as i32) as usize;
+    for (i, m) in s.more.iter().enumerate().take(workers - 1) {
+        rows.push((
+            format!("streams {}", i + 2),
+            (m.pid != 0).then_some(m.pid),
+            m.state.as_str().to_owned(),
+            lanes(Role::Streams),
+            ts(m.started_at),
+            Some(m.streams),
+        ));
+    }
     TableIterator::new(rows)
 }
 
@@ -369,13 +384,25 @@ fn redis_sync_discover() -> TableIterator<
         t.discovery_requested += 1;
         t.discovery_requested
     };
-    crate::pg::wake_backend(status.pid);
-    // Answered once a discovery that started after this request has finished.
+    // Every stream worker runs one (each tracks its own streams).
+    let workers = gucs::WORKERS.get().clamp(1, gucs::MAX_STREAM_WORKERS as i32) as u8;
+    let pids: Vec<i32> = std::iter::once(status.pid)
+        .chain(status.more.iter().take(usize::from(workers) - 1).map(|m| m.pid))
+        .collect();
+    for pid in &pids {
+        crate::pg::wake_backend(*pid);
+    }
+    // Answered once a discovery that started after this request has finished, in every
+    // stream worker that runs.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let gen = loop {
+    let gens = loop {
         {
             let t = shmem::STREAMS.share();
-            if t.discovery_answered >= requested {
+            let answered = pids
+                .iter()
+                .enumerate()
+                .all(|(k, pid)| *pid == 0 || t.discovery_answered[k] >= requested);
+            if answered {
                 break t.discovery_gen;
             }
         }
@@ -392,10 +419,15 @@ fn redis_sync_discover() -> TableIterator<
     };
     let rows: Vec<_> = {
         let tbl = shmem::STREAMS.share();
-        tbl.slots
-            .iter()
-            .filter(|s| s.used && s.found_gen == gen)
-            .map(|s| (s.key.as_str().to_owned(), s.db as i32, s.added_gen == gen))
+        (0..workers)
+            .flat_map(|k| {
+                let gen = gens[usize::from(k)];
+                tbl.slots[shmem::stream_slots(k, workers)]
+                    .iter()
+                    .filter(move |s| s.used && s.found_gen == gen)
+                    .map(move |s| (s.key.as_str().to_owned(), s.db as i32, s.added_gen == gen))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     };
     TableIterator::new(rows)

@@ -123,6 +123,23 @@ pub static DEAD_LETTER_MAX: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 pub static DEAD_LETTER_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static KEY_VALUE_MAX_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static KEY_VALUE_MAX_REMEMBERED: GucSetting<i32> = GucSetting::<i32>::new(2_000_000);
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+
+/// Most stream workers `redis_sync.workers` may ask for.
+pub const MAX_STREAM_WORKERS: usize = 8;
+
+/// Which stream worker this process is (0 for the first, and in every other process).
+static STREAM_WORKER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// This process's stream-worker index.
+pub fn stream_worker() -> u8 {
+    STREAM_WORKER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Called once by a stream worker at its start, before it loads the settings.
+pub fn set_stream_worker(index: u8) {
+    STREAM_WORKER.store(index, std::sync::atomic::Ordering::Relaxed);
+}
 
 const HOUR_S: i32 = 3600;
 const DAY_S: i32 = 86_400;
@@ -153,6 +170,15 @@ pub fn init() {
             GucContext::Postmaster,
             none,
             None,
+        );
+        int(
+            c"redis_sync.workers",
+            c"Stream worker processes; each tracked stream belongs to one of them (restart).",
+            &WORKERS,
+            1,
+            MAX_STREAM_WORKERS as i32,
+            GucContext::Postmaster,
+            none,
         );
     }
     bool_(
@@ -693,6 +719,9 @@ pub struct Settings {
     pub stream_conflict_overwrite: bool,
     pub claim_min_idle: Duration,
     pub ack_after: AckAfter,
+    /// Stream worker processes, and which of them this one is.
+    pub workers: u8,
+    pub stream_worker: u8,
     pub key_value_auto_discovery: bool,
     pub key_value_patterns: Vec<String>,
     pub sync_interval: Duration,
@@ -898,6 +927,8 @@ impl Settings {
             stream_conflict_overwrite: STREAM_CONFLICT_OVERWRITE.get(),
             claim_min_idle: ms(&CLAIM_MIN_IDLE_MS),
             ack_after: ACK_AFTER.get(),
+            workers: WORKERS.get().clamp(1, MAX_STREAM_WORKERS as i32) as u8,
+            stream_worker: STREAM_WORKER.load(std::sync::atomic::Ordering::Relaxed),
             key_value_auto_discovery: KEY_VALUE_AUTO_DISCOVERY.get(),
             key_value_patterns: parse::parse_list(&text(&KEY_VALUE_PATTERNS)),
             sync_interval: ms(&SYNC_INTERVAL_MS),
@@ -964,6 +995,8 @@ impl Default for Settings {
             stream_conflict_overwrite: false,
             claim_min_idle: Duration::from_secs(60),
             ack_after: AckAfter::Local,
+            workers: 1,
+            stream_worker: 0,
             key_value_auto_discovery: true,
             key_value_patterns: vec!["*".into()],
             sync_interval: Duration::from_secs(1),

@@ -60,6 +60,7 @@ mod tests {
         ("redis_sync.stream_table", "redis_streams", "sighup", ""),
         ("redis_sync.streams", "", "sighup", ""),
         ("redis_sync.sync_interval", "1000", "sighup", "ms"),
+        ("redis_sync.workers", "1", "postmaster", ""),
     ];
 
     #[pg_test]
@@ -187,7 +188,7 @@ mod tests {
         let cols = one::<String>(
             "SELECT array_to_string(proargnames, ',') FROM pg_proc WHERE proname = 'redis_sync_workers'",
         );
-        assert_eq!(cols.as_deref(), Some("worker,pid,state,lanes,started_at"));
+        assert_eq!(cols.as_deref(), Some("worker,pid,state,lanes,started_at,streams"));
         // Each row's pid is that process's in pg_stat_activity (polled: the workers may not
         // have started yet).
         let rows = || {

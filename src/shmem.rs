@@ -99,6 +99,9 @@ pub struct WorkerStatus {
     /// and when the oldest of them committed (TimestampTz; 0 = none waits).
     pub acks_waiting: i64,
     pub acks_waiting_since: i64,
+    /// Stream workers past the first (`redis_sync.workers`); the fields above are the
+    /// first's.
+    pub more: [ProcessSlot; crate::gucs::MAX_STREAM_WORKERS - 1],
 }
 
 /// A worker process other than the stream worker, for `redis_sync_workers()`.
@@ -107,11 +110,20 @@ pub struct ProcessSlot {
     pub pid: i32,
     pub state: WorkerState,
     pub started_at: i64,
+    /// Streams it tracks (a stream worker past the first).
+    pub streams: i64,
 }
 
 impl ProcessSlot {
     pub const STOPPED: ProcessSlot =
-        ProcessSlot { pid: 0, state: WorkerState::Stopped, started_at: 0 };
+        ProcessSlot { pid: 0, state: WorkerState::Stopped, started_at: 0, streams: 0 };
+}
+
+/// The shared-memory stream slots of stream worker `index` of `workers`: an equal part each.
+pub fn stream_slots(index: u8, workers: u8) -> std::ops::Range<usize> {
+    let n = usize::from(workers.max(1));
+    let k = usize::from(index).min(n - 1);
+    (k * MAX_STREAM_SLOTS / n)..((k + 1) * MAX_STREAM_SLOTS / n)
 }
 
 /// What one lane is doing, for `redis_sync_lanes()`.
@@ -177,6 +189,7 @@ impl Default for WorkerStatus {
             kv: ProcessSlot::STOPPED,
             acks_waiting: 0,
             acks_waiting_since: 0,
+            more: [ProcessSlot::STOPPED; crate::gucs::MAX_STREAM_WORKERS - 1],
         }
     }
 }
@@ -381,21 +394,22 @@ impl StreamSlot {
 #[derive(Clone, Copy)]
 pub struct StreamTable {
     pub slots: [StreamSlot; MAX_STREAM_SLOTS],
-    /// Discovery passes finished; a `redis_sync_discover()` call waits for it to move.
-    pub discovery_gen: u64,
+    /// Discovery passes finished, by stream worker; a slot's `found_gen` is its worker's.
+    pub discovery_gen: [u64; crate::gucs::MAX_STREAM_WORKERS],
     /// Discovery passes requested by `redis_sync_discover()`.
     pub discovery_requested: u64,
-    /// Requests answered: the last discovery finished after all requests up to this one.
-    pub discovery_answered: u64,
+    /// Requests answered, by stream worker: its last discovery finished after all requests
+    /// up to this one.
+    pub discovery_answered: [u64; crate::gucs::MAX_STREAM_WORKERS],
 }
 
 impl Default for StreamTable {
     fn default() -> Self {
         StreamTable {
             slots: [StreamSlot::EMPTY; MAX_STREAM_SLOTS],
-            discovery_gen: 0,
+            discovery_gen: [0; crate::gucs::MAX_STREAM_WORKERS],
             discovery_requested: 0,
-            discovery_answered: 0,
+            discovery_answered: [0; crate::gucs::MAX_STREAM_WORKERS],
         }
     }
 }
@@ -413,10 +427,11 @@ pub fn update_streams(f: impl FnOnce(&mut StreamTable)) {
     }
 }
 
-/// How many `redis_sync_discover()` requests a finished discovery has answered.
+/// How many `redis_sync_discover()` requests this stream worker's discoveries answered.
 pub fn discovery_answered() -> u64 {
+    let k = usize::from(crate::gucs::stream_worker());
     if preloaded() {
-        STREAMS.share().discovery_answered
+        STREAMS.share().discovery_answered.get(k).copied().unwrap_or(0)
     } else {
         0
     }

@@ -482,3 +482,68 @@ fn a_moderate_load_opens_no_new_connections() {
     // One connection is the producer's own.
     assert_eq!(connections_received(&mut r) - before, 1, "connections opened under load");
 }
+
+#[test]
+fn several_stream_workers_split_the_streams_and_land_each_entry_once() {
+    let redis = Redis::start();
+    let mut r = redis.client();
+    for i in 0..8 {
+        add_entries(&mut r, &format!("split-{i}"), 500);
+    }
+    select(&mut r, 1);
+    add_entries(&mut r, "split-db1", 500);
+    select(&mut r, 0);
+    let pg = Cluster::start(
+        &redis,
+        &[
+            ("redis_sync.workers", "2"),
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+        ],
+    );
+    assert!(pg.wait_until_running());
+    let rows = || {
+        pg.query_text(
+            "SELECT string_agg(worker || ':' || state, ',' ORDER BY worker) FROM redis_sync_workers()",
+        )
+    };
+    wait_for("three workers running", T, || {
+        (rows()?.as_str() == "key_values:running,streams:running,streams 2:running").then_some(())
+    });
+    // Each stream belongs to one of the two stream workers, and both have some.
+    wait_for("all nine streams tracked, by both workers", T, || {
+        let split = pg.query_text(
+            "SELECT string_agg(streams::text, ',' ORDER BY worker) FROM redis_sync_workers() WHERE worker LIKE 'streams%'",
+        )?;
+        let n: Vec<i64> = split.split(',').filter_map(|v| v.parse().ok()).collect();
+        (n.len() == 2 && n.iter().all(|v| *v > 0) && n.iter().sum::<i64>() == 9).then_some(())
+    });
+    assert_eq!(pg.status("streams_tracked").as_deref(), Some("9"));
+    // redis_sync_discover() answers for both workers.
+    assert_eq!(pg.number("SELECT count(*) FROM redis_sync_discover()"), 9);
+    pg.wait_number("SELECT count(*) FROM redis_streams", 4500, T);
+    // The second worker restarted: its streams go on, each entry once.
+    let second = pg.number("SELECT pid FROM redis_sync_workers() WHERE worker = 'streams 2'");
+    pg.execute(&format!("SELECT pg_terminate_backend({second})"));
+    for i in 0..8 {
+        add_numbered(&mut r, &format!("split-{i}"), 500..700);
+    }
+    wait_for("the second worker back", T, || {
+        let pid: i64 = pg
+            .try_query_text("SELECT pid FROM redis_sync_workers() WHERE worker = 'streams 2' AND state = 'running'")?
+            .parse()
+            .ok()?;
+        (pid != second).then_some(())
+    });
+    pg.wait_number("SELECT count(*) FROM redis_streams", 4500 + 8 * 200, T);
+    assert_eq!(
+        pg.number("SELECT count(DISTINCT (stream_key, message_id)) FROM redis_streams"),
+        4500 + 8 * 200
+    );
+    for i in 0..8 {
+        wait_for("nothing pending", T, || {
+            (pending(&mut r, &format!("split-{i}"), GROUP) == 0).then_some(())
+        });
+    }
+}

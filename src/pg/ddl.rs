@@ -53,10 +53,20 @@ fn create_unless_exists(
     ddl: &str,
 ) -> Result<()> {
     if !relation_exists(client, schema, table)? {
-        client.update(ddl, None, &[]).map_err(spi_err)?;
+        // Several stream workers may make the same table at once: one at a time (the
+        // others then find it), till the end of the transaction.
+        client
+            .update(&format!("SELECT pg_catalog.pg_advisory_xact_lock({DDL_LOCK})"), None, &[])
+            .map_err(spi_err)?;
+        if !relation_exists(client, schema, table)? {
+            client.update(ddl, None, &[]).map_err(spi_err)?;
+        }
     }
     Ok(())
 }
+
+/// The advisory lock key the workers' table DDL takes ("rpsddl" in ASCII).
+const DDL_LOCK: i64 = 0x7270_7364_646c;
 
 /// The stream table and the dead-letter table of `schema`.
 pub fn ensure_stream_tables(client: &mut SpiClient<'_>, schema: &str, table: &str) -> Result<()> {

@@ -218,9 +218,13 @@ fn discover(
             }
         }
     }
-    // One entry per stream; configured by name wins.
+    // One entry per stream; configured by name wins. Only this worker's streams (with
+    // several stream workers, each stream belongs to one).
     let mut unique: BTreeMap<(u8, Vec<u8>), bool> = BTreeMap::new();
     for (db, key, configured) in candidates {
+        if super::owner(db, &key, s.workers) != s.stream_worker {
+            continue;
+        }
         *unique.entry((db, key)).or_insert(false) |= configured;
     }
     let mut found: Vec<Found> = unique

@@ -114,6 +114,7 @@ impl StreamSync {
             s.stream_discovery_patterns.iter().map(|p| crate::parse::Pattern::new(p)).collect();
         let new = learned.streams.iter().any(|(db, key)| {
             s.db_search_range.contains(db)
+                && super::owner(*db, key, s.workers) == s.stream_worker
                 && patterns.iter().any(|p| p.matches(key))
                 && !self.index.contains_key(&(*db, key.clone()))
         });
@@ -311,7 +312,7 @@ impl StreamSync {
         self.publish_all();
         shmem::update_streams(|tbl| {
             for (i, info) in &slots {
-                if let Some(slot) = tbl.slots.get_mut(*i) {
+                if let Some(slot) = tbl.slots[self.slots.clone()].get_mut(*i) {
                     slot.set_info(info);
                 }
             }
@@ -353,14 +354,19 @@ impl StreamSync {
         self.publish_all();
         let added: HashSet<&str> = added.iter().map(String::as_str).collect();
         shmem::update_streams(|t| {
-            for (slot, st) in t.slots.iter_mut().zip(&self.streams) {
+            for (slot, st) in t.slots[self.slots.clone()].iter_mut().zip(&self.streams) {
                 slot.found_gen = gen;
                 if added.contains(st.stream_key.as_str()) {
                     slot.added_gen = gen;
                 }
             }
-            t.discovery_gen = gen;
-            t.discovery_answered = self.discover_served;
+            let k = usize::from(crate::gucs::stream_worker());
+            if let Some(g) = t.discovery_gen.get_mut(k) {
+                *g = gen;
+            }
+            if let Some(a) = t.discovery_answered.get_mut(k) {
+                *a = self.discover_served;
+            }
         });
     }
 }

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use crate::encode::encode_name;
 use crate::routes::{Destination, Route, RouteSet};
-use crate::shmem::{self, StreamState, MAX_STREAM_SLOTS};
+use crate::shmem::{self, StreamState};
 
 pub use discoverer::Discoverer;
 pub use discovery::{DiscoveryCtx, DiscoveryTurn, Learned};
@@ -249,6 +249,23 @@ pub struct StreamSync {
     search_logged: bool,
     /// When the last discovery job was sent.
     discovery_started: Option<Instant>,
+    /// This stream worker's part of the stream slots in shared memory.
+    slots: std::ops::Range<usize>,
+}
+
+/// Which of `workers` stream workers reads stream `key` of database `db`: a stable hash
+/// (FNV-1a), the same in every process and after every restart, so a stream always
+/// belongs to one worker and its entries land in order.
+pub fn owner(db: u8, key: &[u8], workers: u8) -> u8 {
+    if workers <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(db).chain(key.iter().copied()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(workers)) as u8
 }
 
 /// The name a stream is stored under.
@@ -295,6 +312,10 @@ impl StreamSync {
             serving: 0,
             search_logged: false,
             discovery_started: None,
+            slots: shmem::stream_slots(
+                crate::gucs::stream_worker(),
+                crate::gucs::WORKERS.get().clamp(1, crate::gucs::MAX_STREAM_WORKERS as i32) as u8,
+            ),
         }
     }
 
@@ -461,11 +482,12 @@ impl StreamSync {
 
     /// Writes the per-stream figures of streams `idx` to shared memory.
     fn publish(&self, idx: impl Iterator<Item = usize>) {
-        let idx: Vec<usize> = idx.filter(|i| *i < MAX_STREAM_SLOTS).collect();
+        let idx: Vec<usize> = idx.filter(|i| *i < self.slots.len()).collect();
         shmem::update_streams(|tbl| {
+            let mine = &mut tbl.slots[self.slots.clone()];
             for i in idx {
                 let t = &self.streams[i];
-                let slot = &mut tbl.slots[i];
+                let slot = &mut mine[i];
                 slot.state = t.state;
                 slot.last_id.set(&t.last_id);
                 slot.messages_synced = t.messages_synced;
@@ -480,7 +502,7 @@ impl StreamSync {
     fn publish_all(&self) {
         let n = self.streams.len();
         shmem::update_streams(|tbl| {
-            for (i, slot) in tbl.slots.iter_mut().enumerate() {
+            for (i, slot) in tbl.slots[self.slots.clone()].iter_mut().enumerate() {
                 let Some(t) = self.streams.get(i) else {
                     *slot = shmem::StreamSlot::EMPTY;
                     continue;
@@ -500,13 +522,36 @@ impl StreamSync {
                 slot.entries_lost = t.entries_lost;
             }
         });
-        shmem::update(|st| st.streams_tracked = n as i64);
+        let more = usize::from(crate::gucs::stream_worker()).checked_sub(1);
+        shmem::update(|st| match more {
+            Some(i) => {
+                if let Some(m) = st.more.get_mut(i) {
+                    m.streams = n as i64;
+                }
+            }
+            None => st.streams_tracked = n as i64,
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_stream_belongs_to_one_worker_and_the_streams_spread() {
+        assert_eq!(owner(0, b"anything", 1), 0);
+        let mut per = [0usize; 3];
+        for i in 0..3000 {
+            let key = format!("stream-{i}");
+            let w = owner((i % 4) as u8, key.as_bytes(), 3);
+            assert_eq!(w, owner((i % 4) as u8, key.as_bytes(), 3));
+            per[w as usize] += 1;
+        }
+        assert!(per.iter().all(|n| *n > 800), "{per:?}");
+        // The database counts: the same name in two databases may go to two workers.
+        assert!((0..16u8).any(|db| owner(db, b"s", 2) != owner(0, b"s", 2)));
+    }
 
     #[test]
     fn names_in_other_databases_are_prefixed() {

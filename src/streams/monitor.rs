@@ -116,7 +116,7 @@ impl StreamSync {
         }
         shmem::update_streams(|tbl| {
             for (i, found, warning) in &slots {
-                if let Some(slot) = tbl.slots.get_mut(*i) {
+                if let Some(slot) = tbl.slots[self.slots.clone()].get_mut(*i) {
                     slot.set_info(found);
                     slot.health.set(warning);
                 }

@@ -561,6 +561,10 @@ impl StreamSync {
     /// Shows in `redis_sync_status()` how many entries wait for their acknowledgement, and
     /// since when.
     fn show_wait(&mut self, now: Instant) {
+        // (The first stream worker's only, for now.)
+        if crate::gucs::stream_worker() > 0 {
+            return;
+        }
         let wait = (self.awaiting_entries, self.awaiting.front().map(|a| a.1));
         if wait == self.shown_wait {
             return;

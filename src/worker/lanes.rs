@@ -189,9 +189,9 @@ impl Lanes {
         }
     }
 
-    /// Sets `redis_connected`, when this process is the stream worker.
+    /// Sets `redis_connected`, when this process is the (first) stream worker.
     fn show_connected(&self, connected: bool) {
-        if self.role == Role::Streams {
+        if self.role == Role::Streams && crate::gucs::stream_worker() == 0 {
             shmem::update(|st| st.redis_connected = connected);
         }
     }
@@ -295,8 +295,12 @@ impl Lanes {
             || self.role.lanes().iter().any(|l| self.lanes[*l as usize].retry.failing())
     }
 
-    /// Writes the rows of this process's lanes to shared memory.
+    /// Writes the rows of this process's lanes to shared memory (the first stream worker's
+    /// for the stream lanes: the others show in `redis_sync_workers()`).
     pub fn publish(&self) {
+        if self.role == Role::Streams && crate::gucs::stream_worker() > 0 {
+            return;
+        }
         let link_down = !self.link.up;
         let own = self.role.lanes();
         shmem::update(|st| {

@@ -590,17 +590,24 @@ impl Worker {
     /// Publishes the state, and the activity when it changed.
     fn enter(&mut self, state: WorkerState, activity: &str, connected: bool, idle: bool) {
         let role = self.role;
-        let changed = shmem::snapshot().map(|s| match role {
-            Role::Streams => s.state != state || s.redis_connected != connected,
-            Role::KeyValues => s.kv.state != state,
+        let more = usize::from(self.settings.stream_worker).checked_sub(1);
+        let changed = shmem::snapshot().map(|s| match (role, more) {
+            (Role::Streams, Some(i)) => s.more.get(i).is_some_and(|m| m.state != state),
+            (Role::Streams, None) => s.state != state || s.redis_connected != connected,
+            (Role::KeyValues, _) => s.kv.state != state,
         });
         if changed.unwrap_or(true) {
-            shmem::update(|s| match role {
-                Role::Streams => {
+            shmem::update(|s| match (role, more) {
+                (Role::Streams, Some(i)) => {
+                    if let Some(m) = s.more.get_mut(i) {
+                        m.state = state;
+                    }
+                }
+                (Role::Streams, None) => {
                     s.state = state;
                     s.redis_connected = connected;
                 }
-                Role::KeyValues => s.kv.state = state,
+                (Role::KeyValues, _) => s.kv.state = state,
             });
         }
         if (idle, activity) != (self.activity.0, self.activity.1.as_str()) {

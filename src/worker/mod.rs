@@ -70,19 +70,39 @@ impl Role {
     }
 }
 
-/// Registers the workers with the postmaster (while preloading only).
+/// Registers the workers with the postmaster (while preloading only): the key-value worker
+/// and `redis_sync.workers` stream workers. The first stream worker's argument is 0 (its
+/// role's), the key-value worker's 1, stream worker `k` (from 0) past the first `k + 1`.
 pub fn register() {
+    let workers = crate::gucs::WORKERS.get().clamp(1, crate::gucs::MAX_STREAM_WORKERS as i32);
     for role in Role::ALL {
         let (name, backend_type) = role.names();
-        BackgroundWorkerBuilder::new(name)
-            .set_type(backend_type)
-            .set_library("redis_pg_sync")
-            .set_function("redis_sync_worker_main")
-            .set_argument(Some(pg_sys::Datum::from(role.arg())))
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::ConsistentState)
-            .set_restart_time(Some(RESTART_TIME))
-            .load();
+        register_one(name, backend_type, role.arg());
+    }
+    for k in 1..workers {
+        let n = k + 1;
+        register_one(&format!("redis_pg_sync worker {n}"), &format!("redis_pg_sync {n}"), k + 1);
+    }
+}
+
+fn register_one(name: &str, backend_type: &str, arg: i32) {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(backend_type)
+        .set_library("redis_pg_sync")
+        .set_function("redis_sync_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(arg)))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(RESTART_TIME))
+        .load();
+}
+
+/// The role and stream-worker index of a worker's argument (see [`register`]).
+fn decode_arg(arg: usize) -> (Role, u8) {
+    match arg {
+        0 => (Role::Streams, 0),
+        1 => (Role::KeyValues, 0),
+        k => (Role::Streams, (k - 1).min(u8::MAX as usize) as u8),
     }
 }
 
@@ -98,6 +118,16 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
     });
 }
 
+/// The same for a stream worker past the first.
+unsafe extern "C-unwind" fn on_exit_more(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    let index = usize::from(crate::gucs::stream_worker());
+    shmem::update(|s| {
+        if let Some(slot) = index.checked_sub(1).and_then(|i| s.more.get_mut(i)) {
+            *slot = shmem::ProcessSlot::STOPPED;
+        }
+    });
+}
+
 /// The same for the key-value worker.
 unsafe extern "C-unwind" fn on_exit_kv(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     shmem::update(|s| {
@@ -110,14 +140,15 @@ unsafe extern "C-unwind" fn on_exit_kv(_code: std::ffi::c_int, _arg: pg_sys::Dat
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn redis_sync_worker_main(arg: pg_sys::Datum) {
-    let role =
-        if arg.value() == Role::KeyValues.arg() as usize { Role::KeyValues } else { Role::Streams };
+    let (role, index) = decode_arg(arg.value());
+    crate::gucs::set_stream_worker(index);
     signals::install();
     let settings = Settings::load();
     let pg_role = (!settings.role.is_empty()).then_some(settings.role.as_str());
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), pg_role);
 
     crate::pg::on_exit(match role {
+        Role::Streams if index > 0 => on_exit_more,
         Role::Streams => on_exit,
         Role::KeyValues => on_exit_kv,
     });
@@ -138,11 +169,21 @@ pub extern "C-unwind" fn redis_sync_worker_main(arg: pg_sys::Datum) {
     let started = shmem::now();
     let pid = crate::pg::my_pid();
     match role {
+        Role::Streams if index > 0 => shmem::update(|s| {
+            if let Some(slot) = s.more.get_mut(usize::from(index) - 1) {
+                *slot = shmem::ProcessSlot {
+                    pid,
+                    state: WorkerState::Starting,
+                    started_at: started,
+                    streams: 0,
+                };
+            }
+        }),
         Role::Streams => shmem::update(|s| {
-            // The key-value worker's part stays as it is.
-            let kv = (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize]);
+            // The key-value worker's and the other stream workers' parts stay as they are.
+            let kv = (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize], s.more);
             *s = shmem::WorkerStatus::default();
-            (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize]) = kv;
+            (s.kv, s.lanes[crate::ratelimit::Lane::KeyValues as usize], s.more) = kv;
             s.pid = pid;
             s.state = WorkerState::Starting;
             s.mode = settings.mode;
@@ -153,8 +194,12 @@ pub extern "C-unwind" fn redis_sync_worker_main(arg: pg_sys::Datum) {
             shmem::clear_skipped();
             shmem::hand_over_learned(None);
             shmem::update(|s| {
-                s.kv =
-                    shmem::ProcessSlot { pid, state: WorkerState::Starting, started_at: started };
+                s.kv = shmem::ProcessSlot {
+                    pid,
+                    state: WorkerState::Starting,
+                    started_at: started,
+                    streams: 0,
+                };
                 s.lanes[crate::ratelimit::Lane::KeyValues as usize] = shmem::LaneSlot::EMPTY;
             });
         }

@@ -1066,6 +1066,34 @@ fn bench_servers(total: usize) -> (f64, f64, i64, i64) {
     (one, two, na, nb)
 }
 
+/// Drains `total` entries over the bench's streams with 1, then 2 stream workers on one
+/// server: rows/s of each.
+fn bench_workers(total: usize) -> (f64, f64) {
+    let mut rates = Vec::new();
+    for workers in ["1", "2"] {
+        let redis = Redis::start();
+        fill(&mut redis.client(), total);
+        let pg = durable(
+            &redis,
+            &[
+                ("redis_sync.enabled", "off"),
+                ("redis_sync.workers", workers),
+                ("redis_sync.batch_size", "1000"),
+                ("redis_sync.rate_limit", "0"),
+                ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+                ("redis_sync.key_value_auto_discovery", "off"),
+                ROOMY[0],
+                ROOMY[1],
+            ],
+        );
+        eprintln!("[bench] {workers} stream worker(s) drain {total} entries");
+        let rate = drain(&pg, "redis_streams", total).rows_per_s;
+        eprintln!("[bench]   {rate:.0} rows/s");
+        rates.push(rate);
+    }
+    (rates[0], rates[1])
+}
+
 /// Kill-and-promote failovers mid-drain (see `kill_and_promote`), `reps` times for each
 /// `redis_sync.ack_after`: (mode, lost per repetition, duplicated per repetition).
 fn bench_failover(reps: usize, total: usize) -> Vec<(&'static str, Vec<i64>, Vec<i64>)> {
@@ -1126,9 +1154,13 @@ fn main() {
             bench_servers(entries);
             return;
         }
+        "workers" => {
+            bench_workers(entries);
+            return;
+        }
         other => {
             panic!(
-                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover, servers"
+                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover, servers, workers"
             )
         }
     }
@@ -1141,6 +1173,7 @@ fn main() {
     let routes = bench_routes(entries, keys);
     let failover = bench_failover(5, 20_000);
     let servers = bench_servers(entries);
+    let workers = bench_workers(entries);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1347,6 +1380,15 @@ fn main() {
         servers.1 / servers.0,
         servers.2,
         servers.3
+    );
+    let _ = writeln!(md, "\n## Stream workers on one server\n\n{entries} entries over {STREAMS} streams drained with `redis_sync.workers` = 1, then 2; batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB.\n");
+    let _ = writeln!(md, "| measure | value |\n|---|---|");
+    let _ = writeln!(md, "| 1 stream worker | {:.0} rows/s |", workers.0);
+    let _ = writeln!(
+        md,
+        "| 2 stream workers | {:.0} rows/s (**{:.2}x**) |",
+        workers.1,
+        workers.1 / workers.0
     );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
