@@ -419,7 +419,9 @@ fn redis_sync_discover() -> TableIterator<
     };
     let rows: Vec<_> = {
         let tbl = shmem::STREAMS.share();
+        // (A worker that is not running answers nothing: its slots are not listed.)
         (0..workers)
+            .filter(|k| pids.get(usize::from(*k)).is_some_and(|pid| *pid != 0))
             .flat_map(|k| {
                 let gen = gens[usize::from(k)];
                 tbl.slots[shmem::stream_slots(k, workers)]

@@ -760,13 +760,16 @@ pub fn routes_generation() -> u64 {
     }
 }
 
-/// Says that the routes changed (any backend, after its commit), and wakes both workers to
+/// Says that the routes changed (any backend, after its commit), and wakes every worker to
 /// load them.
 pub fn bump_routes_generation() {
     bump(|c| &c.routes_generation, 1);
     if let Some(s) = snapshot() {
         crate::pg::wake_backend(s.pid);
         crate::pg::wake_backend(s.kv.pid);
+        for m in &s.more {
+            crate::pg::wake_backend(m.pid);
+        }
     }
 }
 

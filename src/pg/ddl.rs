@@ -38,10 +38,20 @@ fn ensure_schema(client: &mut SpiClient<'_>, schema: &str) -> Result<()> {
         .map_err(spi_err)?
         .unwrap_or(false);
     if !exists {
+        lock_ddl(client)?;
         client
             .update(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)), None, &[])
             .map_err(spi_err)?;
     }
+    Ok(())
+}
+
+/// Several worker processes may make the same schema or table at once: one at a time (the
+/// others then find it), till the end of the transaction.
+fn lock_ddl(client: &mut SpiClient<'_>) -> Result<()> {
+    client
+        .update(&format!("SELECT pg_catalog.pg_advisory_xact_lock({DDL_LOCK})"), None, &[])
+        .map_err(spi_err)?;
     Ok(())
 }
 
@@ -53,11 +63,7 @@ fn create_unless_exists(
     ddl: &str,
 ) -> Result<()> {
     if !relation_exists(client, schema, table)? {
-        // Several stream workers may make the same table at once: one at a time (the
-        // others then find it), till the end of the transaction.
-        client
-            .update(&format!("SELECT pg_catalog.pg_advisory_xact_lock({DDL_LOCK})"), None, &[])
-            .map_err(spi_err)?;
+        lock_ddl(client)?;
         if !relation_exists(client, schema, table)? {
             client.update(ddl, None, &[]).map_err(spi_err)?;
         }

@@ -530,7 +530,9 @@ impl StreamWriter {
         if refused.is_empty() {
             return Ok(Vec::new());
         }
-        if self.dead_letter_max > 0 && self.dead_letters >= self.dead_letter_max {
+        // With several stream workers each adds to the table: counted every time.
+        let several = crate::gucs::WORKERS.get() > 1;
+        if self.dead_letter_max > 0 && (several || self.dead_letters >= self.dead_letter_max) {
             // Counted again first: dead letters may have been replayed or deleted by hand.
             let schema = self.target.as_ref().map(|t| t.schema().to_owned()).unwrap_or_default();
             let stored =

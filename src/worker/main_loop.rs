@@ -169,7 +169,7 @@ impl Worker {
             ));
             self.lanes.reset_link();
             let server = new.redis.server();
-            if self.role == Role::Streams {
+            if self.role == Role::Streams && self.settings.stream_worker == 0 {
                 shmem::update(|s| {
                     s.redis_connected = false;
                     s.redis_server.set(&server);
@@ -187,7 +187,7 @@ impl Worker {
             self.notifier = None;
         }
         let mode = new.mode;
-        if self.role == Role::Streams {
+        if self.role == Role::Streams && self.settings.stream_worker == 0 {
             shmem::update(|s| s.mode = mode);
         }
         self.settings = new;
