@@ -1,5 +1,6 @@
 -- redis_pg_sync 0.3.0 -> 0.4.0: redis_sync_status() shows the entries whose acknowledgement
--- waits for a flush (here, or on the standbys with redis_sync.ack_after = standby);
+-- waits for a flush (here, or on the standbys with redis_sync.ack_after = standby) and a
+-- Redis Cluster's primaries;
 -- redis_sync_workers() has a row per stream worker (redis_sync.workers) and its streams.
 \echo Use "ALTER EXTENSION redis_pg_sync UPDATE TO '0.4.0'" to load this file. \quit
 
@@ -29,7 +30,8 @@ CREATE FUNCTION @extschema@."redis_sync_status"() RETURNS TABLE (
 	"entries_lost" bigint,
 	"key_values_skipped" bigint,
 	"acks_waiting" bigint,
-	"acks_waiting_since" timestamp with time zone
+	"acks_waiting_since" timestamp with time zone,
+	"redis_nodes" TEXT
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c

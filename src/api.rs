@@ -53,6 +53,7 @@ fn redis_sync_status() -> TableIterator<
         name!(key_values_skipped, i64),
         name!(acks_waiting, i64),
         name!(acks_waiting_since, Option<TimestampWithTimeZone>),
+        name!(redis_nodes, Option<String>),
     ),
 > {
     let mode = gucs::MODE.get().as_str().to_owned();
@@ -81,6 +82,7 @@ fn redis_sync_status() -> TableIterator<
             0,
             0,
             0,
+            None,
             None,
         ));
     };
@@ -121,6 +123,7 @@ fn redis_sync_status() -> TableIterator<
         skipped,
         s.acks_waiting,
         ts(s.acks_waiting_since),
+        opt(s.redis_nodes.as_str()),
     ))
 }
 

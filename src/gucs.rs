@@ -93,6 +93,7 @@ text!(KEY_VALUE_TABLE, Some(c"redis_key_values"));
 
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static REDIS_TLS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static REDIS_CLUSTER: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static STREAM_AUTO_DISCOVERY: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static AUTO_CREATE_CONSUMER_GROUPS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static STREAM_CONFLICT_OVERWRITE: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -205,7 +206,7 @@ pub fn init() {
     );
     string(
         c"redis_sync.redis_host",
-        c"Redis host name or address.",
+        c"Redis host name or address; with redis_cluster, seed nodes as host[:port], comma-separated.",
         &REDIS_HOST,
         GucContext::Sighup,
         none,
@@ -263,6 +264,12 @@ pub fn init() {
         None,
     );
     bool_(c"redis_sync.redis_tls", c"Connect to Redis over TLS.", &REDIS_TLS, GucContext::Sighup);
+    bool_(
+        c"redis_sync.redis_cluster",
+        c"Redis is a Redis Cluster: redis_host lists seed nodes (host[:port], comma-separated); database 0 only.",
+        &REDIS_CLUSTER,
+        GucContext::Sighup,
+    );
     string(
         c"redis_sync.redis_tls_ca_file",
         c"CA certificates (PEM) that verify the Redis server with TLS; empty: the system's.",
@@ -652,11 +659,16 @@ check_hook!(check_not_empty, |v: &str| {
     }
 });
 check_hook!(check_host, |v: &str| {
-    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Err("Accepted form: a host name or IP address without blanks.".into())
-    } else {
-        Ok(())
+    if v.is_empty() || v.chars().any(|c| c.is_control()) {
+        return Err("Accepted form: a host name or IP address without blanks.".into());
     }
+    if v.contains(',') || v.contains(' ') {
+        // Seed nodes of a cluster.
+        return crate::redis::parse_seeds(v, 6379).map(|_| ()).map_err(|e| {
+            format!("Accepted form: host[:port], comma-separated (seed nodes of a cluster): {e}")
+        });
+    }
+    Ok(())
 });
 
 #[pg_guard]
@@ -752,6 +764,8 @@ pub struct RedisSettings {
     pub tls_ca_file: String,
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// `redis_cluster`: `host` lists the seed nodes of a Redis Cluster.
+    pub cluster: bool,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -768,6 +782,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -805,6 +820,9 @@ impl RedisSettings {
 
     /// `host:port/db`, as shown in `redis_sync_status().redis_server`.
     pub fn server(&self) -> String {
+        if self.cluster {
+            return format!("cluster {}", self.host);
+        }
         format!("{}:{}/{}", self.host, self.port, self.db)
     }
 }
@@ -902,6 +920,7 @@ impl Settings {
                 tls_ca_file: text(&REDIS_TLS_CA_FILE),
                 tls_cert_file: text(&REDIS_TLS_CERT_FILE),
                 tls_key_file: text(&REDIS_TLS_KEY_FILE),
+                cluster: REDIS_CLUSTER.get(),
             },
             // The check hook guarantees the stored value parses; fall back to the default.
             db_search_range: parse::parse_db_range(&text(&DB_SEARCH_RANGE))
@@ -960,6 +979,7 @@ impl Default for RedisSettings {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            cluster: false,
         }
     }
 }

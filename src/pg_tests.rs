@@ -47,6 +47,7 @@ mod tests {
         ("redis_sync.redis_password_file", "", "sighup", ""),
         ("redis_sync.redis_port", "6379", "sighup", ""),
         ("redis_sync.redis_tls", "off", "sighup", ""),
+        ("redis_sync.redis_cluster", "off", "sighup", ""),
         ("redis_sync.redis_tls_ca_file", "", "sighup", ""),
         ("redis_sync.redis_tls_cert_file", "", "sighup", ""),
         ("redis_sync.redis_tls_key_file", "", "sighup", ""),
@@ -245,7 +246,7 @@ mod tests {
                 "worker_pid,state,mode,redis_connected,redis_server,streams_tracked,messages_processed,\
                  key_values_processed,redis_ops,pg_ops,streams_discovered,errors,retries,dead_letters,\
                  last_sync_time,last_error,last_error_time,started_at,key_value_passes,\
-                 dead_letters_stored,entries_lost,key_values_skipped,acks_waiting,acks_waiting_since"
+                 dead_letters_stored,entries_lost,key_values_skipped,acks_waiting,acks_waiting_since,redis_nodes"
             )
         );
         // Nothing listens on port 1: the worker must be alive, not connected, with errors.

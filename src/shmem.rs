@@ -102,6 +102,8 @@ pub struct WorkerStatus {
     /// Stream workers past the first (`redis_sync.workers`); the fields above are the
     /// first's.
     pub more: [ProcessSlot; crate::gucs::MAX_STREAM_WORKERS - 1],
+    /// A Redis Cluster's primaries as last learnt (`host:port`, comma-separated).
+    pub redis_nodes: FixedStr<512>,
 }
 
 /// A worker process other than the stream worker, for `redis_sync_workers()`.
@@ -190,6 +192,7 @@ impl Default for WorkerStatus {
             acks_waiting: 0,
             acks_waiting_since: 0,
             more: [ProcessSlot::STOPPED; crate::gucs::MAX_STREAM_WORKERS - 1],
+            redis_nodes: FixedStr::empty(),
         }
     }
 }

@@ -199,6 +199,13 @@ impl Redis {
         }
     }
 
+    /// Kills the server (SIGKILL, by PID), as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, libc::SIGKILL, Duration::from_secs(10));
+        }
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
     pub fn freeze(&self) {
         if let Some(pid) = self.pid() {
@@ -234,6 +241,13 @@ impl Redis {
             .expect("connect to test redis")
     }
 
+    /// A client connection, or `None` when the server does not answer now.
+    pub fn try_client(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .ok()
+    }
+
     pub fn client_auth(&self, password: &str) -> redis::Connection {
         let url = format!("redis://:{}@127.0.0.1:{}/", password, self.port);
         redis::Client::open(url)
@@ -258,6 +272,197 @@ fn keep_if_failed(dir: &mut tempfile::TempDir, what: &str) {
         dir.disable_cleanup(true);
         eprintln!("{what}: files and log kept in {}", dir.path().display());
     }
+}
+
+/// A port free for a Redis Cluster node: the port and its cluster bus port (10000 above).
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A Redis Cluster of real `redis-server` processes on loopback: three primaries with a
+/// replica each, made by `redis-cli --cluster create`. Each node is stopped by PID when
+/// the cluster is dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes (each with `extra` arguments) and makes them one cluster.
+    pub fn start(extra: &[&str]) -> RedisCluster {
+        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        args.extend_from_slice(extra);
+        let nodes: Vec<Redis> = (0..6)
+            .map(|_| {
+                let dir = tempfile::Builder::new().prefix("rps-redis-").tempdir().expect("tempdir");
+                let mut r = Redis {
+                    child: None,
+                    port: free_cluster_port(),
+                    tls_port: None,
+                    dir,
+                    extra: args.iter().map(|s| s.to_string()).collect(),
+                    binary: redis_server_bin(),
+                };
+                r.launch();
+                r
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let out = Command::new(redis_cli_bin())
+            .args(["--cluster", "create"])
+            .args(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every node says the cluster is up with all slots served, and every
+    /// primary has its replica.
+    pub fn wait_ok(&self, timeout: Duration) {
+        wait_for("the Redis Cluster to be up on every node", timeout, || {
+            for n in &self.nodes {
+                let info: String =
+                    redis::cmd("CLUSTER").arg("INFO").query(&mut n.try_client()?).ok()?;
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    return None;
+                }
+            }
+            (self.primaries().len() == 3 && self.nodes.len() - 3 == self.replicas().len())
+                .then_some(())
+        });
+    }
+
+    /// Waits until every replica has everything its primary wrote (replication offsets).
+    pub fn wait_replicated(&self, timeout: Duration) {
+        let offset = |i: usize, field: &str| -> Option<i64> {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut self.nodes[i].try_client()?)
+                .ok()?;
+            info.lines().find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+        };
+        wait_for("the replicas to catch up", timeout, || {
+            for i in self.replicas() {
+                let primary = offset(i, "master_repl_offset:")?;
+                let done = offset(i, "slave_repl_offset:")?;
+                if done < primary {
+                    return None;
+                }
+            }
+            for i in self.primaries() {
+                // Every replica of this primary acknowledged its offset.
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut self.nodes[i].try_client()?)
+                    .ok()?;
+                let mine = offset(i, "master_repl_offset:")?;
+                let behind = info
+                    .lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("offset="))
+                    .any(|l| {
+                        l.split(',')
+                            .find_map(|kv| kv.strip_prefix("offset=")?.parse::<i64>().ok())
+                            .is_none_or(|o| o < mine)
+                    });
+                if behind {
+                    return None;
+                }
+            }
+            Some(())
+        });
+    }
+
+    /// The seed nodes as `redis_sync.redis_host` takes them.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The indices of the nodes that are primaries now (`ROLE`).
+    pub fn primaries(&self) -> Vec<usize> {
+        self.with_role("master")
+    }
+
+    /// The indices of the nodes that are replicas now and in sync with their primary.
+    pub fn replicas(&self) -> Vec<usize> {
+        self.with_role("slave")
+            .into_iter()
+            .filter(|&i| {
+                let info: Option<String> = self.nodes[i]
+                    .try_client()
+                    .and_then(|mut c| redis::cmd("INFO").arg("replication").query(&mut c).ok());
+                info.is_some_and(|t| t.contains("master_link_status:up"))
+            })
+            .collect()
+    }
+
+    fn with_role(&self, role: &str) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                let reply: Option<Vec<redis::Value>> = self.nodes[i]
+                    .try_client()
+                    .and_then(|mut c| redis::cmd("ROLE").query(&mut c).ok());
+                matches!(reply.as_deref().and_then(|r| r.first()),
+                    Some(redis::Value::BulkString(b)) if b == role.as_bytes())
+            })
+            .collect()
+    }
+
+    /// A cluster client of the redis crate (it follows MOVED and ASK itself).
+    pub fn client(&self) -> redis::cluster::ClusterConnection {
+        let urls: Vec<String> = self.nodes.iter().map(|n| n.url()).collect();
+        redis::cluster::ClusterClient::builder(urls)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(10))
+            .build()
+            .and_then(|c| c.get_connection())
+            .expect("connect to the test cluster")
+    }
+
+    /// Every key of every primary.
+    pub fn all_keys(&self) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        for i in self.primaries() {
+            let mut c = self.nodes[i].client();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(&mut c)
+                    .expect("SCAN");
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        keys.sort();
+        keys
+    }
+}
+
+fn redis_cli_bin() -> PathBuf {
+    std::env::var_os("REDIS_CLI").map(PathBuf::from).unwrap_or_else(|| "redis-cli".into())
 }
 
 fn redis_server_bin() -> PathBuf {
@@ -370,19 +575,33 @@ impl Cluster {
     /// for tests, then `settings` on top; `CREATE EXTENSION` done.
     pub fn start(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
         let port = redis.port.to_string();
-        let mut all: Vec<(&str, &str)> = vec![
-            ("redis_sync.redis_host", "127.0.0.1"),
-            ("redis_sync.redis_port", &port),
+        let at = [("redis_sync.redis_host", "127.0.0.1"), ("redis_sync.redis_port", port.as_str())];
+        Cluster::start_fast(&at, settings)
+    }
+
+    /// Preloaded, at the Redis of `at`, with fast retries, then `settings`.
+    fn start_fast(at: &[(&str, &str)], settings: &[(&str, &str)]) -> Cluster {
+        let mut all: Vec<(&str, &str)> = at.to_vec();
+        all.extend_from_slice(&[
             ("redis_sync.backoff_base", "100ms"),
             ("redis_sync.backoff_max", "1s"),
             ("redis_sync.health_check_interval", "1s"),
-        ];
+        ]);
         all.extend_from_slice(settings);
         Cluster::start_with(ClusterOptions {
             preload: true,
             settings: all.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         })
+    }
+
+    /// A cluster with redis_pg_sync preloaded, pointed at the Redis Cluster `redis`
+    /// (`redis_cluster = on`, two of its nodes as seeds), with fast retry settings for
+    /// tests, then `settings` on top; `CREATE EXTENSION` done.
+    pub fn start_on_cluster(redis: &RedisCluster, settings: &[(&str, &str)]) -> Cluster {
+        let seeds = redis.seeds();
+        let at = [("redis_sync.redis_cluster", "on"), ("redis_sync.redis_host", seeds.as_str())];
+        Cluster::start_fast(&at, settings)
     }
 
     /// A cluster as a user would run it: durable, every `redis_sync.*` setting at its

@@ -9,7 +9,7 @@
 //! every signal blocked and never calls Postgres.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::gucs::RedisSettings;
 use crate::parse::Pattern;
 use crate::pg::WakeHandle;
 use crate::ratelimit::Lane;
-use crate::redis::{open_connection, Redis, SharedBudget};
+use crate::redis::{open_connection, ClusterLink, Redis, SharedBudget};
 
 /// Batches of changed keys waiting for the main thread, at most.
 const QUEUE: usize = 64;
@@ -82,8 +82,14 @@ impl Notifier {
         let stop = Arc::new(AtomicBool::new(false));
         let overflowed = Arc::new(AtomicBool::new(false));
         let (sc, st, ov) = (scope.clone(), stop.clone(), overflowed.clone());
+        let to = Listener { tx, stop: st, overflowed: ov, budget, wake, ids };
         crate::worker::spawn_helper("redis_pg_sync notifications", move || {
-            listen(sc, tx, st, ov, budget, wake, ids)
+            if sc.settings.cluster {
+                follow_cluster(sc, to)
+            } else {
+                let subscribe = sc.settings.clone();
+                listen(sc, subscribe, to, None)
+            }
         })
         .map_err(|e| SyncError::Config(format!("cannot start the notification thread: {e}")))?;
         Ok(Notifier { changes: rx, stop, overflowed, scope })
@@ -105,17 +111,114 @@ impl Drop for Notifier {
     }
 }
 
-fn listen(
-    scope: Scope,
+/// What a listening thread hands its changes to, and when it stops.
+struct Listener {
     tx: SyncSender<Changed>,
     stop: Arc<AtomicBool>,
     overflowed: Arc<AtomicBool>,
     budget: SharedBudget,
     wake: WakeHandle,
     ids: Arc<KeyIds>,
+}
+
+/// How often the cluster's primaries are looked at again: a failover or a new primary
+/// means subscribing again (notifications are published by the node where the key lives).
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(2);
+
+/// A Redis Cluster: a listening thread per primary (each subscribed on its own node, the
+/// changed keys fetched through the cluster), all of them made again when the primaries
+/// change.
+fn follow_cluster(scope: Scope, to: Listener) {
+    let mut link: Option<ClusterLink> = None;
+    let mut delay = Duration::from_millis(100);
+    let mut current: Vec<(String, u16)> = Vec::new();
+    let mut generation = Arc::new(AtomicBool::new(false));
+    // The nodes of the current generation subscribed so far; once all are, one pass.
+    let mut subscribed = Arc::new(AtomicUsize::new(0));
+    let mut caught_up = true;
+    while !to.stop.load(Ordering::Relaxed) {
+        let primaries = match link.as_mut() {
+            Some(l) => l.refresh().map(|_| l.topology().primaries().to_vec()),
+            None => ClusterLink::connect(&scope.settings, 0).map(|l| {
+                let p = l.topology().primaries().to_vec();
+                link = Some(l);
+                p
+            }),
+        };
+        let Ok(primaries) = primaries else {
+            link = None;
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(10));
+            continue;
+        };
+        delay = Duration::from_millis(100);
+        if primaries != current {
+            generation.store(true, Ordering::Relaxed);
+            generation = Arc::new(AtomicBool::new(false));
+            subscribed = Arc::new(AtomicUsize::new(0));
+            caught_up = false;
+            for (host, port) in &primaries {
+                let subscribe = RedisSettings {
+                    host: host.clone(),
+                    port: *port,
+                    db: 0,
+                    cluster: false,
+                    ..scope.settings.clone()
+                };
+                let Ok(wake) = to.wake.try_clone() else {
+                    to.overflowed.store(true, Ordering::Relaxed);
+                    continue;
+                };
+                let node = Listener {
+                    tx: to.tx.clone(),
+                    stop: generation.clone(),
+                    overflowed: to.overflowed.clone(),
+                    budget: to.budget.clone(),
+                    wake,
+                    ids: to.ids.clone(),
+                };
+                let sc = scope.clone();
+                let count = subscribed.clone();
+                let started =
+                    crate::worker::spawn_helper("redis_pg_sync notifications", move || {
+                        listen(sc, subscribe, node, Some(count))
+                    });
+                if started.is_err() {
+                    // Not all primaries are followed: passes keep finding the changes.
+                    to.overflowed.store(true, Ordering::Relaxed);
+                }
+            }
+            current = primaries;
+        }
+        // Sleep in short steps, so a stop is seen soon.
+        let until = Instant::now() + TOPOLOGY_CHECK;
+        while Instant::now() < until && !to.stop.load(Ordering::Relaxed) {
+            if !caught_up && subscribed.load(Ordering::Relaxed) >= current.len() {
+                // Every primary heard from now on: a pass finds what changed before.
+                caught_up = true;
+                to.overflowed.store(true, Ordering::Relaxed);
+                to.wake.wake();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    generation.store(true, Ordering::Relaxed);
+}
+
+/// Subscribes on the server of `subscribe` and hands the changed keys over, fetched
+/// through `scope.settings` (the cluster, for a cluster's node).
+///
+/// `first` counts the first subscription of a cluster's nodes (instead of a pass asked for
+/// at each).
+fn listen(
+    scope: Scope,
+    subscribe: RedisSettings,
+    to: Listener,
+    mut first: Option<Arc<AtomicUsize>>,
 ) {
+    let Listener { tx, stop, overflowed, budget, wake, ids } = to;
     let patterns: Vec<Pattern> = scope.patterns.iter().map(|p| Pattern::new(p)).collect();
-    let settings = &scope.settings;
+    let settings = &subscribe;
     let mut fetcher: Option<Redis> = None;
     let mut delay = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
@@ -132,9 +235,18 @@ fn listen(
             continue;
         }
         delay = Duration::from_millis(100);
-        // Anything changed while we were not subscribed: the worker runs a pass now.
-        overflowed.store(true, Ordering::Relaxed);
-        wake.wake();
+        match first.take() {
+            // A cluster's node subscribed for the first time: one pass runs once every
+            // primary has (see `follow_cluster`).
+            Some(count) => {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            // Anything changed while we were not subscribed: the worker runs a pass now.
+            None => {
+                overflowed.store(true, Ordering::Relaxed);
+                wake.wake();
+            }
+        }
         loop {
             if stop.load(Ordering::Relaxed) {
                 return;

@@ -27,6 +27,11 @@ impl WakeHandle {
         // A full pipe already holds a wake-up: nothing is lost by not writing.
         let _ = (&self.0).write(&[1]);
     }
+
+    /// Another handle on the same pipe, for another helper thread.
+    pub fn try_clone(&self) -> std::io::Result<WakeHandle> {
+        Ok(WakeHandle(self.0.try_clone()?))
+    }
 }
 
 fn set_nonblocking(fd: c_int) -> std::io::Result<()> {

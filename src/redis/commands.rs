@@ -49,6 +49,15 @@ impl Redis {
     /// The server's run ID and which databases hold keys (`INFO`), and, the first time, how
     /// many databases it has (`CONFIG GET databases`, where the user may run it).
     pub fn databases(&mut self) -> Result<Databases> {
+        if self.settings.cluster {
+            // A cluster has database 0 only; its first primary's run ID stands for the
+            // cluster (a failover of that primary starts a key-value pass afresh).
+            let reply = self.query(0, "INFO", ::redis::cmd("INFO").arg("server"))?;
+            let mut found = Databases::from_info(&as_string(&reply).unwrap_or_default(), Some(1));
+            found.nonempty.insert(0);
+            self.databases = Some(found.clone());
+            return Ok(found);
+        }
         let main = self.settings.db;
         let reply = self.query(main, "INFO", &::redis::cmd("INFO"))?;
         let text = as_string(&reply).unwrap_or_default();

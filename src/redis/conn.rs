@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
 
+use super::cluster::ClusterLink;
 use super::raw::{RawConn, Reply};
 use super::reply::{parse_read, RawEntry};
 use crate::error::{classify_connect, Result, SyncError};
@@ -22,13 +23,19 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) enum Link {
     Library(::redis::Connection),
     Raw(RawConn),
+    /// A Redis Cluster, through connections to its primaries.
+    Cluster(Box<ClusterLink>),
 }
 
 impl Link {
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> ::redis::RedisResult<()> {
+    pub(super) fn set_read_timeout(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> ::redis::RedisResult<()> {
         match self {
             Link::Library(c) => c.set_read_timeout(timeout),
             Link::Raw(c) => Ok(c.set_read_timeout(timeout)?),
+            Link::Cluster(c) => c.set_read_timeout(timeout),
         }
     }
 }
@@ -38,6 +45,7 @@ impl ::redis::ConnectionLike for Link {
         match self {
             Link::Library(c) => c.req_packed_command(cmd),
             Link::Raw(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -50,6 +58,7 @@ impl ::redis::ConnectionLike for Link {
         match self {
             Link::Library(c) => c.req_packed_commands(cmd, offset, count),
             Link::Raw(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -57,6 +66,7 @@ impl ::redis::ConnectionLike for Link {
         match self {
             Link::Library(c) => c.get_db(),
             Link::Raw(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 
@@ -64,6 +74,7 @@ impl ::redis::ConnectionLike for Link {
         match self {
             Link::Library(c) => c.check_connection(),
             Link::Raw(c) => c.check_connection(),
+            Link::Cluster(c) => c.check_connection(),
         }
     }
 
@@ -71,6 +82,7 @@ impl ::redis::ConnectionLike for Link {
         match self {
             Link::Library(c) => c.is_open(),
             Link::Raw(c) => c.is_open(),
+            Link::Cluster(c) => c.is_open(),
         }
     }
 }
@@ -92,9 +104,21 @@ pub(super) fn command_error(command: &'static str, e: &::redis::RedisError) -> S
     SyncError::RedisCommand { command, detail, code: e.code().map(str::to_owned) }
 }
 
+/// Several hosts are seed nodes of a cluster, which `redis_cluster` must say.
+fn one_server(settings: &RedisSettings) -> Result<()> {
+    if settings.host.contains(',') {
+        return Err(SyncError::Config(format!(
+            "redis_sync.redis_host lists several hosts (\"{}\"): set redis_sync.redis_cluster = on for a Redis Cluster, or name one server",
+            settings.host
+        )));
+    }
+    Ok(())
+}
+
 /// A connection to database `db` of the configured server (over TLS when `redis_tls` is
 /// on), authenticated, with timeouts set.
 pub fn open_connection(settings: &RedisSettings, db: u8) -> Result<::redis::Connection> {
+    one_server(settings)?;
     let server = format!("{}:{}/{}", settings.host, settings.port, db);
     let mut redis = RedisConnectionInfo::default().set_db(db as i64);
     if !settings.username.is_empty() {
@@ -198,6 +222,9 @@ pub struct GroupRead<'a> {
 
 impl RedisConn {
     pub fn connect(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+        if settings.cluster {
+            return RedisConn::cluster(settings, db);
+        }
         let conn = Link::Library(open_connection(settings, db)?);
         RedisConn::proven(settings, db, conn)
     }
@@ -207,6 +234,10 @@ impl RedisConn {
     /// several times faster); over TLS, or when the server answers the handshake with an
     /// error, the library's (which says what the error is).
     pub fn connect_fast(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+        if settings.cluster {
+            return RedisConn::cluster(settings, db);
+        }
+        one_server(settings)?;
         if settings.tls {
             return RedisConn::connect(settings, db);
         }
@@ -236,6 +267,16 @@ impl RedisConn {
                 detail: e.to_string(),
             }),
         }
+    }
+
+    /// A connection to a Redis Cluster (`redis_cluster`), its slot map read.
+    fn cluster(settings: &RedisSettings, db: u8) -> Result<RedisConn> {
+        let link = ClusterLink::connect(settings, db)?;
+        Ok(RedisConn {
+            conn: Link::Cluster(Box::new(link)),
+            last_check: Instant::now(),
+            read_timeout: IO_TIMEOUT,
+        })
     }
 
     fn proven(settings: &RedisSettings, db: u8, conn: Link) -> Result<RedisConn> {
@@ -326,6 +367,11 @@ impl RedisConn {
                 .collect()),
             Link::Library(c) => Ok(pipe
                 .query::<Vec<::redis::RedisResult<Value>>>(c)?
+                .into_iter()
+                .map(|r| r.map(Reply::Value))
+                .collect()),
+            Link::Cluster(c) => Ok(pipe
+                .query::<Vec<::redis::RedisResult<Value>>>(c.as_mut())?
                 .into_iter()
                 .map(|r| r.map(Reply::Value))
                 .collect()),

@@ -10,6 +10,7 @@
 //! Nothing here calls Postgres except through the `sleep` callback given to
 //! [`Redis::connect`] (the worker passes its latch wait); the counters it bumps are atomics.
 
+mod cluster;
 mod commands;
 mod conn;
 mod fields;
@@ -28,6 +29,7 @@ use crate::error::{Result, SyncError};
 use crate::gucs::RedisSettings;
 use crate::ratelimit::{Budget, Lane};
 
+pub use cluster::{nodes_seen, parse_seeds, ClusterLink};
 pub use commands::Databases;
 pub use conn::{open_connection, GroupRead, RedisConn, StreamEntries};
 pub use fields::Fields;

@@ -231,10 +231,12 @@ impl StreamSync {
         if !self.search_logged {
             let mut line = self.last_search.clone();
             if !d.missing_dbs.is_empty() {
-                line.push_str(&format!(
-                    " (the server has no database {}: skipped)",
-                    crate::parse::format_db_range(&d.missing_dbs)
-                ));
+                let missing = crate::parse::format_db_range(&d.missing_dbs);
+                line.push_str(&if s.redis.cluster {
+                    format!(" (a Redis Cluster has database 0 only: {missing} skipped)")
+                } else {
+                    format!(" (the server has no database {missing}: skipped)")
+                });
             }
             if !line.is_empty() {
                 log.info(&line);

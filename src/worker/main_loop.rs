@@ -49,6 +49,8 @@ pub struct Worker {
     loop_cxt: LoopContext,
     /// The stream keys the key-value worker last handed over, and their generation.
     learned: (u64, Option<Learned>),
+    /// A Redis Cluster's primaries as this process last showed them in the status.
+    nodes: String,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
             activity: (false, String::new()),
             loop_cxt: LoopContext::new(),
             learned: (0, None),
+            nodes: String::new(),
             settings,
         };
         worker.log.info(&format!(
@@ -117,12 +120,27 @@ impl Worker {
             if ops > 0 {
                 shmem::bump(|c| &c.redis_ops, ops);
             }
+            self.show_nodes();
             let (worked, wait) = self.turn(Instant::now());
             // Statistics of the last writes reach the cumulative statistics (and
             // autovacuum) even when no further write comes to flush them.
             pg::flush_idle_stats();
             // Even with more work at hand, look at the latch and the postmaster once a turn.
             self.waker.wait(if worked { Duration::ZERO } else { wait });
+        }
+    }
+
+    /// Shows a Redis Cluster's primaries in the status when this process learnt new ones
+    /// (its connections read the slot map on helper threads).
+    fn show_nodes(&mut self) {
+        if !self.settings.redis.cluster && self.nodes.is_empty() {
+            return;
+        }
+        let nodes =
+            if self.settings.redis.cluster { crate::redis::nodes_seen() } else { String::new() };
+        if nodes != self.nodes {
+            shmem::update(|s| s.redis_nodes.set(&nodes));
+            self.nodes = nodes;
         }
     }
 

@@ -1,0 +1,265 @@
+//! A Redis Cluster as the source: three primaries with a replica each, all real
+//! `redis-server` processes made one cluster by `redis-cli --cluster create`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use redis_pg_sync_e2e::*;
+
+const T: Duration = Duration::from_secs(120);
+const GROUP: &str = "redis-pg-sync";
+const STREAMS: usize = 30;
+const PER_STREAM: usize = 10_000;
+
+/// `n` entries numbered from `from` added to `stream` through the cluster client.
+fn add(c: &mut redis::cluster::ClusterConnection, stream: &str, range: std::ops::Range<usize>) {
+    for chunk in range.collect::<Vec<_>>().chunks(1000) {
+        // One key per pipeline: the client sends it to that key's primary.
+        let mut p = redis::cluster::cluster_pipe();
+        for i in chunk {
+            p.cmd("XADD").arg(stream).arg("*").arg("n").arg(*i).arg("s").arg(stream).ignore();
+        }
+        let _: () = p.query(c).expect("XADD");
+    }
+}
+
+fn stream_names() -> Vec<String> {
+    (0..STREAMS).map(|i| format!("orders:{i}")).collect()
+}
+
+/// Which primaries hold at least one of `keys` (by `CLUSTER KEYSLOT` on a node and the
+/// node's own `CLUSTER NODES` view of who serves the slot).
+fn primaries_holding(rc: &RedisCluster, keys: &[String]) -> BTreeSet<usize> {
+    let mut held = BTreeSet::new();
+    for i in rc.primaries() {
+        let mut c = rc.nodes[i].client();
+        for k in keys {
+            let n: i64 = redis::cmd("EXISTS").arg(k).query(&mut c).unwrap_or(0);
+            if n == 1 {
+                held.insert(i);
+            }
+        }
+    }
+    held
+}
+
+fn pending_on(rc: &RedisCluster, stream: &str) -> i64 {
+    let mut c = rc.client();
+    let v: redis::Value =
+        redis::cmd("XPENDING").arg(stream).arg(GROUP).query(&mut c).expect("XPENDING");
+    match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    }
+}
+
+/// Every entry of every stream in the table once, none missing, none twice; nothing left
+/// pending in any stream's group.
+fn check_exactly_once(pg: &Cluster, rc: &RedisCluster) {
+    let total = (STREAMS * PER_STREAM) as i64;
+    pg.wait_number("SELECT count(*) FROM redis_streams", total, T);
+    assert_eq!(
+        pg.number(
+            "SELECT count(*) FROM (SELECT DISTINCT stream_key, message_id FROM redis_streams) d"
+        ),
+        total,
+        "an entry landed twice"
+    );
+    assert_eq!(
+        pg.number(
+            "SELECT count(*) FROM (SELECT DISTINCT stream_key, data->>'n' FROM redis_streams) d"
+        ),
+        total,
+        "an entry is missing"
+    );
+    assert_eq!(pg.number("SELECT count(DISTINCT stream_key) FROM redis_streams"), STREAMS as i64);
+    for s in stream_names() {
+        wait_for("nothing pending", T, || (pending_on(rc, &s) == 0).then_some(()));
+    }
+}
+
+/// Every stream filled, every entry on a replica too (what the cluster keeps after a crash
+/// is all), a worker started and a tenth of the entries landed.
+fn drain_under_way(rc: &RedisCluster) -> (Cluster, i64) {
+    let mut c = rc.client();
+    for s in &stream_names() {
+        add(&mut c, s, 0..PER_STREAM);
+    }
+    rc.wait_replicated(T);
+    let pg = Cluster::start_on_cluster(
+        rc,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+            // Smaller batches: the drain lasts long enough for the failover to fall in it.
+            ("redis_sync.batch_size", "200"),
+        ],
+    );
+    assert!(pg.wait_until_running());
+    let total = (STREAMS * PER_STREAM) as i64;
+    wait_for("the drain under way", T, || {
+        (pg.number("SELECT count(*) FROM redis_streams") >= total / 10).then_some(())
+    });
+    (pg, total)
+}
+
+#[test]
+fn a_cluster_source_lands_every_entry_of_every_primary_once() {
+    let rc = RedisCluster::start(&[]);
+    let mut c = rc.client();
+    let names = stream_names();
+    // The streams hash to slots all over the cluster: every primary holds some.
+    for s in &names {
+        add(&mut c, s, 0..PER_STREAM / 2);
+    }
+    assert_eq!(primaries_holding(&rc, &names).len(), 3, "every primary holds streams");
+    let pg = Cluster::start_on_cluster(
+        &rc,
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+        ],
+    );
+    assert!(pg.wait_until_running());
+    wait_for("all streams tracked", T, || {
+        (pg.status("streams_tracked").as_deref() == Some("30")).then_some(())
+    });
+    // New entries while the worker drains: read as they come.
+    for s in &names {
+        add(&mut c, s, PER_STREAM / 2..PER_STREAM);
+    }
+    check_exactly_once(&pg, &rc);
+    // The status names the three primaries; the default database range (0-15) was cut to
+    // the cluster's database 0 and said once.
+    let nodes = pg.status("redis_nodes").expect("redis_nodes shown");
+    let mut want: Vec<String> =
+        rc.primaries().iter().map(|&i| format!("127.0.0.1:{}", rc.nodes[i].port)).collect();
+    want.sort();
+    assert_eq!(nodes, want.join(","));
+    assert_eq!(pg.status("state").as_deref(), Some("running"));
+    assert_eq!(
+        pg.status("errors").as_deref(),
+        Some("0"),
+        "last error: {:?}",
+        pg.status("last_error")
+    );
+    let log = pg.log();
+    assert_eq!(
+        log.matches("a Redis Cluster has database 0 only: 1-15 skipped").count(),
+        1,
+        "the databases a cluster lacks reported once:\n{log}"
+    );
+}
+
+#[test]
+fn a_manual_cluster_failover_mid_drain_loses_and_repeats_nothing() {
+    let rc = RedisCluster::start(&[]);
+    let (pg, total) = drain_under_way(&rc);
+    // A manual failover: a replica of a primary holding streams takes over its slots.
+    let before = rc.primaries();
+    let replica = rc.replicas()[0];
+    let reply: String = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut rc.nodes[replica].client())
+        .expect("CLUSTER FAILOVER");
+    assert_eq!(reply, "OK");
+    wait_for("the replica promoted", T, || rc.primaries().contains(&replica).then_some(()));
+    let landed_at_failover = pg.number("SELECT count(*) FROM redis_streams");
+    assert!(
+        landed_at_failover < total,
+        "the failover came after the drain ({landed_at_failover} landed)"
+    );
+    rc.wait_ok(T);
+    assert_ne!(rc.primaries(), before);
+    check_exactly_once(&pg, &rc);
+    // The status follows the new primaries.
+    let mut want: Vec<String> =
+        rc.primaries().iter().map(|&i| format!("127.0.0.1:{}", rc.nodes[i].port)).collect();
+    want.sort();
+    wait_for("the new primaries shown", T, || {
+        (pg.status("redis_nodes")? == want.join(",")).then_some(())
+    });
+    eprintln!(
+        "cluster failover: {landed_at_failover} of {total} landed when the replica took over"
+    );
+}
+
+#[test]
+fn the_key_value_mirror_is_the_union_of_the_primaries_and_follows_their_notifications() {
+    let rc = RedisCluster::start(&["--notify-keyspace-events", "KA"]);
+    let mut c = rc.client();
+    for i in 0..3000 {
+        let _: () = redis::cmd("SET").arg(format!("kv:{i}")).arg(i).query(&mut c).expect("SET");
+    }
+    for i in 0..300 {
+        let _: () =
+            redis::cmd("HSET").arg(format!("h:{i}")).arg("f").arg(i).query(&mut c).expect("HSET");
+    }
+    // One pass at start, the next in an hour: only notifications bring what follows.
+    let pg = Cluster::start_on_cluster(
+        &rc,
+        &[("redis_sync.rate_limit", "0"), ("redis_sync.sync_interval", "1h")],
+    );
+    assert!(pg.wait_until_running());
+    let keys = rc.all_keys();
+    assert_eq!(keys.len(), 3300);
+    pg.wait_number("SELECT count(*) FROM redis_key_values WHERE deleted_at IS NULL", 3300, T);
+    let mirrored = pg
+        .query_text("SELECT string_agg(redis_key, ',' ORDER BY redis_key) FROM redis_key_values WHERE redis_db = 0")
+        .unwrap_or_default();
+    let mut want: Vec<String> =
+        keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    want.sort();
+    assert_eq!(mirrored, want.join(","), "the mirror is the union of the primaries' keys");
+    wait_for("the notification listener", T, || {
+        pg.log().contains("Redis publishes keyspace notifications").then_some(())
+    });
+    let passes = || pg.status("key_value_passes").and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    // Subscribing triggers one catch-up pass (changes made before it were not heard).
+    wait_for("the catch-up pass", T, || (passes() == 2).then_some(()));
+    // A change on every primary: keys until each primary has one.
+    let mut changed = Vec::new();
+    let mut on: BTreeSet<usize> = BTreeSet::new();
+    for i in 0..3000 {
+        let k = format!("kv:{i}");
+        let holder = primaries_holding(&rc, std::slice::from_ref(&k));
+        if holder.iter().any(|h| on.insert(*h)) {
+            let _: () = redis::cmd("SET").arg(&k).arg("changed").query(&mut c).expect("SET");
+            changed.push(k);
+        }
+        if on.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(changed.len(), 3, "a key on each primary");
+    for k in &changed {
+        wait_for("the change heard", T, || {
+            let v = pg.query_text(&format!(
+                "SELECT redis_value FROM redis_key_values WHERE redis_db = 0 AND redis_key = '{k}'"
+            ));
+            (v.as_deref() == Some("changed")).then_some(())
+        });
+    }
+    assert_eq!(passes(), 2, "no pass after the catch-up should have run");
+}
+
+#[test]
+fn a_primary_killed_mid_drain_is_replaced_by_its_replica_and_nothing_lands_twice() {
+    let mut rc = RedisCluster::start(&[]);
+    let (pg, total) = drain_under_way(&rc);
+    // kill -9 of a primary: its replica is elected after the node timeout (2 s).
+    let victim = rc.primaries()[1];
+    rc.nodes[victim].kill();
+    let landed_at_crash = pg.number("SELECT count(*) FROM redis_streams");
+    wait_for("a replica elected in its place", T, || {
+        let survivors: Vec<usize> = rc.primaries().into_iter().filter(|&i| i != victim).collect();
+        (survivors.len() == 3).then_some(())
+    });
+    check_exactly_once(&pg, &rc);
+    eprintln!("primary killed: {landed_at_crash} of {total} landed at the crash");
+}
