@@ -148,6 +148,21 @@ fn a_cluster_source_lands_every_entry_of_every_primary_once() {
         "last error: {:?}",
         pg.status("last_error")
     );
+    // Idle: reads of several slots cannot block in Redis; the worker waits between them
+    // instead of spinning.
+    let worker = pg.worker_pid().expect("worker");
+    let commands = || {
+        rc.primaries().iter().map(|&i| commands_processed(&mut rc.nodes[i].client())).sum::<u64>()
+    };
+    let window = Duration::from_secs(5);
+    let (cpu0, cmd0) = (cpu_time(worker).expect("cpu"), commands());
+    std::thread::sleep(window);
+    let (cpu1, cmd1) = (cpu_time(worker).expect("cpu"), commands());
+    let cpu = (cpu1 - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+    let per_s = (cmd1 - cmd0) as f64 / window.as_secs_f64();
+    eprintln!("idle over the cluster: worker CPU {cpu:.2} % of a core, {per_s:.0} commands/s to the primaries");
+    assert!(cpu <= 5.0, "idle worker CPU {cpu:.2} %");
+    assert!(per_s <= 1000.0, "{per_s:.0} commands/s while idle");
     let log = pg.log();
     assert_eq!(
         log.matches("a Redis Cluster has database 0 only: 1-15 skipped").count(),

@@ -16,7 +16,8 @@
 //!    passes, one changed key by scanning and by notification).
 //!
 //! Environment: BENCH_ENTRIES (default 1000000), BENCH_KEYS (default 1000000),
-//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams, keys, bigkeys or routes: one
+//! BENCH_LATENCY_SECS (default 10), BENCH_ONLY (defaults, idle, grants, streams, keys, bigkeys, routes,
+//! failover, servers, workers or cluster: one
 //! part alone, printed, RESULTS.md untouched), PG_CONFIG (the Postgres with the extension
 //! installed, built with --release).
 
@@ -52,33 +53,54 @@ fn durable(redis: &Redis, settings: &[(&str, &str)]) -> Cluster {
     })
 }
 
-fn fill(r: &mut redis::Connection, total: usize) {
+/// The fields of the bench's entry `j` of stream `s`.
+fn entry_fields(s: usize, j: usize) -> [String; 10] {
+    [
+        "heart_rate".into(),
+        (60 + j % 40).to_string(),
+        "spo2".into(),
+        (95 + j % 5).to_string(),
+        "temperature".into(),
+        "36.6".into(),
+        "device_id".into(),
+        format!("dev-{s}"),
+        "quality".into(),
+        "good".into(),
+    ]
+}
+
+/// `total` entries over the bench's streams, 2,000 to a round trip; `send` runs the
+/// round trip of one stream's chunk (through a single server's or a cluster's client).
+fn fill_with(total: usize, mut send: impl FnMut(&str, Vec<[String; 10]>)) {
     let per = total / STREAMS;
     for s in 0..STREAMS {
         let key = format!("biosignal-{s}-stream");
         let mut i = 0;
         while i < per {
-            let mut p = redis::pipe();
-            for j in i..(i + 2000).min(per) {
-                p.cmd("XADD")
-                    .arg(&key)
-                    .arg("*")
-                    .arg("heart_rate")
-                    .arg(60 + j % 40)
-                    .arg("spo2")
-                    .arg(95 + j % 5)
-                    .arg("temperature")
-                    .arg("36.6")
-                    .arg("device_id")
-                    .arg(format!("dev-{s}"))
-                    .arg("quality")
-                    .arg("good")
-                    .ignore();
-            }
-            let _: () = p.query(r).expect("XADD");
+            send(&key, (i..(i + 2000).min(per)).map(|j| entry_fields(s, j)).collect());
             i += 2000;
         }
     }
+}
+
+fn fill(r: &mut redis::Connection, total: usize) {
+    fill_with(total, |key, chunk| {
+        let mut p = redis::pipe();
+        for fields in chunk {
+            p.cmd("XADD").arg(key).arg("*").arg(&fields[..]).ignore();
+        }
+        let _: () = p.query(r).expect("XADD");
+    });
+}
+
+fn fill_cluster(c: &mut redis::cluster::ClusterConnection, total: usize) {
+    fill_with(total, |key, chunk| {
+        let mut p = redis::cluster::cluster_pipe();
+        for fields in chunk {
+            p.cmd("XADD").arg(key).arg("*").arg(&fields[..]).ignore();
+        }
+        let _: () = p.query(c).expect("XADD");
+    });
 }
 
 /// Samples the worker's RssAnon every 50 ms until `stop`; returns the peak in KiB.
@@ -1016,19 +1038,23 @@ fn bench_routes(entries: usize, keys: usize) -> RouteFigures {
     }
 }
 
+/// The scale-out parts' settings: paused until the drain starts, 1,000-entry batches, no
+/// rate limit, only the bench's streams, no key-value sync, roomy buffers and WAL.
+const TUNED_DRAIN: [(&str, &str); 7] = [
+    ("redis_sync.enabled", "off"),
+    ("redis_sync.batch_size", "1000"),
+    ("redis_sync.rate_limit", "0"),
+    ("redis_sync.stream_discovery_patterns", "biosignal-*"),
+    ("redis_sync.key_value_auto_discovery", "off"),
+    ROOMY[0],
+    ROOMY[1],
+];
+
 /// Drains `total` entries over the bench's streams with one server, then again with two
 /// servers syncing one group (two Postgres clusters on this machine, one Redis): (rows/s of
 /// one, rows/s of the two together, the two servers' shares).
 fn bench_servers(total: usize) -> (f64, f64, i64, i64) {
-    let tuned = [
-        ("redis_sync.enabled", "off"),
-        ("redis_sync.batch_size", "1000"),
-        ("redis_sync.rate_limit", "0"),
-        ("redis_sync.stream_discovery_patterns", "biosignal-*"),
-        ("redis_sync.key_value_auto_discovery", "off"),
-        ROOMY[0],
-        ROOMY[1],
-    ];
+    let tuned = TUNED_DRAIN;
     let one = {
         let redis = Redis::start();
         fill(&mut redis.client(), total);
@@ -1092,6 +1118,38 @@ fn bench_workers(total: usize) -> (f64, f64) {
         rates.push(rate);
     }
     (rates[0], rates[1])
+}
+
+/// Drains `total` entries over the bench's streams from one Redis, then from a Redis
+/// Cluster of three primaries (each with a replica), the same settings otherwise.
+fn bench_cluster(total: usize) -> (f64, f64) {
+    let settings = TUNED_DRAIN;
+    let redis = Redis::start();
+    fill(&mut redis.client(), total);
+    let pg = durable(&redis, &settings);
+    eprintln!("[bench] one Redis: drain {total} entries");
+    let single = drain(&pg, "redis_streams", total).rows_per_s;
+    eprintln!("[bench]   {single:.0} rows/s");
+    drop(pg);
+    drop(redis);
+    let rc = RedisCluster::start(&[]);
+    fill_cluster(&mut rc.client(), total);
+    let seeds = rc.seeds();
+    let mut all: Vec<(String, String)> = vec![
+        ("redis_sync.redis_cluster".into(), "on".into()),
+        ("redis_sync.redis_host".into(), seeds),
+    ];
+    all.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let pg = Cluster::start_with(ClusterOptions {
+        preload: true,
+        settings: all,
+        durable: true,
+        ..Default::default()
+    });
+    eprintln!("[bench] Redis Cluster, 3 primaries: drain {total} entries");
+    let cluster = drain(&pg, "redis_streams", total).rows_per_s;
+    eprintln!("[bench]   {cluster:.0} rows/s");
+    (single, cluster)
 }
 
 /// Kill-and-promote failovers mid-drain (see `kill_and_promote`), `reps` times for each
@@ -1158,9 +1216,13 @@ fn main() {
             bench_workers(entries);
             return;
         }
+        "cluster" => {
+            bench_cluster(entries);
+            return;
+        }
         other => {
             panic!(
-                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover, servers, workers"
+                "BENCH_ONLY={other}: one of defaults, idle, grants, streams, keys, bigkeys, routes, failover, servers, workers, cluster"
             )
         }
     }
@@ -1174,6 +1236,7 @@ fn main() {
     let failover = bench_failover(5, 20_000);
     let servers = bench_servers(entries);
     let workers = bench_workers(entries);
+    let cluster = bench_cluster(entries);
 
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1381,14 +1444,31 @@ fn main() {
         servers.2,
         servers.3
     );
-    let _ = writeln!(md, "\n## Stream workers on one server\n\n{entries} entries over {STREAMS} streams drained with `redis_sync.workers` = 1, then 2; batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB.\n");
-    let _ = writeln!(md, "| measure | value |\n|---|---|");
-    let _ = writeln!(md, "| 1 stream worker | {:.0} rows/s |", workers.0);
-    let _ = writeln!(
-        md,
-        "| 2 stream workers | {:.0} rows/s (**{:.2}x**) |",
-        workers.1,
-        workers.1 / workers.0
+    let pair = |md: &mut String, title: &str, what: &str, labels: [&str; 2], rates: (f64, f64)| {
+        let _ = writeln!(md, "\n## {title}\n\n{entries} entries over {STREAMS} streams {what}; batch_size = 1000, rate_limit = 0, shared_buffers 512MB, max_wal_size 4GB.\n");
+        let _ = writeln!(md, "| measure | value |\n|---|---|");
+        let _ = writeln!(md, "| {} | {:.0} rows/s |", labels[0], rates.0);
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} rows/s (**{:.2}x**) |",
+            labels[1],
+            rates.1,
+            rates.1 / rates.0
+        );
+    };
+    pair(
+        &mut md,
+        "Stream workers on one server",
+        "drained with `redis_sync.workers` = 1, then 2",
+        ["1 stream worker", "2 stream workers"],
+        workers,
+    );
+    pair(
+        &mut md,
+        "A Redis Cluster as the source",
+        "drained from one Redis, then from a Redis Cluster of three primaries (each with a replica, all on this machine)",
+        ["one Redis", "Redis Cluster, 3 primaries"],
+        cluster,
     );
     let _ = writeln!(md, "\nReproduce: `make bench` (BENCH_ENTRIES, BENCH_KEYS and BENCH_LATENCY_SECS change the sizes; BENCH_ONLY runs one part).");
     print!("{md}");
