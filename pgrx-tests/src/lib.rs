@@ -46,18 +46,19 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     // Below the ephemeral range (32768 and up on Linux), so an outgoing connection cannot take
-    // the port between this check and the server's bind; and never the same port twice in
-    // one test process (the step is prime to the range, so a run walks all 12,000 of them).
+    // the port between this check and the server's bind; below 30000 too, where the Redis
+    // Cluster nodes' bus ports are (see `free_cluster_port`); and never the same port twice
+    // in one test process (the step is prime to the range, so a run walks all 10,000).
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seed = std::process::id().wrapping_mul(7919);
-    for _ in 0..12_000 {
+    for _ in 0..10_000 {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(104_729)) % 12_000) as u16;
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(104_729)) % 10_000) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port between 20000 and 32000")
+    panic!("no free port between 20000 and 30000")
 }
 
 fn send_signal(pid: u32, sig: i32) -> bool {
@@ -274,11 +275,13 @@ fn keep_if_failed(dir: &mut tempfile::TempDir, what: &str) {
     }
 }
 
-/// A port free for a Redis Cluster node: the port and its cluster bus port (10000 above).
+/// A port free for a Redis Cluster node, and its cluster bus port (10000 above) free too:
+/// the port below 22768, so the bus port is below the ephemeral range and above every
+/// port `free_port` hands out.
 fn free_cluster_port() -> u16 {
     loop {
         let port = free_port();
-        if TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        if port < 22_768 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }

@@ -124,6 +124,8 @@ struct Listener {
 /// How often the cluster's primaries are looked at again: a failover or a new primary
 /// means subscribing again (notifications are published by the node where the key lives).
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(2);
+/// The longest the catch-up pass waits for every primary's subscription.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// A Redis Cluster: a listening thread per primary (each subscribed on its own node, the
 /// changed keys fetched through the cluster), all of them made again when the primaries
@@ -136,6 +138,7 @@ fn follow_cluster(scope: Scope, to: Listener) {
     // The nodes of the current generation subscribed so far; once all are, one pass.
     let mut subscribed = Arc::new(AtomicUsize::new(0));
     let mut caught_up = true;
+    let mut since = Instant::now();
     while !to.stop.load(Ordering::Relaxed) {
         let primaries = match link.as_mut() {
             Some(l) => l.refresh().map(|_| l.topology().primaries().to_vec()),
@@ -157,6 +160,7 @@ fn follow_cluster(scope: Scope, to: Listener) {
             generation = Arc::new(AtomicBool::new(false));
             subscribed = Arc::new(AtomicUsize::new(0));
             caught_up = false;
+            since = Instant::now();
             for (host, port) in &primaries {
                 let subscribe = RedisSettings {
                     host: host.clone(),
@@ -193,8 +197,10 @@ fn follow_cluster(scope: Scope, to: Listener) {
         // Sleep in short steps, so a stop is seen soon.
         let until = Instant::now() + TOPOLOGY_CHECK;
         while Instant::now() < until && !to.stop.load(Ordering::Relaxed) {
-            if !caught_up && subscribed.load(Ordering::Relaxed) >= current.len() {
-                // Every primary heard from now on: a pass finds what changed before.
+            let all = subscribed.load(Ordering::Relaxed) >= current.len();
+            if !caught_up && (all || since.elapsed() >= CATCH_UP_WAIT) {
+                // Every primary heard from now on (or some will not be soon, a node down or
+                // refusing PSUBSCRIBE): a pass finds what changed before.
                 caught_up = true;
                 to.overflowed.store(true, Ordering::Relaxed);
                 to.wake.wake();

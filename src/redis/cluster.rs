@@ -36,8 +36,27 @@ const SLOTS: u16 = 16384;
 const REDIRECTS: usize = 5;
 /// How long an empty read of the cluster waits before it answers (in place of `BLOCK`).
 pub const IDLE_READ_WAIT: Duration = Duration::from_millis(100);
+/// A cluster SCAN cursor: the primary's place in the sorted list (top 8 bits), a 16-bit
+/// check of its address (so a cursor is never continued on another node after a failover
+/// reordered the list), and the primary's own cursor (40 bits: a table of up to 2^40
+/// buckets).
 const CURSOR_SHIFT: u32 = 56;
-const CURSOR_MASK: u64 = (1 << CURSOR_SHIFT) - 1;
+const CHECK_SHIFT: u32 = 40;
+const CURSOR_MASK: u64 = (1 << CHECK_SHIFT) - 1;
+
+/// The 16-bit check of a node's address in a SCAN cursor (FNV-1a).
+fn address_check((host, port): &Addr) -> u64 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in host.bytes().chain(port.to_be_bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    u64::from(h & 0xffff)
+}
+
+/// The cursor that goes on with `cursor` (0: from its start) on the primary at `node`.
+fn cluster_cursor(node: usize, addr: &Addr, cursor: u64) -> u64 {
+    ((node as u64) << CURSOR_SHIFT) | (address_check(addr) << CHECK_SHIFT) | (cursor & CURSOR_MASK)
+}
 
 /// The primaries this process last learnt, for `redis_sync_status().redis_nodes`.
 static NODES: Mutex<String> = Mutex::new(String::new());
@@ -93,9 +112,17 @@ impl Topology {
             let start = u16::try_from(int(parts.first()?)?).ok()?;
             let end = u16::try_from(int(parts.get(1)?)?).ok()?;
             let Value::Array(node) = parts.get(2)? else { return None };
-            let host = text(node.first()?)?;
+            // No endpoint (NULL or empty): the node asked. `?`: an endpoint it does not
+            // know, so no one can be sent there (its slots count as unserved).
+            let host = match node.first()? {
+                Value::Nil => String::new(),
+                v => text(v)?,
+            };
+            if host == "?" {
+                continue;
+            }
             let port = u16::try_from(int(node.get(1)?)?).ok()?;
-            let host = if host.is_empty() || host == "?" { asked.to_owned() } else { host };
+            let host = if host.is_empty() { asked.to_owned() } else { host };
             found.push((start, end, (host, port)));
         }
         let mut primaries: Vec<Addr> = found.iter().map(|(_, _, a)| a.clone()).collect();
@@ -289,8 +316,12 @@ enum Plan {
     /// An `XREADGROUP` sent as one read per slot; the replies are joined. With a block
     /// time, an empty result waits (at most [`IDLE_READ_WAIT`]).
     Read { block: Option<Duration> },
-    /// A `SCAN` of the primary at this place in the list; the reply's cursor is made ours.
-    Scan { node: usize },
+    /// A `SCAN` of the primary at this place in the list (and the next one's address, if
+    /// any); the reply's cursor is made ours.
+    Scan { node: usize, addr: Addr, next: Option<Addr> },
+    /// Sent to every primary (`CONFIG GET`): their reply when they all agree, an empty one
+    /// (nothing known) when they differ.
+    Every,
     /// Answered here, without a round trip.
     Done(Value),
 }
@@ -423,7 +454,7 @@ impl ClusterLink {
     }
 
     /// Turns the caller's commands into parts, each for one node.
-    fn plan(&self, commands: Vec<Args>) -> (Vec<Plan>, Vec<Part>) {
+    fn plan(&self, commands: Vec<Args>) -> RedisResult<(Vec<Plan>, Vec<Part>)> {
         let mut plans = Vec::with_capacity(commands.len());
         let mut parts = Vec::with_capacity(commands.len());
         let part = |of, args, slot, to| Part {
@@ -466,18 +497,30 @@ impl ClusterLink {
                     args.get(1).and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
                 if let Some(cursor) = cursor {
                     let node = (cursor >> CURSOR_SHIFT) as usize;
-                    match self.topology.primaries.get(node) {
-                        Some(addr) => {
-                            let mut a = args.clone();
-                            a[1] = (cursor & CURSOR_MASK).to_string().into_bytes();
-                            parts.push(part(of, a, None, Some(addr.clone())));
-                            plans.push(Plan::Scan { node });
-                        }
-                        // The cluster has fewer primaries now: the walk is over.
-                        None => plans.push(Plan::Done(scan_reply(0, Vec::new()))),
-                    }
+                    let primaries = &self.topology.primaries;
+                    let addr = primaries.get(node).filter(|a| {
+                        cursor == 0 || (cursor >> CHECK_SHIFT) & 0xffff == address_check(a)
+                    });
+                    let Some(addr) = addr else {
+                        // The primaries changed during the walk (a failover, a resharding):
+                        // the cursor means nothing on the node now at its place. The caller
+                        // starts its scan again (a pass cut short marks nothing).
+                        return Err(io_error("the primaries changed during a SCAN"));
+                    };
+                    let mut a = args.clone();
+                    a[1] = (cursor & CURSOR_MASK).to_string().into_bytes();
+                    parts.push(part(of, a, None, Some(addr.clone())));
+                    let next = primaries.get(node + 1).cloned();
+                    plans.push(Plan::Scan { node, addr: addr.clone(), next });
                     continue;
                 }
+            }
+            if is(&name, "CONFIG") && args.get(1).is_some_and(|a| is(a, "GET")) {
+                for addr in &self.topology.primaries {
+                    parts.push(part(of, args.clone(), None, Some(addr.clone())));
+                }
+                plans.push(Plan::Every);
+                continue;
             }
             if is(&name, "SELECT") && args.get(1).is_some_and(|d| d.as_slice() == b"0") {
                 plans.push(Plan::Done(Value::Okay));
@@ -487,7 +530,7 @@ impl ClusterLink {
             parts.push(part(of, args, slot, None));
             plans.push(Plan::One);
         }
-        (plans, parts)
+        Ok((plans, parts))
     }
 
     fn target(&self, p: &Part) -> Option<Addr> {
@@ -502,6 +545,9 @@ impl ClusterLink {
 
     /// Sends every part to its node, following redirections.
     fn send(&mut self, parts: &mut [Part]) -> RedisResult<()> {
+        // The caller counted one round trip (and took one token of the rate limit); each
+        // further node is one more.
+        let mut counted = true;
         for round in 0..=REDIRECTS {
             let mut by_node: BTreeMap<Addr, Vec<usize>> = BTreeMap::new();
             for (i, p) in parts.iter_mut().enumerate() {
@@ -548,7 +594,10 @@ impl ClusterLink {
                         return Err(io_error(&e.to_string()));
                     }
                 };
-                super::count_round_trip();
+                if !counted {
+                    super::count_round_trip();
+                }
+                counted = false;
                 let replies = match conn.conn.req_packed_commands(&packed, 0, count) {
                     Ok(r) => r,
                     Err(e) => {
@@ -571,9 +620,11 @@ impl ClusterLink {
                     if p.slot.is_some() {
                         p.to = None;
                     }
-                    match redirection(&r) {
-                        Some(Redirect::Moved) => {
+                    match redirection(&r, &addr) {
+                        Some(Redirect::Moved(to)) => {
+                            // Sent where the reply says; the map is read again for the rest.
                             refresh = true;
+                            p.to = to;
                             p.last = Some(r);
                         }
                         Some(Redirect::Ask(to)) => {
@@ -594,6 +645,8 @@ impl ClusterLink {
             }
             if refresh {
                 self.refresh().map_err(|e| io_error(&e.to_string()))?;
+                // Moved again after a map read: the cluster is still settling.
+                wait |= round > 0;
             }
             if wait {
                 std::thread::sleep(Duration::from_millis(50));
@@ -610,7 +663,7 @@ impl ClusterLink {
             self.refresh().map_err(|e| io_error(&e.to_string()))?;
         }
         let commands = split_packed(packed).ok_or_else(|| io_error("a command it cannot read"))?;
-        let (plans, mut parts) = self.plan(commands);
+        let (plans, mut parts) = self.plan(commands)?;
         self.send(&mut parts)?;
         let mut replies: Vec<Vec<Value>> = plans.iter().map(|_| Vec::new()).collect();
         for p in parts {
@@ -625,9 +678,16 @@ impl ClusterLink {
             .map(|(plan, mut got)| match plan {
                 Plan::Done(v) => v,
                 Plan::One => got.pop().unwrap_or(Value::Nil),
-                Plan::Scan { node } => {
-                    let count = self.topology.primaries.len();
-                    remap_scan(got.pop().unwrap_or(Value::Nil), node, count)
+                Plan::Scan { node, addr, next } => {
+                    remap_scan(got.pop().unwrap_or(Value::Nil), node, &addr, next.as_ref())
+                }
+                Plan::Every => {
+                    let first = got.first().cloned().unwrap_or(Value::Nil);
+                    if got.iter().all(|r| *r == first) {
+                        first
+                    } else {
+                        Value::Array(Vec::new())
+                    }
                 }
                 Plan::Read { block } => {
                     let joined = join_reads(got);
@@ -654,22 +714,27 @@ fn io_error(what: &str) -> RedisError {
 }
 
 enum Redirect {
-    Moved,
+    /// The slot is served by this node now (`None`: it did not say where).
+    Moved(Option<Addr>),
     Ask(Addr),
     TryAgain,
 }
 
-fn redirection(v: &Value) -> Option<Redirect> {
+/// A redirection in reply `v` from the node at `from`.
+fn redirection(v: &Value, from: &Addr) -> Option<Redirect> {
     let Value::ServerError(e) = v else { return None };
+    // "MOVED <slot> <host>:<port>", "ASK <slot> <host>:<port>"; an empty host is the
+    // replying node's.
+    let to = || -> Option<Addr> {
+        let addr = e.details()?.split_whitespace().nth(1)?;
+        let (host, port) = addr.rsplit_once(':')?;
+        let host = if host.is_empty() { from.0.clone() } else { host.to_owned() };
+        Some((host, port.parse().ok()?))
+    };
     match e.code() {
-        "MOVED" => Some(Redirect::Moved),
+        "MOVED" => Some(Redirect::Moved(to())),
         "TRYAGAIN" => Some(Redirect::TryAgain),
-        "ASK" => {
-            // "ASK <slot> <host>:<port>"
-            let addr = e.details()?.split_whitespace().nth(1)?;
-            let (host, port) = addr.rsplit_once(':')?;
-            Some(Redirect::Ask((host.to_owned(), port.parse().ok()?)))
-        }
+        "ASK" => Some(Redirect::Ask(to()?)),
         _ => None,
     }
 }
@@ -680,7 +745,7 @@ fn scan_reply(cursor: u64, keys: Vec<Value>) -> Value {
 
 /// A primary's SCAN reply with the cursor made the cluster's: the next primary's start
 /// when this one is done, 0 when the last one is.
-fn remap_scan(reply: Value, node: usize, primaries: usize) -> Value {
+fn remap_scan(reply: Value, node: usize, addr: &Addr, next: Option<&Addr>) -> Value {
     let Value::Array(mut items) = reply else { return reply };
     let (Some(keys), Some(cursor)) = (items.pop(), items.pop()) else {
         return Value::Array(items);
@@ -689,14 +754,14 @@ fn remap_scan(reply: Value, node: usize, primaries: usize) -> Value {
         return Value::Array(vec![cursor, keys]);
     };
     let Value::Array(keys) = keys else { return Value::Array(vec![]) };
-    let next = if cursor != 0 {
-        ((node as u64) << CURSOR_SHIFT) | (cursor & CURSOR_MASK)
-    } else if node + 1 < primaries {
-        ((node + 1) as u64) << CURSOR_SHIFT
+    let cursor = if cursor != 0 {
+        cluster_cursor(node, addr, cursor)
+    } else if let Some(next) = next {
+        cluster_cursor(node + 1, next, 0)
     } else {
         0
     };
-    scan_reply(next, keys)
+    scan_reply(cursor, keys)
 }
 
 /// The replies of one read's parts joined into one reply; the first error is the answer.
@@ -798,6 +863,17 @@ mod tests {
         )
         .expect("parsed");
         assert_eq!(gap.node_of(9), None);
+        let odd = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(9),
+                Value::Array(vec![Value::Nil, Value::Int(5)]),
+            ]),
+            Value::Array(vec![Value::Int(10), Value::Int(20), node("?", 6)]),
+        ]);
+        let odd = Topology::parse(&odd, "asked").expect("parsed");
+        assert_eq!(odd.node_of(3), Some(&("asked".to_owned(), 5)));
+        assert_eq!(odd.node_of(15), None, "an unknown endpoint serves nothing reachable");
         assert_eq!(gap.node_of(21), None);
         assert!(gap.node_of(15).is_some());
     }
@@ -838,10 +914,9 @@ mod tests {
         .map(|s| s.as_bytes().to_vec())
         .collect();
         pack_into(&mut packed, &args);
-        pack_into(
-            &mut packed,
-            &[b"SCAN".to_vec(), ((1u64 << CURSOR_SHIFT) | 42).to_string().into_bytes()],
-        );
+        let b: Addr = ("b".into(), 2);
+        let scan = |cursor: u64| vec![b"SCAN".to_vec(), cursor.to_string().into_bytes()];
+        pack_into(&mut packed, &scan(cluster_cursor(1, &b, 42)));
         let commands = split_packed(&packed).expect("split");
         assert_eq!(commands[0], args);
         let link = ClusterLink {
@@ -855,7 +930,7 @@ mod tests {
             read_timeout: None,
             stale: false,
         };
-        let (plans, parts) = link.plan(commands);
+        let (plans, parts) = link.plan(commands).expect("planned");
         assert!(
             matches!(plans[0], Plan::Read { block: Some(b) } if b == Duration::from_millis(500))
         );
@@ -864,9 +939,20 @@ mod tests {
         };
         assert_eq!(text(&parts[0].args), "XREADGROUP GROUP g c COUNT 10 STREAMS foo {foo}x 0 1-0");
         assert_eq!(text(&parts[1].args), "XREADGROUP GROUP g c COUNT 10 STREAMS bar >");
-        assert!(matches!(plans[1], Plan::Scan { node: 1 }));
+        assert!(matches!(&plans[1], Plan::Scan { node: 1, next: None, .. }));
         assert_eq!(text(&parts[2].args), "SCAN 42");
-        assert_eq!(parts[2].to, Some(("b".into(), 2)));
+        assert_eq!(parts[2].to, Some(b.clone()));
+        // A cursor of another node at that place (the primaries changed) is refused.
+        let stranger: Addr = ("c".into(), 3);
+        assert_ne!(address_check(&stranger), address_check(&b));
+        assert!(link.plan(vec![scan(cluster_cursor(1, &stranger, 42))]).is_err());
+        assert!(link.plan(vec![scan(cluster_cursor(2, &b, 42))]).is_err());
+        // CONFIG GET asks every primary.
+        let (plans, parts) = link
+            .plan(vec![vec![b"CONFIG".to_vec(), b"GET".to_vec(), b"x".to_vec()]])
+            .expect("planned");
+        assert!(matches!(plans[0], Plan::Every));
+        assert_eq!(parts.len(), 2);
     }
 
     #[test]
@@ -877,10 +963,16 @@ mod tests {
             Value::Array(items) => int(&items[0]),
             _ => None,
         };
-        assert_eq!(cursor(remap_scan(reply("17"), 0, 3)), Some(17));
-        assert_eq!(cursor(remap_scan(reply("0"), 0, 3)), Some(1 << CURSOR_SHIFT));
-        assert_eq!(cursor(remap_scan(reply("5"), 2, 3)), Some((2 << CURSOR_SHIFT) | 5));
-        assert_eq!(cursor(remap_scan(reply("0"), 2, 3)), Some(0));
+        let (a, b): (Addr, Addr) = (("a".into(), 1), ("b".into(), 2));
+        let start_of_b = cluster_cursor(1, &b, 0);
+        assert_eq!(start_of_b >> CURSOR_SHIFT, 1);
+        assert_ne!(start_of_b, 0);
+        let on = |c: Value| cursor(c).and_then(|c| u64::try_from(c).ok());
+        assert_eq!(on(remap_scan(reply("17"), 0, &a, Some(&b))), Some(cluster_cursor(0, &a, 17)));
+        assert_eq!(on(remap_scan(reply("0"), 0, &a, Some(&b))), Some(start_of_b));
+        assert_eq!(on(remap_scan(reply("5"), 1, &b, None)), Some(cluster_cursor(1, &b, 5)));
+        assert_eq!(on(remap_scan(reply("0"), 1, &b, None)), Some(0));
+        assert_eq!(cluster_cursor(1, &b, 5) & CURSOR_MASK, 5);
     }
 
     #[test]

@@ -284,10 +284,12 @@ impl StreamSync {
         let batches = match reply.result? {
             ReadOutcome::Entries(batches) => batches,
             ReadOutcome::Groups(fixes) => {
+                self.reread_pending(&reply.request);
                 self.apply_group_fixes(db, fixes, s, log);
                 return Ok(None);
             }
             ReadOutcome::NotStreams(keys) => {
+                self.reread_pending(&reply.request);
                 self.leave_out(db, keys, log);
                 return Ok(None);
             }
@@ -299,6 +301,21 @@ impl StreamSync {
         }
         self.note_reply(&batches);
         Ok(Some((db, batches)))
+    }
+
+    /// A read refused for one of its streams brought nothing from one server, but from a
+    /// Redis Cluster (one read per hash slot) the other slots' reads may have handed out
+    /// entries, which are in our pending list now: every stream of the request reads its
+    /// pending list first again, so they land before newer ones.
+    fn reread_pending(&mut self, request: &ReadRequest) {
+        for asked in &request.streams {
+            let Some(&i) = self.index.get(&(request.db, asked.key.clone())) else { continue };
+            let t = &mut self.streams[i];
+            if t.readable() && t.cursor == Cursor::New {
+                t.cursor = Cursor::Pending("0".into());
+                self.busy.insert(t.db);
+            }
+        }
     }
 
     /// A re-read of a pending list also brings entries this worker has landed and not yet
@@ -1286,6 +1303,23 @@ mod tests {
         s.restart_from_pending();
         s.advance_cursors(&stale, &[batch("a", &["9-0"])]);
         assert_eq!(s.streams[0].cursor, Cursor::Pending("0".into()));
+    }
+
+    #[test]
+    fn a_read_refused_for_one_stream_sends_the_others_back_to_their_pending_lists() {
+        // From a cluster, the read of `b`'s slot may have handed out entries while `a`'s
+        // group was missing: `b` reads its pending list before new entries again.
+        let settings = Settings::default();
+        let mut s = sync_with(&[(0, "a"), (0, "b")]);
+        for st in &mut s.streams {
+            st.cursor = Cursor::New;
+        }
+        let request = s.next_request(0, &settings).expect("a read");
+        assert_eq!(afters(&request), vec![("a", ">"), ("b", ">")]);
+        // (What `take_reply` does with a Groups or NotStreams outcome, before the fixes.)
+        s.reread_pending(&request);
+        let r = s.next_request(0, &settings).expect("a read");
+        assert_eq!(afters(&r), vec![("a", "0"), ("b", "0")]);
     }
 
     #[test]
