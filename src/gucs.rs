@@ -659,14 +659,14 @@ check_hook!(check_not_empty, |v: &str| {
     }
 });
 check_hook!(check_host, |v: &str| {
-    if v.is_empty() || v.chars().any(|c| c.is_control()) {
-        return Err("Accepted form: a host name or IP address without blanks.".into());
-    }
-    if v.contains(',') || v.contains(' ') {
+    if v.contains(',') {
         // Seed nodes of a cluster.
         return crate::redis::parse_seeds(v, 6379).map(|_| ()).map_err(|e| {
             format!("Accepted form: host[:port], comma-separated (seed nodes of a cluster): {e}")
         });
+    }
+    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("Accepted form: a host name or IP address without blanks.".into());
     }
     Ok(())
 });

@@ -297,17 +297,64 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts six nodes (each with `extra` arguments) and makes them one cluster.
     pub fn start(extra: &[&str]) -> RedisCluster {
-        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
-        args.extend_from_slice(extra);
+        RedisCluster::start_nodes(extra, None)
+    }
+
+    /// As [`RedisCluster::start`], every node also listening with TLS (the server
+    /// certificate of `certs`), the cluster bus and replication over TLS: a TLS client is
+    /// given the nodes' TLS ports by `CLUSTER SLOTS`. The plain ports stay open for the
+    /// tests' own clients.
+    pub fn start_tls(certs: &Certs, extra: &[&str]) -> RedisCluster {
+        RedisCluster::start_nodes(extra, Some(certs))
+    }
+
+    fn start_nodes(extra: &[&str], tls: Option<&Certs>) -> RedisCluster {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
                 let dir = tempfile::Builder::new().prefix("rps-redis-").tempdir().expect("tempdir");
+                let mut args: Vec<String> =
+                    ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect();
+                // The bus listens 10000 above the port the nodes meet on: the TLS one with TLS.
+                let (port, tls_port) = match tls {
+                    None => (free_cluster_port(), None),
+                    Some(certs) => {
+                        let tls_port = free_cluster_port();
+                        args.extend([
+                            "--tls-port".to_owned(),
+                            tls_port.to_string(),
+                            "--tls-cert-file".to_owned(),
+                            path(&certs.server_cert),
+                            "--tls-key-file".to_owned(),
+                            path(&certs.server_key),
+                            "--tls-ca-cert-file".to_owned(),
+                            path(&certs.ca),
+                            // The bus always asks the connecting node for a client
+                            // certificate.
+                            "--tls-client-cert-file".to_owned(),
+                            path(&certs.client_cert),
+                            "--tls-client-key-file".to_owned(),
+                            path(&certs.client_key),
+                            "--tls-auth-clients".to_owned(),
+                            "no".to_owned(),
+                            "--tls-cluster".to_owned(),
+                            "yes".to_owned(),
+                            "--tls-replication".to_owned(),
+                            "yes".to_owned(),
+                        ]);
+                        (free_port(), Some(tls_port))
+                    }
+                };
+                args.extend(extra.iter().map(|s| s.to_string()));
                 let mut r = Redis {
                     child: None,
-                    port: free_cluster_port(),
-                    tls_port: None,
+                    port,
+                    tls_port,
                     dir,
-                    extra: args.iter().map(|s| s.to_string()).collect(),
+                    extra: args,
                     binary: redis_server_bin(),
                 };
                 r.launch();
@@ -315,18 +362,40 @@ impl RedisCluster {
             })
             .collect();
         let cluster = RedisCluster { nodes };
-        let out = Command::new(redis_cli_bin())
+        let mut create = Command::new(redis_cli_bin());
+        if let Some(certs) = tls {
+            create.args(["--tls", "--cacert", &path(&certs.ca)]);
+        }
+        // Its output in a file, so a create that never ends (nodes that cannot meet) is
+        // stopped at a deadline and shown.
+        let log_path = cluster.nodes[0].dir.path().join("cluster-create.log");
+        let log = fs::File::create(&log_path).expect("create log");
+        let mut child = create
             .args(["--cluster", "create"])
-            .args(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(
+                cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port))),
+            )
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
-            .output()
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
             .expect("run redis-cli --cluster create");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                stop_child(&mut child, libc::SIGKILL, Duration::from_secs(5));
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create failed or did not end in 60 s:\n{}",
+            fs::read_to_string(&log_path).unwrap_or_default()
         );
         cluster.wait_ok(Duration::from_secs(30));
         cluster
@@ -388,12 +457,13 @@ impl RedisCluster {
         });
     }
 
-    /// The seed nodes as `redis_sync.redis_host` takes them.
+    /// The seed nodes as `redis_sync.redis_host` takes them (their TLS ports for a cluster
+    /// started with TLS).
     pub fn seeds(&self) -> String {
         self.nodes
             .iter()
             .take(2)
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port)))
             .collect::<Vec<_>>()
             .join(",")
     }

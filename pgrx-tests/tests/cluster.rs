@@ -206,7 +206,19 @@ fn a_manual_cluster_failover_mid_drain_loses_and_repeats_nothing() {
 
 #[test]
 fn the_key_value_mirror_is_the_union_of_the_primaries_and_follows_their_notifications() {
-    let rc = RedisCluster::start(&["--notify-keyspace-events", "KA"]);
+    // The worker signs in as an ACL user on every node, for its commands and for each
+    // node's subscription (the test's own client is the default user).
+    let rc = RedisCluster::start(&[
+        "--notify-keyspace-events",
+        "KA",
+        "--user",
+        "syncer",
+        "on",
+        ">s3cret",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
     let mut c = rc.client();
     for i in 0..3000 {
         let _: () = redis::cmd("SET").arg(format!("kv:{i}")).arg(i).query(&mut c).expect("SET");
@@ -218,7 +230,12 @@ fn the_key_value_mirror_is_the_union_of_the_primaries_and_follows_their_notifica
     // One pass at start, the next in an hour: only notifications bring what follows.
     let pg = Cluster::start_on_cluster(
         &rc,
-        &[("redis_sync.rate_limit", "0"), ("redis_sync.sync_interval", "1h")],
+        &[
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.sync_interval", "1h"),
+            ("redis_sync.redis_username", "syncer"),
+            ("redis_sync.redis_password", "s3cret"),
+        ],
     );
     assert!(pg.wait_until_running());
     let keys = rc.all_keys();
@@ -278,4 +295,41 @@ fn a_primary_killed_mid_drain_is_replaced_by_its_replica_and_nothing_lands_twice
     });
     check_exactly_once(&pg, &rc);
     eprintln!("primary killed: {landed_at_crash} of {total} landed at the crash");
+}
+
+#[test]
+fn a_cluster_over_tls_is_read_on_the_nodes_tls_ports() {
+    let certs = Certs::make();
+    let rc = RedisCluster::start_tls(&certs, &[]);
+    let mut c = rc.client();
+    let names = stream_names();
+    for s in &names {
+        add(&mut c, s, 0..100);
+    }
+    let ca = certs.ca.to_string_lossy().into_owned();
+    let pg = Cluster::start_on_cluster(
+        &rc,
+        &[
+            ("redis_sync.redis_tls", "on"),
+            ("redis_sync.redis_tls_ca_file", &ca),
+            ("redis_sync.rate_limit", "0"),
+            ("redis_sync.stream_discovery_interval", "1s"),
+            ("redis_sync.key_value_auto_discovery", "off"),
+        ],
+    );
+    pg.wait_number("SELECT count(*) FROM redis_streams", (STREAMS * 100) as i64, T);
+    // Every node was reached at its TLS port (CLUSTER SLOTS asked over TLS gives those).
+    let mut want: Vec<String> = rc
+        .primaries()
+        .iter()
+        .map(|&i| format!("127.0.0.1:{}", rc.nodes[i].tls_port.expect("tls port")))
+        .collect();
+    want.sort();
+    assert_eq!(pg.status("redis_nodes"), Some(want.join(",")));
+    assert_eq!(
+        pg.status("errors").as_deref(),
+        Some("0"),
+        "last error: {:?}",
+        pg.status("last_error")
+    );
 }

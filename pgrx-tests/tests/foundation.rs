@@ -124,6 +124,7 @@ fn bad_values_are_refused_with_the_setting_and_the_accepted_form() {
         ("redis_sync.key_value_table", "", "plain identifier"),
         ("redis_sync.consumer_group", " ", "non-empty"),
         ("redis_sync.redis_host", "bad host", "without blanks"),
+        ("redis_sync.redis_host", "a:1,b:x", "seed nodes of a cluster"),
     ];
     for (name, value, detail) in cases {
         let err =

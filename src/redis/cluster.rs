@@ -193,7 +193,7 @@ pub fn parse_seeds(hosts: &str, default_port: u16) -> std::result::Result<Vec<Ad
                     format!("\"{part}\": the port must be a number from 1 to 65535")
                 })?,
             };
-        if host.is_empty() || host.chars().any(char::is_whitespace) {
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!("\"{part}\": no host, or blanks in it"));
         }
         seeds.push((host.to_owned(), port));
