@@ -134,23 +134,11 @@ impl Redis {
     /// Starts a Redis that also listens with TLS on `tls_port`, with the server certificate
     /// of `certs`; with `auth_clients`, TLS clients must show a certificate of the CA.
     pub fn start_tls(certs: &Certs, auth_clients: bool) -> Redis {
-        let tls_port = free_port().to_string();
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        let args = [
-            "--tls-port".to_owned(),
-            tls_port.clone(),
-            "--tls-cert-file".to_owned(),
-            path(&certs.server_cert),
-            "--tls-key-file".to_owned(),
-            path(&certs.server_key),
-            "--tls-ca-cert-file".to_owned(),
-            path(&certs.ca),
-            "--tls-auth-clients".to_owned(),
-            if auth_clients { "yes" } else { "no" }.to_owned(),
-        ];
+        let tls_port = free_port();
+        let args = tls_args(certs, tls_port, auth_clients);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut r = Redis::start_with(&args);
-        r.tls_port = tls_port.parse().ok();
+        r.tls_port = Some(tls_port);
         r
     }
 
@@ -275,6 +263,24 @@ fn keep_if_failed(dir: &mut tempfile::TempDir, what: &str) {
     }
 }
 
+/// `redis-server` arguments for TLS on `tls_port` with the server certificate of `certs`;
+/// with `auth_clients`, TLS clients must show a certificate of the CA.
+fn tls_args(certs: &Certs, tls_port: u16, auth_clients: bool) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    vec![
+        "--tls-port".to_owned(),
+        tls_port.to_string(),
+        "--tls-cert-file".to_owned(),
+        path(&certs.server_cert),
+        "--tls-key-file".to_owned(),
+        path(&certs.server_key),
+        "--tls-ca-cert-file".to_owned(),
+        path(&certs.ca),
+        "--tls-auth-clients".to_owned(),
+        if auth_clients { "yes" } else { "no" }.to_owned(),
+    ]
+}
+
 /// A port free for a Redis Cluster node, and its cluster bus port (10000 above) free too:
 /// the port below 22768, so the bus port is below the ephemeral range and above every
 /// port `free_port` hands out.
@@ -323,23 +329,14 @@ impl RedisCluster {
                     None => (free_cluster_port(), None),
                     Some(certs) => {
                         let tls_port = free_cluster_port();
+                        args.extend(tls_args(certs, tls_port, false));
                         args.extend([
-                            "--tls-port".to_owned(),
-                            tls_port.to_string(),
-                            "--tls-cert-file".to_owned(),
-                            path(&certs.server_cert),
-                            "--tls-key-file".to_owned(),
-                            path(&certs.server_key),
-                            "--tls-ca-cert-file".to_owned(),
-                            path(&certs.ca),
                             // The bus always asks the connecting node for a client
                             // certificate.
                             "--tls-client-cert-file".to_owned(),
                             path(&certs.client_cert),
                             "--tls-client-key-file".to_owned(),
                             path(&certs.client_key),
-                            "--tls-auth-clients".to_owned(),
-                            "no".to_owned(),
                             "--tls-cluster".to_owned(),
                             "yes".to_owned(),
                             "--tls-replication".to_owned(),

@@ -333,3 +333,83 @@ fn a_cluster_over_tls_is_read_on_the_nodes_tls_ports() {
         pg.status("last_error")
     );
 }
+
+/// `CLUSTER MYID` of a node.
+fn node_id(rc: &RedisCluster, i: usize) -> String {
+    redis::cmd("CLUSTER").arg("MYID").query(&mut rc.nodes[i].client()).expect("CLUSTER MYID")
+}
+
+#[test]
+fn a_stream_whose_slot_moves_mid_drain_is_followed_through_ask_and_moved() {
+    let rc = RedisCluster::start(&[]);
+    let mut c = rc.client();
+    let total = 40_000usize;
+    add(&mut c, "orders:moving", 0..total);
+    let pg = start_worker(&rc, &[("redis_sync.batch_size", "200")]);
+    wait_for("the drain under way", T, || {
+        (pg.number("SELECT count(*) FROM landed") >= 2000).then_some(())
+    });
+    // The stream's slot moves from its primary to another, as `redis-cli --cluster reshard`
+    // moves it: the target imports, the source migrates, the key goes over (from then on
+    // the source answers ASK for it), then the slot is given to the target (MOVED).
+    let slot: i64 =
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg("orders:moving").query(&mut c).expect("KEYSLOT");
+    let primaries = rc.primaries();
+    let holds = |i: usize| -> bool {
+        let n: i64 = redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query(&mut rc.nodes[i].client())
+            .unwrap_or(0);
+        n > 0
+    };
+    let src = *primaries.iter().find(|&&i| holds(i)).expect("the slot's primary");
+    let dst = *primaries.iter().find(|&&i| i != src).expect("another primary");
+    let (src_id, dst_id) = (node_id(&rc, src), node_id(&rc, dst));
+    let setslot = |i: usize, how: &str, id: &str| {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(how)
+            .arg(id)
+            .query(&mut rc.nodes[i].client())
+            .expect("CLUSTER SETSLOT");
+    };
+    setslot(dst, "IMPORTING", &src_id);
+    setslot(src, "MIGRATING", &dst_id);
+    let landed_before = pg.number("SELECT count(*) FROM landed");
+    assert!(landed_before < total as i64, "the move came after the drain");
+    let _: () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(rc.nodes[dst].port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg("orders:moving")
+        .query(&mut rc.nodes[src].client())
+        .expect("MIGRATE");
+    // While the slot is half moved, the worker goes on through ASK.
+    wait_for("entries landed while the source answers ASK", T, || {
+        let n = pg.number("SELECT count(*) FROM landed");
+        (n >= (landed_before + 2000).min(total as i64)).then_some(())
+    });
+    for &i in &primaries {
+        setslot(i, "NODE", &dst_id);
+    }
+    pg.wait_number("SELECT count(*) FROM landed", total as i64, T);
+    assert_eq!(
+        pg.number("SELECT count(*) FROM (SELECT DISTINCT entry_id FROM landed) d"),
+        total as i64,
+        "an entry landed twice"
+    );
+    assert_eq!(pg.number("SELECT count(DISTINCT n) FROM landed"), total as i64);
+    wait_for("nothing pending", T, || (pending_on(&rc, "orders:moving") == 0).then_some(()));
+    assert_eq!(
+        pg.status("errors").as_deref(),
+        Some("0"),
+        "last error: {:?}",
+        pg.status("last_error")
+    );
+    eprintln!("slot moved: {landed_before} of {total} landed when it began to move");
+}
