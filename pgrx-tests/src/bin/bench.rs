@@ -1099,19 +1099,9 @@ fn bench_workers(total: usize) -> (f64, f64) {
     for workers in ["1", "2"] {
         let redis = Redis::start();
         fill(&mut redis.client(), total);
-        let pg = durable(
-            &redis,
-            &[
-                ("redis_sync.enabled", "off"),
-                ("redis_sync.workers", workers),
-                ("redis_sync.batch_size", "1000"),
-                ("redis_sync.rate_limit", "0"),
-                ("redis_sync.stream_discovery_patterns", "biosignal-*"),
-                ("redis_sync.key_value_auto_discovery", "off"),
-                ROOMY[0],
-                ROOMY[1],
-            ],
-        );
+        let mut settings = TUNED_DRAIN.to_vec();
+        settings.push(("redis_sync.workers", workers));
+        let pg = durable(&redis, &settings);
         eprintln!("[bench] {workers} stream worker(s) drain {total} entries");
         let rate = drain(&pg, "redis_streams", total).rows_per_s;
         eprintln!("[bench]   {rate:.0} rows/s");
